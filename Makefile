@@ -1,0 +1,32 @@
+# Every target sets up its own environment in .venv on first use (no GPU needed), so a fresh clone needs only `make`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+UV     := $(VENV)/bin/uv
+STAMP  := $(VENV)/.installed
+EXTRAS ?= cuda,dev
+
+.PHONY: setup test test-fast bench clean
+
+setup: $(STAMP)
+
+# uv resolves from the package index only (it never reads pip's config), so torch and torchvision arrive as the
+# matched pair pinned in pyproject.toml rather than a locally cached CPU-only torch that torchvision cannot load.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(UV) pip install --python $(PY) --config-settings editable_mode=compat -e '.[$(EXTRAS)]'
+	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	@touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) scripts/bench_op.py --device cpu
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

@@ -1,0 +1,48 @@
+"""The pure-PyTorch reference: slow, obviously correct, differentiated by autograd. It is the test oracle.
+
+For every tap (ky, kx) of the k x k reassembly window it gathers, for each output location, the input value at
+``centre + (ky - r, kx - r)`` from a zero-padded copy of the features, multiplies by that tap's mask channel and adds.
+The only difference between up- and downsampling is where an output location's centre lies in the input
+(``p // sigma`` versus ``p * sigma``), so both share this code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def centre_indices(out_size: int, scale_factor: int, up: bool, device: torch.device) -> Tensor:
+    """Input index of the reassembly centre of each output index along one axis."""
+    p = torch.arange(out_size, device=device)
+    return torch.div(p, scale_factor, rounding_mode="floor") if up else p * scale_factor
+
+
+def reassemble(features: Tensor, masks: Tensor, kernel_size: int, group_size: int, scale_factor: int,
+               up: bool) -> Tensor:
+    n, c, _, _ = features.shape
+    out_h, out_w = masks.shape[-2:]
+    r = kernel_size // 2
+    padded = F.pad(features, (r, r, r, r))
+    rows = centre_indices(out_h, scale_factor, up, features.device)
+    cols = centre_indices(out_w, scale_factor, up, features.device)
+    masks = masks.reshape(n, group_size, 1, kernel_size * kernel_size, out_h, out_w)
+    out = features.new_zeros(n, group_size, c // group_size, out_h, out_w)
+    for ky in range(kernel_size):
+        # Padding shifts every index by r, so input row `centre + ky - r` is padded row `centre + ky`.
+        tap_rows = padded.index_select(2, rows + ky)
+        for kx in range(kernel_size):
+            taps = tap_rows.index_select(3, cols + kx).reshape(n, group_size, c // group_size, out_h, out_w)
+            out = out + taps * masks[:, :, :, ky * kernel_size + kx]
+    return out.reshape(n, c, out_h, out_w)
+
+
+class ReferenceBackend:
+    def unavailable_reason(self, features: Tensor) -> str | None:
+        return None
+
+    reassemble = staticmethod(reassemble)
+
+
+BACKEND = ReferenceBackend()

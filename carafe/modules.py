@@ -1,0 +1,173 @@
+"""The kernel prediction module of the papers plus reassembly: ``CARAFEPack`` (up) and ``CARAFEDownPack`` (down).
+
+Kernel prediction = channel compressor (1x1 conv, C -> C_m; optional) -> content encoder (k_enc x k_enc conv to
+G * k_up^2 kernels per output location) -> kernel normalizer over each group's k_up^2 taps. For upsampling the
+encoder predicts sigma^2 kernels per input pixel, rearranged by pixel shuffle; for downsampling it has stride sigma.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from carafe.ops import check_int, carafe, carafe_down
+
+NORMALIZERS = ("softmax", "sigmoid", "sigmoid_normalized")
+
+
+def normalize_kernels(logits: Tensor, kernel_size: int, normalizer: str = "softmax") -> Tensor:
+    """Normalise raw kernels Tensor[N, G * k^2, H, W] over the k^2 taps of each group.
+
+    ``softmax`` and ``sigmoid_normalized`` (sigmoid, then divided by the taps' sum) give kernels that sum to 1;
+    ``sigmoid`` only squashes each weight into (0, 1) (Table 10 of the ICCV paper).
+    """
+    n, channels, h, w = logits.shape
+    taps = kernel_size * kernel_size
+    grouped = logits.view(n, channels // taps, taps, h, w)
+    if normalizer == "softmax":
+        kernels = F.softmax(grouped, dim=2)
+    elif normalizer == "sigmoid":
+        kernels = torch.sigmoid(grouped)
+    elif normalizer == "sigmoid_normalized":
+        kernels = torch.sigmoid(grouped)
+        kernels = kernels / kernels.sum(dim=2, keepdim=True)
+    else:
+        raise ValueError(f"unknown kernel normalizer {normalizer!r}; choose one of {', '.join(NORMALIZERS)}")
+    return kernels.view(n, channels, h, w)
+
+
+def _check_odd(name: str, value: object) -> int:
+    value = check_int(name, value, 1)
+    if value % 2 == 0:
+        raise ValueError(f"{name} must be odd, got {value}")
+    return value
+
+
+class _KernelPrediction(nn.Module):
+    """Shared settings, validation and initialisation of the up and down modules."""
+
+    def __init__(self, channels: int, scale_factor: int, kernel_size: int, group_size: int, encoder_kernel: int,
+                 encoder_dilation: int, compressed_channels: int | None, normalizer: str,
+                 kernels_per_location: int, encoder_stride: int, compressor_norm: bool) -> None:
+        super().__init__()
+        self.channels = check_int("channels", channels, 1)
+        self.scale_factor = check_int("scale_factor", scale_factor, 1)
+        self.kernel_size = _check_odd("kernel_size", kernel_size)
+        self.group_size = check_int("group_size", group_size, 1)
+        if channels % group_size != 0:
+            raise ValueError(f"channels ({channels}) must be divisible by the group size ({group_size})")
+        self.encoder_kernel = _check_odd("encoder_kernel", encoder_kernel)
+        self.encoder_dilation = check_int("encoder_dilation", encoder_dilation, 1)
+        if compressed_channels is not None:
+            compressed_channels = check_int("compressed_channels", compressed_channels, 1)
+        self.compressed_channels = compressed_channels
+        if normalizer not in NORMALIZERS:
+            raise ValueError(f"unknown kernel normalizer {normalizer!r}; choose one of {', '.join(NORMALIZERS)}")
+        self.normalizer = normalizer
+
+        if compressed_channels is None:
+            self.channel_compressor = nn.Identity()
+            encoder_in = channels
+        else:
+            conv = nn.Conv2d(channels, compressed_channels, 1)
+            self.channel_compressor = (nn.Sequential(conv, nn.BatchNorm2d(compressed_channels), nn.ReLU(inplace=True))
+                                       if compressor_norm else conv)
+            encoder_in = compressed_channels
+        self.content_encoder = nn.Conv2d(
+            encoder_in, kernels_per_location * group_size * kernel_size * kernel_size, encoder_kernel,
+            stride=encoder_stride, padding=(encoder_kernel - 1) * encoder_dilation // 2, dilation=encoder_dilation)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As the papers' code: xavier-uniform convolutions with zero bias, then the encoder normal(std=0.001)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()
+        nn.init.normal_(self.content_encoder.weight, std=0.001)
+        nn.init.zeros_(self.content_encoder.bias)
+
+    def extra_repr(self) -> str:
+        compressor = "none" if self.compressed_channels is None else self.compressed_channels
+        return (f"channels={self.channels}, scale_factor={self.scale_factor}, kernel_size={self.kernel_size}, "
+                f"group_size={self.group_size}, encoder_kernel={self.encoder_kernel}, "
+                f"encoder_dilation={self.encoder_dilation}, compressed_channels={compressor}, "
+                f"normalizer={self.normalizer}")
+
+
+class CARAFEPack(_KernelPrediction):
+    """CARAFE upsampling with its kernel prediction module; arguments as ``mmcv.ops.CARAFEPack``.
+
+    Args:
+        channels: C, the input (and output) channels.
+        scale_factor: sigma, the integer upsampling ratio.
+        up_kernel: k_up, the odd reassembly kernel size.
+        up_group: G, channel groups that each get their own kernels.
+        encoder_kernel: k_enc, the content encoder's kernel size.
+        encoder_dilation: the content encoder's dilation.
+        compressed_channels: C_m, output channels of the 1x1 channel compressor; ``None`` drops the compressor and
+            the encoder reads the input directly (ICCV Table 8, "N/A").
+        normalizer: ``softmax`` (default), ``sigmoid`` or ``sigmoid_normalized``.
+
+    Shape: Tensor[N, C, H, W] -> Tensor[N, C, sigma * H, sigma * W].
+    """
+
+    def __init__(self, channels: int, scale_factor: int, up_kernel: int = 5, up_group: int = 1,
+                 encoder_kernel: int = 3, encoder_dilation: int = 1, compressed_channels: int | None = 64,
+                 normalizer: str = "softmax") -> None:
+        scale_factor = check_int("scale_factor", scale_factor, 1)
+        super().__init__(channels, scale_factor, up_kernel, up_group, encoder_kernel, encoder_dilation,
+                         compressed_channels, normalizer, kernels_per_location=scale_factor * scale_factor,
+                         encoder_stride=1, compressor_norm=False)
+
+    @property
+    def up_kernel(self) -> int:
+        return self.kernel_size
+
+    @property
+    def up_group(self) -> int:
+        return self.group_size
+
+    def predict_kernels(self, x: Tensor) -> Tensor:
+        """Normalised reassembly kernels Tensor[N, G * k_up^2, sigma * H, sigma * W] for input Tensor[N, C, H, W]."""
+        logits = F.pixel_shuffle(self.content_encoder(self.channel_compressor(x)), self.scale_factor)
+        return normalize_kernels(logits, self.kernel_size, self.normalizer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return carafe(x, self.predict_kernels(x), self.kernel_size, self.group_size, self.scale_factor)
+
+
+class CARAFEDownPack(_KernelPrediction):
+    """CARAFE++ downsampling: kernel prediction with a stride-sigma content encoder, then ``carafe_down``.
+
+    As in the CARAFE++ classification setup, the 1x1 channel compressor (default C_m = 16) is followed by BatchNorm
+    and ReLU. Arguments mirror ``CARAFEPack``.
+
+    Shape: Tensor[N, C, H, W] -> Tensor[N, C, ceil(H / sigma), ceil(W / sigma)].
+    """
+
+    def __init__(self, channels: int, scale_factor: int = 2, down_kernel: int = 5, down_group: int = 1,
+                 encoder_kernel: int = 3, encoder_dilation: int = 1, compressed_channels: int | None = 16,
+                 normalizer: str = "softmax") -> None:
+        scale_factor = check_int("scale_factor", scale_factor, 1)
+        super().__init__(channels, scale_factor, down_kernel, down_group, encoder_kernel, encoder_dilation,
+                         compressed_channels, normalizer, kernels_per_location=1, encoder_stride=scale_factor,
+                         compressor_norm=True)
+
+    @property
+    def down_kernel(self) -> int:
+        return self.kernel_size
+
+    @property
+    def down_group(self) -> int:
+        return self.group_size
+
+    def predict_kernels(self, x: Tensor) -> Tensor:
+        """Normalised kernels Tensor[N, G * k^2, ceil(H / sigma), ceil(W / sigma)] for input Tensor[N, C, H, W]."""
+        return normalize_kernels(self.content_encoder(self.channel_compressor(x)), self.kernel_size, self.normalizer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return carafe_down(x, self.predict_kernels(x), self.kernel_size, self.group_size, self.scale_factor)

@@ -1,0 +1,105 @@
+"""``carafe`` (upsampling) and ``carafe_down`` (CARAFE++ downsampling): input checks, then the selected backend."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from carafe.backends import select
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D tensor (N, C, H, W), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    return t
+
+
+def check_inputs(features: object, masks: object, kernel_size: object, group_size: object, scale_factor: object,
+                 up: bool) -> tuple[int, int, int]:
+    """Validate the arguments of carafe / carafe_down; return (kernel_size, group_size, scale_factor) as ints."""
+    features = _check_tensor("features", features)
+    masks = _check_tensor("masks", masks)
+    k = check_int("kernel_size", kernel_size, 1)
+    if k % 2 == 0:
+        raise ValueError(f"kernel_size must be odd, got {k}")
+    g = check_int("group_size", group_size, 1)
+    s = check_int("scale_factor", scale_factor, 1)
+    if masks.dtype != features.dtype:
+        raise TypeError(f"masks dtype {masks.dtype} does not match features dtype {features.dtype}")
+    if masks.device != features.device:
+        raise ValueError(f"masks are on {masks.device} but features are on {features.device}")
+    n, c, h, w = features.shape
+    if c % g != 0:
+        raise ValueError(f"the number of channels ({c}) must be divisible by group_size ({g})")
+    out_hw = (h * s, w * s) if up else (-(-h // s), -(-w // s))
+    expected = (n, g * k * k, *out_hw)
+    if tuple(masks.shape) != expected:
+        what = "group_size * kernel_size**2" if masks.shape[1] != expected[1] else (
+            "(H * scale_factor, W * scale_factor)" if up else "(ceil(H / scale_factor), ceil(W / scale_factor))")
+        raise ValueError(f"masks must have shape (N, {what}) = {expected} for features of shape {tuple(features.shape)}"
+                         f", kernel_size={k}, group_size={g}, scale_factor={s}; got {tuple(masks.shape)}")
+    return k, g, s
+
+
+def carafe(features: Tensor, masks: Tensor, kernel_size: int, group_size: int, scale_factor: int) -> Tensor:
+    """Content-aware upsampling (CARAFE); the same contract as ``mmcv.ops.carafe``.
+
+    ``out[n, c, p, q] = sum_{ky, kx} features[n, c, p // s + ky - r, q // s + kx - r] * masks[n, g*k*k + ky*k + kx, p, q]``
+    with ``r = k // 2``, ``s = scale_factor`` and ``g = c // (C / group_size)``; taps outside the map contribute zero.
+
+    Args:
+        features: Tensor[N, C, H, W], floating point.
+        masks: Tensor[N, group_size * kernel_size**2, H * scale_factor, W * scale_factor], the reassembly kernels
+            (normally softmax-normalised over each group's k*k taps), same dtype and device as ``features``.
+        kernel_size: odd reassembly kernel size k_up >= 1.
+        group_size: number of channel groups sharing one kernel; must divide C.
+        scale_factor: integer upsampling ratio >= 1.
+
+    Returns:
+        Tensor[N, C, H * scale_factor, W * scale_factor], differentiable w.r.t. ``features`` and ``masks``.
+    """
+    k, g, s = check_inputs(features, masks, kernel_size, group_size, scale_factor, up=True)
+    return select(features).reassemble(features, masks, k, g, s, True)
+
+
+def carafe_down(features: Tensor, masks: Tensor, kernel_size: int, group_size: int, scale_factor: int) -> Tensor:
+    """Content-aware downsampling (CARAFE++): the reassembly centre of output (i, j) is input (s*i, s*j).
+
+    ``out[n, c, i, j] = sum_{ky, kx} features[n, c, s*i + ky - r, s*j + kx - r] * masks[n, g*k*k + ky*k + kx, i, j]``,
+    i.e. the sampling grid of a stride-s convolution with padding k // 2; taps outside the map contribute zero.
+
+    Args:
+        features: Tensor[N, C, H, W], floating point.
+        masks: Tensor[N, group_size * kernel_size**2, ceil(H / scale_factor), ceil(W / scale_factor)].
+        kernel_size: odd reassembly kernel size k_up >= 1.
+        group_size: number of channel groups sharing one kernel; must divide C.
+        scale_factor: integer downsampling ratio >= 1.
+
+    Returns:
+        Tensor[N, C, ceil(H / scale_factor), ceil(W / scale_factor)], differentiable w.r.t. both inputs.
+    """
+    k, g, s = check_inputs(features, masks, kernel_size, group_size, scale_factor, up=False)
+    return select(features).reassemble(features, masks, k, g, s, False)
+
+
+def reassembly_flops(features_shape: tuple[int, ...] | torch.Size, kernel_size: int, scale_factor: int,
+                     up: bool) -> int:
+    """FLOPs of one reassembly forward with the papers' convention (a multiply-add counts 2): 2 * k^2 * C per output
+    pixel, for every output pixel."""
+    n, c, h, w = features_shape
+    out_h, out_w = (h * scale_factor, w * scale_factor) if up else (-(-h // scale_factor), -(-w // scale_factor))
+    return 2 * kernel_size * kernel_size * c * n * out_h * out_w

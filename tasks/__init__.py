@@ -1,0 +1,1 @@
+"""Task packages: detection, segmentation, inpainting, classification, and what they share (common)."""
