@@ -37,6 +37,18 @@ def normalize_kernels(logits: Tensor, kernel_size: int, normalizer: str = "softm
     return kernels.view(n, channels, h, w)
 
 
+def pixel_shuffle(x: Tensor, scale_factor: int) -> Tensor:
+    """``F.pixel_shuffle`` spelled out: Tensor[N, C * s^2, H, W] -> Tensor[N, C, s * H, s * W].
+
+    Written with view/permute because ``F.pixel_shuffle``'s backward returns a wrongly shaped gradient for an empty
+    batch (seen with torch 2.15), and a mask head with no RoIs must still train.
+    """
+    n, channels, h, w = x.shape
+    s = scale_factor
+    x = x.reshape(n, channels // (s * s), s, s, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(n, channels // (s * s), h * s, w * s)
+
+
 def _check_odd(name: str, value: object) -> int:
     value = check_int(name, value, 1)
     if value % 2 == 0:
@@ -133,7 +145,7 @@ class CARAFEPack(_KernelPrediction):
 
     def predict_kernels(self, x: Tensor) -> Tensor:
         """Normalised reassembly kernels Tensor[N, G * k_up^2, sigma * H, sigma * W] for input Tensor[N, C, H, W]."""
-        logits = F.pixel_shuffle(self.content_encoder(self.channel_compressor(x)), self.scale_factor)
+        logits = pixel_shuffle(self.content_encoder(self.channel_compressor(x)), self.scale_factor)
         return normalize_kernels(logits, self.kernel_size, self.normalizer)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,410 @@
+"""Benchmark the CARAFE / CARAFE++ reassembly paths against each other and against plain resampling ops.
+
+    python scripts/bench_op.py --device cpu        # -> results/bench/op-cpu.md and op-cpu.csv
+    python scripts/bench_op.py --device cuda       # -> results/bench/op-<gpu name>.md and .csv
+
+For every direction (up: carafe, down: carafe_down) and feature size it reports, per method, the median wall time of
+the forward pass and of forward + backward, the peak memory the call allocates beyond its inputs, and for the
+reassembly paths the achieved FLOP rate (papers' convention: 2 k^2 C FLOPs per output pixel for the forward, three
+times that for forward + backward) as a fraction of this device's fp32 matrix-multiply rate measured in the same run.
+On CUDA it also reports achieved memory bandwidth (features + masks read once, output written once) as a fraction
+of a device-to-device copy measured in the same run.
+
+CPU peak memory is the rise of the process's resident-set high-water mark (VmHWM, reset through
+/proc/self/clear_refs) during the call, measured in a child process started with MALLOC_MMAP_THRESHOLD_=65536 so
+that freed blocks go back to the OS and earlier calls cannot hide later allocations; timings come from the parent,
+whose allocator is left as it is. CUDA peak memory is torch.cuda.max_memory_allocated above the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import carafe
+from carafe.naive import carafe_down_unfold, carafe_unfold
+
+REPO = Path(__file__).resolve().parent.parent
+REASSEMBLY_METHODS = ("reference", "fast", "naive unfold")
+
+
+@dataclass
+class Case:
+    direction: str  # "up" or "down"
+    n: int
+    c: int
+    h: int
+    w: int
+    kernel: int
+    scale: int
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        if self.direction == "up":
+            return self.h * self.scale, self.w * self.scale
+        return -(-self.h // self.scale), -(-self.w // self.scale)
+
+    @property
+    def label(self) -> str:
+        return f"{self.direction} ({self.n}, {self.c}, {self.h}, {self.w})"
+
+    def forward_flops(self) -> int:
+        return carafe.reassembly_flops((self.n, self.c, self.h, self.w), self.kernel, self.scale, self.direction == "up")
+
+    def io_bytes(self, element_size: int) -> int:
+        out_h, out_w = self.out_hw
+        masks = self.n * self.kernel ** 2 * out_h * out_w
+        return element_size * (self.n * self.c * self.h * self.w + masks + self.n * self.c * out_h * out_w)
+
+
+@dataclass
+class Row:
+    case: str
+    method: str
+    forward_ms: float
+    forward_backward_ms: float
+    forward_repeats: int
+    forward_backward_repeats: int
+    peak_forward_mib: float = float("nan")
+    peak_forward_backward_mib: float = float("nan")
+    forward_gflops: float | None = None
+    forward_backward_gflops: float | None = None
+    forward_bandwidth_gbs: float | None = None
+
+
+def make_methods(case: Case, device: torch.device) -> dict[str, tuple[Callable, list[torch.Tensor]]]:
+    """Each method as (fn(*inputs) -> output, inputs that need gradients), built fresh for ``case``."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(case.n, case.c, case.h, case.w, generator=gen).to(device)
+    out_h, out_w = case.out_hw
+    logits = torch.randn(case.n, case.kernel ** 2, out_h, out_w, generator=gen).to(device)
+    masks = torch.softmax(logits, dim=1)
+    k, s = case.kernel, case.scale
+    fast_backend = "cuda" if device.type == "cuda" else "cpu"
+
+    def forced(backend: str, op: Callable) -> Callable:
+        def run(features, kernels):
+            with carafe.use_backend(backend):
+                return op(features, kernels, k, 1, s)
+        return run
+
+    op = carafe.carafe if case.direction == "up" else carafe.carafe_down
+    naive = carafe_unfold if case.direction == "up" else carafe_down_unfold
+    methods: dict[str, tuple[Callable, list[torch.Tensor]]] = {
+        "reference": (forced("reference", op), [x, masks]),
+        "fast": (forced(fast_backend, op), [x, masks]),
+        "naive unfold": (lambda f, m: naive(f, m, k, 1, s), [x, masks]),
+    }
+    if case.direction == "up":
+        deconv = nn.ConvTranspose2d(case.c, case.c, 3, stride=s, padding=1, output_padding=s - 1).to(device)
+        methods["nearest"] = (lambda f: F.interpolate(f, scale_factor=s, mode="nearest"), [x])
+        methods["bilinear"] = (lambda f: F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False), [x])
+        methods["deconv 3x3"] = (deconv, [x])
+    else:
+        conv = nn.Conv2d(case.c, case.c, 3, stride=s, padding=1).to(device)
+        methods["max pool 3x3"] = (lambda f: F.max_pool2d(f, 3, stride=s, padding=1), [x])
+        methods["avg pool"] = (lambda f: F.avg_pool2d(f, s, stride=s, ceil_mode=True), [x])
+        methods["strided conv 3x3"] = (conv, [x])
+    return methods
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, min_total_s: float, max_repeats: int
+              ) -> tuple[float, int]:
+    """Median seconds of fn() after one warm-up call, over at least 3 calls and about min_total_s seconds."""
+    fn()
+    synchronize(device)
+    times: list[float] = []
+    while len(times) < 3 or (sum(times) < min_total_s and len(times) < max_repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(times)
+
+
+def forward_backward(fn: Callable, inputs: list[torch.Tensor], grad_seed: dict) -> Callable[[], None]:
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def run() -> None:
+        out = fn(*leaves)
+        if "grad" not in grad_seed:
+            grad_seed["grad"] = torch.randn_like(out)
+        out.backward(grad_seed["grad"])
+        for leaf in leaves:
+            leaf.grad = None
+    return run
+
+
+def forward_only(fn: Callable, inputs: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            fn(*inputs)
+    return run
+
+
+def _vm_bytes(key: str) -> int:
+    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1)) * 1024
+
+
+def peak_extra_bytes(run: Callable[[], None], device: torch.device) -> int:
+    """Peak memory allocated during run() beyond what was live before it (after one warm-up call)."""
+    run()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    base = _vm_bytes("VmRSS")
+    run()
+    return _vm_bytes("VmHWM") - base
+
+
+def matmul_gflops(device: torch.device, size: int = 2048) -> float:
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    seconds, _ = time_call(lambda: a @ b, device, min_total_s=1.0, max_repeats=50)
+    return 2 * size ** 3 / seconds / 1e9
+
+
+def copy_gbs(device: torch.device, mib: int = 256) -> float:
+    src = torch.empty(mib * 2 ** 20 // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds, _ = time_call(lambda: dst.copy_(src), device, min_total_s=1.0, max_repeats=100)
+    return 2 * src.numel() * 4 / seconds / 1e9  # read + write
+
+
+def cases_for(args: argparse.Namespace) -> list[Case]:
+    sizes = [tuple(map(int, s.split("x"))) if "x" in s else (int(s), int(s)) for s in args.sizes]
+    return [Case(direction, args.batch, args.channels, h, w, args.kernel, args.scale)
+            for direction in ("up", "down") for h, w in sizes]
+
+
+def memory_pass(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, list[float]]]:
+    """Peak memory per case and method, from a child process on CPU (see the module docstring)."""
+    if device.type == "cuda":
+        return measure_memory(args, device)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, __file__, "--memory-only", *sys.argv[1:]]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the memory pass failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, list[float]]]:
+    peaks: dict[str, dict[str, list[float]]] = {}
+    for case in cases_for(args):
+        peaks[case.label] = {}
+        for name, (fn, inputs) in make_methods(case, device).items():
+            fwd = peak_extra_bytes(forward_only(fn, inputs), device)
+            fwd_bwd = peak_extra_bytes(forward_backward(fn, inputs, {}), device)
+            peaks[case.label][name] = [fwd / 2 ** 20, fwd_bwd / 2 ** 20]
+    return peaks
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def report_stem(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "op-cpu"
+    return "op-" + re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None or value != value else format(value, spec)
+
+
+def render_markdown(rows: list[Row], header: dict[str, str], matmul: float, copy: float | None,
+                    headline: list[str]) -> str:
+    out = io.StringIO()
+    out.write(f"# Reassembly operator benchmark: {header['device']}\n\n")
+    for key, value in header.items():
+        out.write(f"- **{key}**: {value}\n")
+    out.write(f"- **fp32 matmul rate (2048², same run)**: {matmul:.1f} GFLOP/s\n")
+    if copy is not None:
+        out.write(f"- **device-to-device copy (same run)**: {copy:.1f} GB/s\n")
+    out.write("\nTimes are medians (repeats in brackets); peak is memory allocated beyond the inputs during the call. "
+              "FLOP rates use the papers' count (forward 2·k²·C per output pixel; forward+backward 3× that).\n\n")
+    if headline:
+        out.write("## Headline\n\n" + "".join(f"- {line}\n" for line in headline) + "\n")
+    bandwidth = copy is not None
+    for case in dict.fromkeys(r.case for r in rows):
+        out.write(f"## {case}\n\n")
+        cols = ["method", "forward ms", "fwd+bwd ms", "peak fwd MiB", "peak fwd+bwd MiB", "fwd GFLOP/s (× matmul)",
+                "fwd+bwd GFLOP/s (× matmul)"] + (["fwd bandwidth (× copy)"] if bandwidth else [])
+        out.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+        for r in (r for r in rows if r.case == case):
+            cells = [r.method, f"{r.forward_ms:.2f} ({r.forward_repeats})",
+                     f"{r.forward_backward_ms:.2f} ({r.forward_backward_repeats})",
+                     fmt(r.peak_forward_mib, ".1f"), fmt(r.peak_forward_backward_mib, ".1f")]
+            for rate in (r.forward_gflops, r.forward_backward_gflops):
+                cells.append("–" if rate is None else f"{rate:.2f} ({rate / matmul:.3f})")
+            if bandwidth:
+                bw = r.forward_bandwidth_gbs
+                cells.append("–" if bw is None else f"{bw:.0f} GB/s ({bw / copy:.2f})")
+            out.write("| " + " | ".join(cells) + " |\n")
+        out.write("\n")
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--sizes", nargs="+", default=None,
+                        help="feature sizes H (square) or HxW; default 16 32 64 128 on CPU, "
+                             "32 64 128 200 100x152 on CUDA")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--channels", type=int, default=256)
+    parser.add_argument("--kernel", type=int, default=5)
+    parser.add_argument("--scale", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch / kernel threads on CPU (default 2)")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed calls per measurement")
+    parser.add_argument("--max-repeats", type=int, default=30)
+    parser.add_argument("--out-dir", type=Path, default=REPO / "results" / "bench")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda given but torch.cuda.is_available() is False")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.sizes is None:
+        args.sizes = ["16", "32", "64", "128"] if device.type == "cpu" else ["32", "64", "128", "200", "100x152"]
+    torch.set_num_threads(args.threads)
+
+    if args.memory_only:
+        print(json.dumps(measure_memory(args, device)))
+        return
+
+    started = time.time()
+    print(f"benchmarking on {device_name(device)} with {torch.get_num_threads()} threads", flush=True)
+    matmul = matmul_gflops(device)
+    copy = copy_gbs(device) if device.type == "cuda" else None
+    print(f"fp32 matmul: {matmul:.1f} GFLOP/s" + (f", copy: {copy:.1f} GB/s" if copy else ""), flush=True)
+
+    rows: list[Row] = []
+    cases = cases_for(args)
+    for i, case in enumerate(cases, 1):
+        for name, (fn, inputs) in make_methods(case, device).items():
+            fwd, fwd_n = time_call(forward_only(fn, inputs), device, args.min_time, args.max_repeats)
+            fb, fb_n = time_call(forward_backward(fn, inputs, {}), device, args.min_time, args.max_repeats)
+            row = Row(case.label, name, fwd * 1e3, fb * 1e3, fwd_n, fb_n)
+            if name in REASSEMBLY_METHODS:
+                row.forward_gflops = case.forward_flops() / fwd / 1e9
+                row.forward_backward_gflops = 3 * case.forward_flops() / fb / 1e9
+                if copy is not None:
+                    row.forward_bandwidth_gbs = case.io_bytes(inputs[0].element_size()) / fwd / 1e9
+            rows.append(row)
+            print(f"[{i}/{len(cases)}] {case.label:<24} {name:<18} fwd {row.forward_ms:9.2f} ms   "
+                  f"fwd+bwd {row.forward_backward_ms:9.2f} ms", flush=True)
+
+    print("measuring peak memory ...", flush=True)
+    peaks = memory_pass(args, device)
+    for row in rows:
+        row.peak_forward_mib, row.peak_forward_backward_mib = peaks[row.case][row.method]
+
+    headline = []
+    for direction in ("up", "down"):
+        for h in (64, 128):
+            label = Case(direction, args.batch, args.channels, h, h, args.kernel, args.scale).label
+            by_method = {r.method: r for r in rows if r.case == label}
+            if {"fast", "naive unfold", "reference"} <= by_method.keys():
+                fast, naive, ref = by_method["fast"], by_method["naive unfold"], by_method["reference"]
+                headline.append(
+                    f"{label}, k={args.kernel}, σ={args.scale}: fast path forward+backward "
+                    f"{naive.forward_backward_ms / fast.forward_backward_ms:.1f}× faster than the naive unfold "
+                    f"formulation and {ref.forward_backward_ms / fast.forward_backward_ms:.1f}× faster than the "
+                    f"reference; peak fwd+bwd memory {fast.peak_forward_backward_mib:.1f} MiB vs "
+                    f"{naive.peak_forward_backward_mib:.1f} MiB (naive); forward reaches "
+                    f"{fast.forward_gflops / matmul:.1%} of the matmul rate")
+
+    header = {
+        "device": device_name(device),
+        "threads": str(torch.get_num_threads()) if device.type == "cpu" else "n/a (GPU)",
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python scripts/bench_op.py " + " ".join(sys.argv[1:]),
+        "settings": f"N={args.batch}, C={args.channels}, k={args.kernel}, σ={args.scale}, fp32",
+        "wall time": f"{time.time() - started:.0f} s",
+    }
+    stem = report_stem(device)
+    write_atomic(args.out_dir / f"{stem}.md", render_markdown(rows, header, matmul, copy, headline))
+    buf = io.StringIO()
+    fields = list(asdict(rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(asdict(row))
+    write_atomic(args.out_dir / f"{stem}.csv", buf.getvalue())
+    for line in headline:
+        print(line)
+    print(f"wrote {args.out_dir / stem}.md and .csv")
+
+
+if __name__ == "__main__":
+    main()
