@@ -93,7 +93,7 @@ def compile_sources(arch: str, warnings_as_errors: bool = True) -> str:
 
     options = [f"--gpu-architecture={arch}", *compile_options()]
     if warnings_as_errors:
-        options.append("--Werror=all-warnings")
+        options.append("-Werror=all-warnings")
     program = nvrtc.createProgram(kernel_source(), KERNEL_SOURCE.name, [], [])
     try:
         try:
