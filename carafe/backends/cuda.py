@@ -8,6 +8,10 @@ Layout: the kernels read and write NCHW-contiguous tensors; other layouts are ma
 whose input was channels_last is returned channels_last. The feature gradient is a gather (no atomics), so forward
 and backward are bitwise reproducible.
 
+Autocast: the op itself is not autocast; features and masks must share a dtype (the public op checks). Under
+``torch.autocast`` CARAFEPack's softmax normaliser yields float32 kernels, so with float32 features the reassembly
+runs in float32; with half-precision features it runs in half precision (accumulating in float32).
+
 Timing: ``reassemble(features, masks, k, G, s, up)`` is the whole op (one kernel launch for the forward pass; the
 first call per device and dtype compiles, so warm up before timing). ``compile_sources(arch)`` compiles every
 kernel without a GPU and returns the NVRTC log (the CI compile check uses it).
@@ -85,13 +89,14 @@ def compile_options(dtype_suffix: str | None = None) -> tuple[str, ...]:
     return tuple(options)
 
 
-def compile_sources(arch: str, warnings_as_errors: bool = True) -> str:
-    """Compile every kernel (all dtypes) to PTX for ``arch`` (e.g. ``"compute_80"``) through NVRTC, without needing
-    a GPU. Returns the NVRTC log; raises ``CompileError`` if compilation fails (with ``warnings_as_errors``, any
-    warning fails it) or a kernel is missing from the PTX."""
+def compile_sources(arch: str, warnings_as_errors: bool = True, dtype_suffix: str | None = None) -> str:
+    """Compile the kernels to PTX for ``arch`` (e.g. ``"compute_80"``) through NVRTC, without needing a GPU: all
+    dtypes, or only ``dtype_suffix`` (``"f16"``...) as the loader does. Returns the NVRTC log; raises
+    ``CompileError`` if compilation fails (with ``warnings_as_errors``, any warning fails it) or a kernel is missing
+    from the PTX."""
     from cupy_backends.cuda.libs import nvrtc
 
-    options = [f"--gpu-architecture={arch}", *compile_options()]
+    options = [f"--gpu-architecture={arch}", *compile_options(dtype_suffix)]
     if warnings_as_errors:
         options.append("-Werror=all-warnings")
     program = nvrtc.createProgram(kernel_source(), KERNEL_SOURCE.name, [], [])
@@ -106,14 +111,15 @@ def compile_sources(arch: str, warnings_as_errors: bool = True) -> str:
         ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
     finally:
         nvrtc.destroyProgram(program)
-    missing = [name for name in kernel_names() if f".entry {name}(" not in ptx]
+    missing = [name for name in kernel_names(dtype_suffix) if f".entry {name}(" not in ptx]
     if missing:
         raise CompileError(f"kernels missing from the PTX for {arch}: {missing}")
     return log
 
 
-def kernel_names() -> list[str]:
-    return [f"carafe_{kernel}_{suffix}" for suffix in SUFFIXES.values() for kernel in KERNELS]
+def kernel_names(dtype_suffix: str | None = None) -> list[str]:
+    suffixes = SUFFIXES.values() if dtype_suffix is None else [dtype_suffix]
+    return [f"carafe_{kernel}_{suffix}" for suffix in suffixes for kernel in KERNELS]
 
 
 @functools.lru_cache(maxsize=None)
