@@ -149,7 +149,9 @@ class CARAFEPack(_KernelPrediction):
         return normalize_kernels(logits, self.kernel_size, self.normalizer)
 
     def forward(self, x: Tensor) -> Tensor:
-        return carafe(x, self.predict_kernels(x), self.kernel_size, self.group_size, self.scale_factor)
+        # Under autocast the kernels may come out in another precision than x (softmax runs in float32).
+        kernels = self.predict_kernels(x).to(x.dtype)
+        return carafe(x, kernels, self.kernel_size, self.group_size, self.scale_factor)
 
 
 class CARAFEDownPack(_KernelPrediction):
@@ -182,4 +184,5 @@ class CARAFEDownPack(_KernelPrediction):
         return normalize_kernels(self.content_encoder(self.channel_compressor(x)), self.kernel_size, self.normalizer)
 
     def forward(self, x: Tensor) -> Tensor:
-        return carafe_down(x, self.predict_kernels(x), self.kernel_size, self.group_size, self.scale_factor)
+        kernels = self.predict_kernels(x).to(x.dtype)  # see CARAFEPack.forward
+        return carafe_down(x, kernels, self.kernel_size, self.group_size, self.scale_factor)

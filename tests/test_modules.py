@@ -171,3 +171,16 @@ def test_downsampler_trains():
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
     assert module.content_encoder.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])
+def test_modules_run_under_cpu_autocast(normalizer):
+    # Autocast gives the encoder bfloat16 outputs while softmax returns float32: the reassembly must still get
+    # features and kernels of one dtype.
+    for module in (CARAFEPack(8, 2, compressed_channels=4, normalizer=normalizer),
+                   CARAFEDownPack(8, 2, normalizer=normalizer)):
+        x = torch.randn(1, 8, 5, 5, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x)
+        out.float().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
