@@ -138,7 +138,8 @@ def _module(device_index: int, dtype: torch.dtype):
 def _cupy_stream(device: torch.device):
     cupy = _cupy()
     stream = torch.cuda.current_stream(device)
-    if hasattr(cupy.cuda.Stream, "from_external"):
+    # CuPy 14 prefers the CUDA stream protocol; older torch streams do not implement it.
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
         return cupy.cuda.Stream.from_external(stream)
     return cupy.cuda.ExternalStream(stream.cuda_stream, device.index)
 
