@@ -216,3 +216,27 @@ def count_flops(module: nn.Module, x: Tensor) -> FlopCount:
     with torch.no_grad(), counter:
         module(x)
     return counter
+
+
+# ---- the papers' own figures --------------------------------------------------------------------------------------
+
+#: ICCV 2019 Table 2 costs at C = 256, sigma = 2, per input pixel, as printed: zoo name -> (FLOPs, params).
+TABLE2_COSTS: dict[str, tuple[str, str]] = {
+    "nearest": ("0", "0"),
+    "bilinear": ("8k", "0"),
+    "nearest_conv": ("4.7M", "590k"),
+    "bilinear_conv": ("4.7M", "590k"),
+    "deconv": ("1.2M", "590k"),
+    "pixel_shuffle": ("4.7M", "2.4M"),
+    "gum": ("1.1M", "132k"),
+    "spatial_attention": ("28k", "2.3k"),
+    "carafe": ("199k", "74k"),
+}
+
+
+def carafe_paper_flops(channels: int, scale_factor: int, compressed_channels: int, encoder_kernel: int,
+                       up_kernel: int) -> int:
+    """The ICCV paper's printed formula: 2(C+1)C_m + 2(C_m k_enc^2 + 1) sigma^2 k_up^2 + 2 sigma^2 k_up^2 C."""
+    s2, taps = scale_factor ** 2, up_kernel ** 2
+    return (2 * (channels + 1) * compressed_channels + 2 * (compressed_channels * encoder_kernel ** 2 + 1) * s2 * taps
+            + 2 * s2 * taps * channels)
