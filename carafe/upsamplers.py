@@ -113,8 +113,8 @@ class DeconvUpsample(_Upsampler):
         padding = (kernel_size - 1) // 2
         output_padding = scale_factor + 2 * padding - kernel_size
         if not 0 <= output_padding < scale_factor:
-            raise ValueError(f"kernel_size={kernel_size} cannot give an exact {scale_factor}x output; "
-                             f"use kernel_size in [{scale_factor}, {2 * scale_factor + 1}]")
+            raise ValueError(f"kernel_size={kernel_size} cannot give an exact {scale_factor}x output "
+                             f"(an even kernel needs scale_factor >= 2); use an odd kernel_size")
         self.deconv = nn.ConvTranspose2d(channels, channels, kernel_size, stride=scale_factor, padding=padding,
                                          output_padding=output_padding, bias=bias)
 
