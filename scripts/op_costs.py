@@ -151,8 +151,9 @@ Readings behind the figures the paper does not define:
 - Bilinear, 8k: 4 multiply-adds per output element, sigma^2 C = 1,024 elements per input pixel: 8,192.
 - N.C. / B.C.: the 3x3 conv runs at the output resolution, sigma^2 x 2(9C + 1)C = 4,720,640 (+ 8,192 for bilinear).
 - Deconv: 3x3 kernel, stride 2 (590,080 params). The ICCV introduction prints 1180k, which is 2 x 9 x C^2 =
-  1,179,648 with the bias left out; counting the bias at its sigma^2 C output elements gives 1,181,696. Both are
-  Table 2's 1.2M; we keep the bias in, like every other conv here.
+  1,179,648 with the bias left out (or 1,180,160 if the conv formula 2(9C + 1)C is applied on the input grid);
+  counting the bias at its sigma^2 C output elements gives 1,181,696. All three are Table 2's 1.2M; we keep the
+  faithful bias count, like every other conv here.
 - P.S.: 3x3 conv C -> 4C at the input resolution, then the shuffle: 4,720,640 FLOPs, 2,360,320 params.
 - GUM: the paper gives no layout; 132k params running at the output resolution is what both published figures
   require (2 x 132k x sigma^2 = 1.06M). Ours: guidance branch of 1x1 convs C -> C -> C -> 2 (ReLU) on the
