@@ -1,17 +1,24 @@
 """CARAFE and CARAFE++: content-aware reassembly of features, for upsampling and downsampling.
 
     from carafe import carafe, carafe_down, CARAFEPack, CARAFEDownPack, use_backend
+    from carafe import build_upsampler, build_downsampler   # the zoo of operators the papers compare
 """
 
 from carafe.backends import BACKENDS, BackendUnavailableError, current_backend, use_backend
 from carafe.modules import CARAFEDownPack, CARAFEPack, normalize_kernels
 from carafe.ops import carafe, carafe_down, reassembly_flops
+from carafe.downsamplers import DOWNSAMPLERS, build_downsampler
+from carafe.upsamplers import UPSAMPLERS, build_upsampler
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "CARAFEDownPack",
     "CARAFEPack",
+    "DOWNSAMPLERS",
+    "UPSAMPLERS",
+    "build_downsampler",
+    "build_upsampler",
     "carafe",
     "carafe_down",
     "current_backend",
