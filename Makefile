@@ -6,7 +6,7 @@ UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 EXTRAS ?= cuda,dev
 
-.PHONY: setup test test-fast bench clean
+.PHONY: setup test test-fast bench op-costs clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_op.py --device cpu
+
+op-costs: $(STAMP)
+	$(PY) scripts/op_costs.py --write results/op-costs.md
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -15,23 +15,6 @@
 
 namespace carafe {
 
-__device__ __forceinline__ Geometry make_geometry(index_t n, index_t c, index_t h, index_t w, index_t out_h,
-                                                  index_t out_w, index_t k, index_t groups, index_t sigma,
-                                                  index_t up) {
-  Geometry g;
-  g.n = n;
-  g.c = c;
-  g.h = h;
-  g.w = w;
-  g.out_h = out_h;
-  g.out_w = out_w;
-  g.k = k;
-  g.groups = groups;
-  g.sigma = sigma;
-  g.up = up != 0;
-  return g;
-}
-
 __device__ __forceinline__ index_t first_item() {
   return static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
@@ -64,11 +47,6 @@ __device__ void backward_masks_kernel(const T* __restrict__ grad_out, const T* _
 }
 
 }  // namespace carafe
-
-#define CARAFE_GEOMETRY_PARAMS                                                                                    \
-  long long n, long long c, long long h, long long w, long long out_h, long long out_w, long long k,              \
-      long long groups, long long sigma, long long up
-#define CARAFE_GEOMETRY carafe::make_geometry(n, c, h, w, out_h, out_w, k, groups, sigma, up)
 
 #define CARAFE_EXPORT(T, SUFFIX)                                                                                  \
   extern "C" __global__ void carafe_forward_##SUFFIX(const T* __restrict__ x, const T* __restrict__ m,            \

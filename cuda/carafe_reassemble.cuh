@@ -97,6 +97,28 @@ struct Geometry {
   CARAFE_HD index_t backward_masks_items() const { return n * groups * tap_chunks() * out_h * out_w; }
 };
 
+// Geometry from the kernels' scalar arguments (the order every exported kernel uses after its three pointers).
+CARAFE_HD Geometry make_geometry(index_t n, index_t c, index_t h, index_t w, index_t out_h, index_t out_w, index_t k,
+                                 index_t groups, index_t sigma, index_t up) {
+  Geometry g;
+  g.n = n;
+  g.c = c;
+  g.h = h;
+  g.w = w;
+  g.out_h = out_h;
+  g.out_w = out_w;
+  g.k = k;
+  g.groups = groups;
+  g.sigma = sigma;
+  g.up = up != 0;
+  return g;
+}
+
+#define CARAFE_GEOMETRY_PARAMS                                                                                    \
+  long long n, long long c, long long h, long long w, long long out_h, long long out_w, long long k,              \
+      long long groups, long long sigma, long long up
+#define CARAFE_GEOMETRY carafe::make_geometry(n, c, h, w, out_h, out_w, k, groups, sigma, up)
+
 // A work item of the forward pass and the feature gradient: image n, group grp, channels
 // [first_channel, first_channel + channels) of that group, pixel (row, col) of a plane of the given width/height.
 struct ChannelItem {
