@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from carafe.backends.function import is_channels_last, reassemble_function
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "reassemble_cpu.cpp"
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_GEOMETRY = [ctypes.c_int64] * 9 + [ctypes.c_int]
 
 
 class BuildError(RuntimeError):
@@ -110,49 +110,20 @@ def _dense(t: Tensor) -> tuple[Tensor, bool]:
     return t.contiguous(), True
 
 
-def _empty(shape: tuple[int, ...], like: Tensor, channels_first: bool) -> Tensor:
-    memory_format = torch.contiguous_format if channels_first else torch.channels_last
-    return torch.empty(shape, dtype=like.dtype, memory_format=memory_format)
-
-
-def _call(name: str, a: Tensor, b: Tensor, out: Tensor, geometry: tuple[int, ...]) -> Tensor:
-    """Run kernel ``name`` on the dense tensors a, b writing into out; layouts are read off the tensors' strides."""
+def _run(kernel: str, a: Tensor, b: Tensor, shape: tuple, layout_of: Tensor, geometry: tuple) -> Tensor:
+    """Run ``kernel`` on a, b into a new tensor of ``shape`` laid out like ``layout_of``; the kernels read each
+    tensor's layout (NCHW or channels_last) from a flag, so nothing is transposed here."""
+    out_channels_first = not is_channels_last(layout_of)
+    memory_format = torch.contiguous_format if out_channels_first else torch.channels_last
+    out = torch.empty(shape, dtype=a.dtype, memory_format=memory_format)
     (a, a_cf), (b, b_cf) = _dense(a), _dense(b)
-    fn = getattr(_library(), f"carafe_{name}_{_SUFFIX[out.dtype]}")
-    fn(a.data_ptr(), b.data_ptr(), out.data_ptr(), *geometry, a_cf, b_cf, out.is_contiguous(),
+    fn = getattr(_library(), f"carafe_{kernel}_{_SUFFIX[out.dtype]}")
+    fn(a.data_ptr(), b.data_ptr(), out.data_ptr(), *geometry, a_cf, b_cf, out_channels_first,
        torch.get_num_threads())
     return out
 
 
-def _output_channels_first(like: Tensor) -> bool:
-    """Results take the layout of the input they correspond to: channels-last only if that input is."""
-    return not (like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous())
-
-
-class _Reassemble(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features: Tensor, masks: Tensor, kernel_size: int, group_size: int, scale_factor: int,
-                up: bool) -> Tensor:
-        n, c, h, w = features.shape
-        out_h, out_w = masks.shape[-2:]
-        geometry = (n, c, h, w, out_h, out_w, kernel_size, group_size, scale_factor, int(up))
-        out = _empty((n, c, out_h, out_w), features, _output_channels_first(features))
-        ctx.geometry = geometry
-        ctx.save_for_backward(features, masks)
-        return _call("forward", features, masks, out, geometry)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        features, masks = ctx.saved_tensors
-        grad_features = grad_masks = None
-        if ctx.needs_input_grad[0]:
-            grad_features = _empty(features.shape, features, _output_channels_first(features))
-            _call("backward_features", grad_out, masks, grad_features, ctx.geometry)
-        if ctx.needs_input_grad[1]:
-            grad_masks = _empty(masks.shape, masks, _output_channels_first(masks))
-            _call("backward_masks", grad_out, features, grad_masks, ctx.geometry)
-        return grad_features, grad_masks, None, None, None, None
+_Reassemble = reassemble_function(_run)
 
 
 class CPUBackend:

@@ -26,7 +26,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from carafe.backends.function import is_channels_last, reassemble_function
 
 CUDA_SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda"
 KERNEL_SOURCE = CUDA_SOURCE_DIR / "carafe_kernels.cu"
@@ -175,43 +176,13 @@ def launch(kernel: str, a: Tensor, b: Tensor, out: Tensor, geometry: tuple[int, 
     return out
 
 
-def _channels_last(t: Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+def _run(kernel: str, a: Tensor, b: Tensor, shape: tuple, layout_of: Tensor, geometry: tuple) -> Tensor:
+    """Run ``kernel`` on NCHW-contiguous copies of a, b (no copy if already so); channels_last in, channels_last out."""
+    out = launch(kernel, a.contiguous(), b.contiguous(), new_output(shape, a), geometry)
+    return out.contiguous(memory_format=torch.channels_last) if is_channels_last(layout_of) else out
 
 
-def _like_input(result: Tensor, original: Tensor) -> Tensor:
-    return result.contiguous(memory_format=torch.channels_last) if _channels_last(original) else result
-
-
-class _Reassemble(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features: Tensor, masks: Tensor, kernel_size: int, group_size: int, scale_factor: int,
-                up: bool) -> Tensor:
-        n, c, h, w = features.shape
-        out_h, out_w = masks.shape[-2:]
-        geometry = (n, c, h, w, out_h, out_w, kernel_size, group_size, scale_factor, int(up))
-        x, m = features.contiguous(), masks.contiguous()
-        out = launch("forward", x, m, new_output((n, c, out_h, out_w), x), geometry)
-        ctx.geometry = geometry
-        ctx.channels_last = (_channels_last(features), _channels_last(masks))
-        ctx.save_for_backward(x, m)
-        return _like_input(out, features)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        x, m = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_features = grad_masks = None
-        if ctx.needs_input_grad[0]:
-            grad_features = launch("backward_features", grad_out, m, new_output(tuple(x.shape), x), ctx.geometry)
-            if ctx.channels_last[0]:
-                grad_features = grad_features.contiguous(memory_format=torch.channels_last)
-        if ctx.needs_input_grad[1]:
-            grad_masks = launch("backward_masks", grad_out, x, new_output(tuple(m.shape), m), ctx.geometry)
-            if ctx.channels_last[1]:
-                grad_masks = grad_masks.contiguous(memory_format=torch.channels_last)
-        return grad_features, grad_masks, None, None, None, None
+_Reassemble = reassemble_function(_run)
 
 
 class CUDABackend:
