@@ -60,13 +60,17 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _compressor_flops(m: CARAFEPack | CARAFEDownPack) -> tuple[int, int]:
+    """FLOPs per input pixel of the 1x1 channel compressor (0 without one) and the content encoder's input channels."""
+    if m.compressed_channels is None:
+        return 0, m.channels
+    return conv_flops(m.channels, m.compressed_channels, 1), m.compressed_channels
+
+
 def _carafe_up_flops(m: CARAFEPack) -> Fraction:
     """ICCV 2019, Sec. 3.3: 2(C+1)C_m + 2(C_m k_enc^2 + 1) sigma^2 G k_up^2 + 2 sigma^2 k_up^2 C per input pixel."""
     s2, taps = m.scale_factor ** 2, m.kernel_size ** 2
-    if m.compressed_channels is None:
-        compressor, encoder_in = 0, m.channels
-    else:
-        compressor, encoder_in = conv_flops(m.channels, m.compressed_channels, 1), m.compressed_channels
+    compressor, encoder_in = _compressor_flops(m)
     encoder = conv_flops(encoder_in, s2 * m.group_size * taps, m.encoder_kernel)
     reassembly = 2 * s2 * taps * m.channels
     return Fraction(compressor + encoder + reassembly + _normalizer_flops(m) * s2)
@@ -75,10 +79,7 @@ def _carafe_up_flops(m: CARAFEPack) -> Fraction:
 def _carafe_down_flops(m: CARAFEDownPack) -> Fraction:
     """CARAFE++: the compressor at input resolution, the stride-sigma encoder and the reassembly per output pixel."""
     s2, taps = m.scale_factor ** 2, m.kernel_size ** 2
-    if m.compressed_channels is None:
-        compressor, encoder_in = 0, m.channels
-    else:
-        compressor, encoder_in = conv_flops(m.channels, m.compressed_channels, 1), m.compressed_channels
+    compressor, encoder_in = _compressor_flops(m)
     per_output = conv_flops(encoder_in, m.group_size * taps, m.encoder_kernel) + 2 * taps * m.channels
     return compressor + Fraction(per_output + _normalizer_flops(m), s2)
 

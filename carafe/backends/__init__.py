@@ -28,8 +28,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-BACKENDS = ("reference", "cpu", "cuda")
 _MODULES = {"reference": "carafe.backends.reference", "cpu": "carafe.backends.cpu", "cuda": "carafe.backends.cuda"}
+BACKENDS = tuple(_MODULES)
 
 _forced: contextvars.ContextVar[str] = contextvars.ContextVar("carafe_backend", default="auto")
 _warned: set[str] = set()
