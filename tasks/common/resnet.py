@@ -1,0 +1,67 @@
+"""torchvision's ResNet with its downsampling operators swappable (CARAFE++ section 4.1).
+
+ResNet downsamples at seven places besides the stride-2 stem convolution: the stem max pool, and in the first
+bottleneck of Res-3, Res-4 and Res-5 both the strided 3x3 conv and the strided 1x1 shortcut conv. With a
+``downsampler``, each of the seven becomes that operator at stride 2 and the convolution after it runs at stride 1:
+
+    stem:        conv7x7/2 -> BN -> ReLU -> down(64)                      (replaces max pool 3x3/2)
+    bottleneck:  conv1x1 -> BN -> ReLU -> down(width) -> conv3x3/1 -> ...  (was conv3x3/2)
+    shortcut:    down(in_channels) -> conv1x1/1 -> BN                      (was conv1x1/2 -> BN)
+
+``downsampler=None`` keeps torchvision's network unchanged: the baseline ("strided conv" in CARAFE++ Table III,
+"ResNet-50" in Table II). Every operator of ``carafe.build_downsampler`` maps H to ceil(H / 2), as the strided
+convolutions and the max pool it replaces do, so feature-map sizes are the same for every choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from carafe import build_downsampler
+
+RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+STAGES_WITH_STRIDE = ("layer2", "layer3", "layer4")  # Res-3, Res-4 and Res-5 in the papers' naming
+
+
+def build_resnet(depth: int = 50, num_classes: int = 1000, downsampler: object = None,
+                 zero_init_residual: bool = False, norm_layer: Callable[[int], nn.Module] | None = None) -> ResNet:
+    """A torchvision bottleneck ResNet (no pretrained weights) with ``downsampler`` at its seven downsampling places.
+
+    ``downsampler``: None (torchvision's strided convs and max pool) or anything ``carafe.build_downsampler``
+    takes (a name such as ``"carafe"``, a mapping with ``type``, a class or a ``functools.partial``).
+    ``zero_init_residual`` starts each block's last BN at zero (Goyal et al., the CARAFE++ ImageNet setup).
+    """
+    if depth not in RESNET_LAYERS:
+        raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYERS)}, got {depth!r}")
+    model = ResNet(Bottleneck, list(RESNET_LAYERS[depth]), num_classes=num_classes,
+                   zero_init_residual=zero_init_residual, norm_layer=norm_layer)
+    if downsampler is not None:
+        swap_downsamplers(model, downsampler)
+    return model
+
+
+def swap_downsamplers(model: ResNet, downsampler: object) -> ResNet:
+    """Put ``downsampler`` (a ``build_downsampler`` spec, built with each place's channels) at the seven places."""
+    def make(channels: int) -> nn.Module:
+        return build_downsampler(downsampler, channels=channels, scale_factor=2)
+
+    model.maxpool = make(model.conv1.out_channels)
+    for stage_name in STAGES_WITH_STRIDE:
+        block = getattr(model, stage_name)[0]
+        if not isinstance(block, Bottleneck) or block.conv2.stride != (2, 2) or block.downsample is None:
+            raise ValueError(f"{stage_name}[0] is not a strided bottleneck with a projection shortcut; "
+                             "only torchvision's standard bottleneck ResNets are supported")
+        block.conv2.stride = (1, 1)
+        block.conv2 = nn.Sequential(make(block.conv2.in_channels), block.conv2)
+        shortcut_conv, shortcut_norm = block.downsample
+        shortcut_conv.stride = (1, 1)
+        block.downsample = nn.Sequential(make(shortcut_conv.in_channels), shortcut_conv, shortcut_norm)
+    return model
+
+
+def count_downsamplers(model: nn.Module, kind: type[nn.Module]) -> int:
+    """How many modules of ``kind`` the model holds (the tests check that there are seven)."""
+    return sum(isinstance(m, kind) for m in model.modules())
