@@ -5,8 +5,12 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 EXTRAS ?= cuda,dev
+# reproduce-table-*: SCALE=tiny (embedded data) or paper (DATA_ROOT=/path/to/dataset); NPROC processes per run.
+SCALE     ?= tiny
+DATA_ROOT ?=
+NPROC     ?= 1
 
-.PHONY: setup test test-fast bench op-costs clean
+.PHONY: setup test test-fast bench op-costs clean reproduce-tables
 
 setup: $(STAMP)
 
@@ -30,6 +34,13 @@ bench: $(STAMP)
 
 op-costs: $(STAMP)
 	$(PY) scripts/op_costs.py --write results/op-costs.md
+
+# make reproduce-table-pp-12, reproduce-table-pp-2, ...: the tables declared in conf/table/ (`make list-tables`).
+reproduce-table-%: $(STAMP)
+	$(PY) scripts/reproduce.py $* --scale $(SCALE) --nproc $(NPROC) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+
+list-tables: $(STAMP)
+	@$(PY) scripts/reproduce.py --list
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -1,0 +1,79 @@
+"""The classification task for the shared engine: config -> ResNet + ImageNet folders, cross-entropy, top-1/5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.classification.data import (CLASS_NAMES, build_imagenet, check_imagenet_layout,
+                                       ensure_synthetic_imagenet, topk_correct)
+from tasks.classification.model import build_classifier
+from tasks.common.distributed import all_reduce_sum
+from tasks.common.task import Task
+
+
+class ClassificationTask(Task):
+    primary_metric = "top1"
+
+    @property
+    def root(self) -> Path:
+        data = self.cfg.data
+        return Path(data.root) if data.root is not None else Path(data.embedded.dir)
+
+    def dataset_description(self) -> str:
+        data = self.cfg.data
+        if data.root is not None:
+            return f"ImageNet at {data.root}"
+        e = data.embedded
+        return (f"embedded ImageNet-layout default ({len(CLASS_NAMES)} classes, {e.image_size} px, "
+                f"{e.train_per_class}/{e.val_per_class} train/val images per class, seed {e.seed})")
+
+    def prepare_data(self) -> None:
+        data = self.cfg.data
+        if data.root is not None:
+            check_imagenet_layout(data.root)
+            return
+        e = data.embedded
+        if data.num_classes != len(CLASS_NAMES):
+            raise ValueError(f"the embedded dataset has {len(CLASS_NAMES)} classes but data.num_classes="
+                             f"{data.num_classes}")
+        ensure_synthetic_imagenet(e.dir, e.seed, e.train_per_class, e.val_per_class, e.image_size)
+
+    def build_model(self) -> nn.Module:
+        downsampler = self.cfg.get("downsampler")
+        return build_classifier(depth=self.cfg.model.depth, num_classes=self.cfg.data.num_classes,
+                                downsampler=instantiate(downsampler) if downsampler is not None else None,
+                                zero_init_residual=self.cfg.model.zero_init_residual)
+
+    def build_datasets(self) -> tuple[Dataset, Dataset]:
+        data = self.cfg.data
+        train, val = build_imagenet(self.root, data.crop_size, data.resize_size, data.min_crop_scale, data.hflip)
+        if len(train.classes) != data.num_classes:
+            raise ValueError(f"{self.root}/train has {len(train.classes)} class folders but data.num_classes="
+                             f"{data.num_classes}")
+        return train, val
+
+    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        loss = F.cross_entropy(model(images), targets, label_smoothing=self.cfg.task.label_smoothing)
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        counts = torch.zeros(4, dtype=torch.float64, device=self.world.device)  # top-1, top-5, loss sum, images
+        for images, targets in loader:
+            images, targets = self.to_device((images, targets))
+            logits = model(images).float()
+            top1, top5 = topk_correct(logits, targets, (1, 5))
+            counts += torch.tensor([top1, top5, float(F.cross_entropy(logits, targets, reduction="sum")),
+                                    len(targets)], dtype=torch.float64, device=counts.device)
+        top1, top5, loss_sum, total = all_reduce_sum(counts).tolist()
+        if total == 0:
+            raise ValueError("the validation set is empty")
+        return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "loss": loss_sum / total,
+                "images": total}

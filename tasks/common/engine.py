@@ -1,0 +1,266 @@
+"""The training engine every task uses: ``fit`` = resume if a checkpoint exists, then for each epoch
+``train_one_epoch`` and ``evaluate``, an atomic checkpoint, and TensorBoard logs.
+
+Devices, DDP (``torchrun``), SyncBN, AMP (CUDA only), gradient clipping, the per-iteration LR schedule and
+deterministic per-epoch seeding are handled here; what a batch means is the ``Task``'s business.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from tasks.common.data import build_loader, reseed_loader
+from tasks.common.distributed import World, all_reduce_sum, barrier
+from tasks.common.io import load_checkpoint, save_checkpoint
+from tasks.common.progress import Progress
+from tasks.common.reproducibility import derive_seed, seed_everything, set_deterministic
+from tasks.common.schedule import build_lr_scheduler, build_optimizer, scaled_lr
+from tasks.common.task import Task
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class Schedule:
+    """The ``schedule`` config group, as plain values (see ``tasks.common.schedule``)."""
+    epochs: int
+    batch_size: int                 # global, over all ranks
+    lr: float                       # for base_batch_size images
+    base_batch_size: int = 256
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    policy: str = "step"
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
+    power: float = 0.9
+    warmup_epochs: float = 0.0
+    warmup_factor: float = 0.001
+    clip_grad_norm: float | None = None
+
+
+@dataclass
+class RunSettings:
+    """The ``run`` config group: how to run, not what (none of it changes a result beyond noise)."""
+    seed: int = 0
+    deterministic: bool = False
+    amp: bool = True                # CUDA only; ignored on the CPU
+    sync_bn: bool = False
+    num_workers: int = 4
+    eval_every: int = 1             # epochs
+    log_every: int = 20             # iterations, for TensorBoard
+    progress: bool = True
+    find_unused_parameters: bool = False
+    max_iters_per_epoch: int | None = None   # tests and smoke runs only
+    max_eval_batches: int | None = None      # tests and smoke runs only
+    stop_after_epochs: int | None = None     # stop (as if interrupted) after this many epochs; for tests
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    finished: bool = True
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def train_one_epoch(task: Task, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+                    world: World, epoch: int, settings: RunSettings, clip_grad_norm: float | None,
+                    writer: Any = None) -> dict[str, float]:
+    """One pass over this rank's shard; returns the losses averaged over iterations and ranks."""
+    model.train()
+    total = len(loader) if settings.max_iters_per_epoch is None else min(len(loader), settings.max_iters_per_epoch)
+    progress = Progress(total, f"epoch {epoch + 1}", settings.progress and world.is_main)
+    sums: dict[str, float] = defaultdict(float)
+    use_amp = scaler is not None
+    for iteration, batch in enumerate(loader):
+        if iteration >= total:
+            break
+        batch = task.to_device(batch)
+        with torch.autocast(device_type=world.device.type, dtype=torch.float16, enabled=use_amp):
+            losses = task.train_step(model, batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {iteration + 1}; "
+                                     f"losses: { {k: float(v) for k, v in losses.items()} }")
+        optimizer.zero_grad(set_to_none=True)
+        if use_amp:
+            scaler.scale(loss).backward()
+            if clip_grad_norm:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            optimizer.step()
+        scheduler.step()
+        for name, value in losses.items():
+            sums[name] += float(value.detach())
+        step = epoch * total + iteration
+        if writer is not None and (iteration % settings.log_every == 0 or iteration + 1 == total):
+            for name, value in losses.items():
+                writer.add_scalar(f"train/{name}", float(value.detach()), step)
+            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+        progress.update(iteration + 1, f"loss {sums['loss'] / (iteration + 1):.4f} "
+                                       f"lr {optimizer.param_groups[0]['lr']:.4g}")
+    names = sorted(sums)
+    averaged = all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64, device=world.device))
+    return {n: float(v) / (total * world.world_size) for n, v in zip(names, averaged.tolist())}
+
+
+def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, world: World,
+        config_hash: str = "") -> FitResult:
+    """Train ``task`` for ``schedule.epochs``, resuming from ``run_dir/checkpoint.pt`` if it exists."""
+    set_deterministic(settings.deterministic)
+    seed_everything(derive_seed(settings.seed, world.rank))
+    if schedule.batch_size % world.world_size:
+        raise ValueError(f"schedule.batch_size={schedule.batch_size} must be divisible by the number of "
+                         f"processes ({world.world_size})")
+    model = task.build_model().to(world.device)
+    if settings.sync_bn and world.distributed:
+        if world.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif world.is_main:  # torch's SyncBatchNorm runs on CUDA only
+            print("run.sync_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own BatchNorm statistics",
+                  file=sys.stderr)
+    if world.is_main:
+        task.prepare_data()
+    barrier()
+    train_set, val_set = task.build_datasets()
+    per_rank = schedule.batch_size // world.world_size
+    collate = task.collate_fn()
+    train_loader = build_loader(train_set, world, per_rank, True, settings.num_workers, settings.seed, collate)
+    val_loader = build_loader(val_set, world, per_rank, False, settings.num_workers, settings.seed, collate)
+    iters_per_epoch = len(train_loader)
+    if settings.max_iters_per_epoch is not None:
+        iters_per_epoch = min(iters_per_epoch, settings.max_iters_per_epoch)
+    if iters_per_epoch == 0:
+        raise ValueError(f"the training set has {len(train_set)} samples, fewer than one batch of {per_rank} per "
+                         f"process; lower schedule.batch_size or use more data")
+
+    lr = scaled_lr(schedule.lr, schedule.batch_size, schedule.base_batch_size)
+    optimizer = build_optimizer(model.parameters(), schedule.optimizer, lr, schedule.momentum,
+                                schedule.weight_decay, schedule.nesterov, schedule.betas)
+    scheduler = build_lr_scheduler(optimizer, iters_per_epoch, schedule.epochs, schedule.policy,
+                                   schedule.milestones, schedule.gamma, schedule.power, schedule.warmup_epochs,
+                                   schedule.warmup_factor)
+    use_amp = settings.amp and world.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    start_epoch, history, train_seconds = 0, [], 0.0
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    if checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, map_location=world.device)
+        if config_hash and state.get("config_hash") != config_hash:
+            raise RuntimeError(f"{checkpoint_path} was written by a run with another config (hash "
+                               f"{state.get('config_hash')} != {config_hash}); use a new run folder or delete it")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, history, train_seconds = state["epoch"], state["history"], state["train_seconds"]
+        if world.is_main:
+            print(f"resuming {run_dir} after epoch {start_epoch} of {schedule.epochs}", file=sys.stderr)
+
+    if world.distributed:
+        ddp_ids = [world.device.index] if world.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ddp_ids,
+                                        find_unused_parameters=settings.find_unused_parameters)
+    writer = None
+    if world.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    metrics: dict[str, float] = history[-1].get("val", {}) if history else {}
+    try:
+        for epoch in range(start_epoch, schedule.epochs):
+            if settings.stop_after_epochs is not None and epoch >= settings.stop_after_epochs:
+                return FitResult(metrics, history, train_seconds, finished=False)
+            seed_everything(derive_seed(settings.seed, epoch, world.rank))
+            reseed_loader(train_loader, settings.seed, epoch, world.rank)
+            started = time.perf_counter()
+            losses = train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, world, epoch,
+                                     settings, schedule.clip_grad_norm, writer)
+            train_seconds += time.perf_counter() - started
+            record: dict[str, Any] = {"epoch": epoch + 1, "train": losses}
+            if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == schedule.epochs:
+                metrics = evaluate(task, model, val_loader, settings)
+                record["val"] = metrics
+                if writer is not None:
+                    for name, value in metrics.items():
+                        writer.add_scalar(f"val/{name}", value, epoch + 1)
+            history.append(record)
+            if world.is_main:
+                summary = " ".join(f"{k} {v:.4f}" for k, v in {**losses, **record.get("val", {})}.items())
+                print(f"epoch {epoch + 1}/{schedule.epochs}: {summary}", file=sys.stderr, flush=True)
+                save_checkpoint(checkpoint_path, {
+                    "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
+                    "config_hash": config_hash})
+            barrier()
+    finally:
+        if writer is not None:
+            writer.close()
+    return FitResult(metrics, history, train_seconds)
+
+
+def evaluate(task: Task, model: nn.Module, loader: DataLoader, settings: RunSettings) -> dict[str, float]:
+    """The task's metrics on the whole validation set (over all ranks)."""
+    model.eval()
+    limited = loader
+    if settings.max_eval_batches is not None:
+        limited = _first_batches(loader, settings.max_eval_batches)
+    metrics = task.evaluate(unwrap(model), limited)
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"evaluation produced non-finite metrics {bad}")
+    return metrics
+
+
+class _first_batches:
+    """The first ``count`` batches of a loader, keeping ``len`` and ``dataset`` for the task's evaluate."""
+
+    def __init__(self, loader: DataLoader, count: int) -> None:
+        self.loader, self.count, self.dataset = loader, count, loader.dataset
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.count)
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
+            if index >= self.count:
+                break
+            yield batch
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a model's weights from an engine checkpoint (or a bare state dict) for evaluation."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"] if "model" in state else state)
+    return model

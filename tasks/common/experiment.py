@@ -1,0 +1,192 @@
+"""From a composed Hydra config to a finished run folder: validate, build the task, ``fit``, write the record.
+
+A run folder holds ``config.yaml`` (the resolved config), ``checkpoint.pt`` (after every epoch; a rerun in the same
+folder resumes from it), ``tensorboard/`` and, once finished, ``metrics.json``. Two runs are the same experiment
+when their ``config_hash`` is: the resolved config without the settings that only say how to run (device, worker
+count, logging) and without where the embedded data happens to be cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from tasks.common.distributed import close_world, init_world
+from tasks.common.engine import RunSettings, Schedule, fit
+from tasks.common.io import write_json_atomic, write_text_atomic
+from tasks.common.provenance import REPO_ROOT, device_name, git_commit, utc_now
+from tasks.common.schedule import OPTIMIZERS, POLICIES
+from tasks.common.task import Task
+
+TASKS = {
+    "classification": "tasks.classification.task:ClassificationTask",
+}
+SCALES = ("tiny", "paper")
+#: config keys that say how to run, not what: left out of the config hash
+NOT_HASHED = ("run.device", "run.amp", "run.num_workers", "run.eval_every", "run.log_every", "run.progress",
+              "run.find_unused_parameters", "run.stop_after_epochs", "data.embedded.dir")
+CONF_DIR = REPO_ROOT / "conf"
+METRICS_NAME = "metrics.json"
+CONFIG_NAME = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; raised before any work starts."""
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config ``scripts/train.py <overrides>`` runs with (Hydra's compose API on ``conf/train.yaml``)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides))
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """12 hex digits identifying the experiment a config describes (see ``NOT_HASHED``)."""
+    data = resolved(cfg) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    for dotted in NOT_HASHED:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def task_class(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task.name {name!r}; known tasks: {', '.join(TASKS)}")
+    module, attr = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _operator_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
+    """Every config node whose ``_target_`` is an operator of the ``carafe`` package."""
+    if isinstance(node, DictConfig):
+        target = node.get("_target_")
+        if isinstance(target, str) and target.startswith("carafe."):
+            yield path, node
+        for key in node:
+            yield from _operator_nodes(node[key], f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for index, item in enumerate(node):
+            yield from _operator_nodes(item, f"{path}[{index}]")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the values a run depends on before any work starts; ``ConfigError`` names the key and the fix."""
+    from hydra.utils import instantiate
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as error:  # omegaconf's errors name the key; say what it is about
+        raise ConfigError(f"the config does not resolve: {error}") from error
+    task_class(cfg.task.name)
+    _require(cfg.scale.name in SCALES, f"scale={cfg.scale.name!r} is not one of {', '.join(SCALES)}")
+    root = cfg.data.get("root")
+    if cfg.scale.name == "paper" and root is None:
+        raise ConfigError(f"scale=paper trains on the real {cfg.data.name} dataset: set data.root=/path/to/it "
+                          "(make: DATA_ROOT=/path/to/it); scale=tiny uses the embedded default")
+    if root is not None and not Path(root).is_dir():
+        raise ConfigError(f"data.root={root} is not a directory; point it at the {cfg.data.name} dataset, or "
+                          "leave it unset (null) for the embedded default")
+
+    s = cfg.schedule
+    _require(isinstance(s.epochs, int) and s.epochs >= 1, f"schedule.epochs must be an integer >= 1, got {s.epochs!r}")
+    _require(isinstance(s.batch_size, int) and s.batch_size >= 1,
+             f"schedule.batch_size must be an integer >= 1, got {s.batch_size!r}")
+    _require(s.lr > 0, f"schedule.lr must be > 0, got {s.lr!r}")
+    _require(s.policy in POLICIES, f"schedule.policy={s.policy!r} is not one of {', '.join(POLICIES)}")
+    _require(s.optimizer in OPTIMIZERS, f"schedule.optimizer={s.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    _require(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {s.warmup_epochs!r}")
+    _require(all(m >= 0 for m in s.milestones), f"schedule.milestones must be >= 0, got {list(s.milestones)}")
+    _require(s.clip_grad_norm is None or s.clip_grad_norm > 0,
+             f"schedule.clip_grad_norm must be null or > 0, got {s.clip_grad_norm!r}")
+
+    for path, node in _operator_nodes(cfg):
+        try:
+            instantiate(node)(channels=64, scale_factor=2)
+        except Exception as error:
+            raise ConfigError(f"invalid {path} config ({_flat(node)}): {error}") from error
+
+
+def _flat(node: DictConfig) -> str:
+    return ", ".join(f"{k}={v}" for k, v in OmegaConf.to_container(node).items() if k != "_partial_")
+
+
+def schedule_from(cfg: DictConfig) -> Schedule:
+    values = resolved(cfg.schedule)
+    values["milestones"] = tuple(values.get("milestones", ()))
+    values["betas"] = tuple(values.get("betas", (0.9, 0.999)))
+    return Schedule(**values)
+
+
+def settings_from(cfg: DictConfig) -> RunSettings:
+    values = {k: v for k, v in resolved(cfg.run).items() if k != "device"}
+    return RunSettings(**values)
+
+
+def read_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run folder's ``metrics.json`` if the run finished, else None."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("status") == "finished" else None
+
+
+def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
+    """Validate ``cfg``, train (resuming from ``run_dir``'s checkpoint if any), evaluate, and write
+    ``run_dir/metrics.json``; returns that record (None if the run stopped early, as tests ask it to)."""
+    started = time.perf_counter()
+    validate(cfg)
+    run_dir = Path(run_dir)
+    world = init_world(cfg.run.device)
+    try:
+        chash = config_hash(cfg)
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / CONFIG_NAME, OmegaConf.to_yaml(cfg, resolve=True))
+            print(f"run {chash} ({cfg.task.name}, scale={cfg.scale.name}) on {device_name(world.device)} "
+                  f"x{world.world_size} -> {run_dir}", file=sys.stderr, flush=True)
+        task = task_class(cfg.task.name)(cfg, world)
+        result = fit(task, schedule_from(cfg), settings_from(cfg), run_dir, world, chash)
+        if not result.finished:
+            return None
+        record = {
+            "status": "finished", "task": cfg.task.name, "scale": cfg.scale.name, "config_hash": chash,
+            "metrics": result.metrics, "primary_metric": task.primary_metric, "history": result.history,
+            "dataset": task.dataset_description(), "device": device_name(world.device),
+            "world_size": world.world_size, "train_seconds": round(result.train_seconds, 1),
+            "wall_seconds": round(time.perf_counter() - started, 1), "commit": git_commit(),
+            "finished_at": utc_now(), "torch": torch.__version__,
+        }
+        if world.is_main:
+            write_json_atomic(run_dir / METRICS_NAME, record)
+            print(f"finished {run_dir}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()),
+                  file=sys.stderr, flush=True)
+        return record
+    finally:
+        close_world()

@@ -1,0 +1,68 @@
+"""The interface between the shared engine and a task (classification, detection, segmentation, inpainting).
+
+A task turns its part of the config into plain keyword arguments for its model and datasets, says how a batch
+becomes losses, and how a model is evaluated. Everything else (devices, DDP, AMP, schedules, checkpoints, logging,
+resuming) is the engine's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.common.distributed import World
+
+
+class Task:
+    """Base class; subclasses implement the four methods that raise ``NotImplementedError`` below."""
+
+    #: the metric a table row reports first and the progress bar shows, e.g. ``"top1"``
+    primary_metric: str = ""
+
+    def __init__(self, cfg: Any, world: World) -> None:
+        self.cfg = cfg
+        self.world = world
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_datasets(self) -> tuple[Dataset, Dataset]:
+        """(train, val); called once on each rank after rank 0 has prepared the data (``prepare_data``)."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        """Rank 0 only, before ``build_datasets``: check the dataset exists or write the embedded default."""
+
+    def dataset_description(self) -> str:
+        """One line for provenance: which dataset, embedded or real, and where."""
+        return ""
+
+    def collate_fn(self) -> Callable | None:
+        return None
+
+    def train_step(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Losses for one batch; the key ``"loss"`` is what is minimised, the others are logged."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """Metrics over this rank's shard of ``loader``, combined over ranks: the same dict on every rank."""
+        raise NotImplementedError
+
+    def to_device(self, batch: Any) -> Any:
+        """Move a batch (tensors, or lists / tuples / dicts of them) to the run's device."""
+        return move_to(batch, self.world.device)
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
