@@ -185,6 +185,25 @@ def test_structure_is_identical_across_fpn_upsamplers() -> None:
     assert models["deconv"].backbone.fpn.upsamplers[0].kernel_size == 3  # Table 2's 590k-parameter deconv
 
 
+def test_initialisation_follows_the_papers_code() -> None:
+    xavier_bound = math.sqrt(6 / (2 * 256 * 9))  # 3x3, 256 -> 256: fan_in = fan_out = 2304
+    torch.manual_seed(0)
+    fpns = {name: UpsamplerFPN([256, 512, 1024, 2048], upsampler=name) for name in ("deconv", "nearest_conv",
+                                                                                    "carafe", "gum")}
+    for conv in fpns["deconv"].output_convs:
+        assert 0.9 * xavier_bound < conv.weight.abs().max() <= xavier_bound and not conv.bias.any()
+    for name in ("deconv", "nearest_conv"):  # PyTorch's default would stay below 1 / sqrt(2304) = 0.021
+        for up in fpns[name].upsamplers:
+            weight = up.deconv.weight if name == "deconv" else up.conv.weight
+            assert 0.9 * xavier_bound < weight.abs().max() <= xavier_bound, name
+    for up in fpns["carafe"].upsamplers:  # CARAFE keeps the papers' normal(0, 0.001) encoder
+        assert up.content_encoder.weight.std() < 0.0012
+    for up in fpns["gum"].upsamplers:  # GUM keeps its zero offsets (it starts as bilinear upsampling)
+        assert not up.offset.weight.any()
+    deconv = MaskPredictor(256, NUM_CLASSES, "deconv").upsample.deconv.weight  # kaiming fan_out: 2 / (256 * 4)
+    assert abs(deconv.std().item() - math.sqrt(2 / 1024)) < 0.003
+
+
 # ---- the mask predictor ---------------------------------------------------------------------------------------
 
 PIXEL_SHUFFLE_EMPTY = pytest.mark.xfail(
