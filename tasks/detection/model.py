@@ -1,0 +1,197 @@
+"""Faster / Mask R-CNN with ResNet-FPN as in the papers, built from torchvision's detection code.
+
+torchvision supplies everything except three parts the papers change: the FPN (``tasks.detection.fpn``, any
+top-down upsampler), the mask predictor's 2x upsampling (``MaskPredictor``, any upsampler) and the backbone's seven
+downsamplers (``tasks.common.resnet``). RPN, RoI heads, box / mask losses, ``MultiScaleRoIAlign`` and
+``GeneralizedRCNNTransform`` (resize, normalise, pad) are torchvision's own.
+
+    model = build_detector("mask_rcnn", fpn_upsampler="carafe", mask_upsampler="carafe", min_size=160, max_size=267)
+
+Differences from the papers' mmdetection code, kept because they are torchvision's: the box head's smooth-L1 uses
+beta = 1/9 (mmdetection: 1.0), anchors crossing the image border are not ignored, and the box head's linear layers
+keep PyTorch's default initialisation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+
+from carafe import build_upsampler
+from carafe.ops import check_int
+from carafe.upsamplers import DeconvUpsample
+from tasks.common.resnet import build_resnet
+from tasks.detection.fpn import UpsamplerFPN, init_upsampler_convs
+
+ARCHS = ("faster_rcnn", "mask_rcnn")
+NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
+RETURN_LAYERS = {"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
+# Backbone stages from input to output; trainable_backbone_layers = k trains the last k of them.
+STAGES = (("conv1", "bn1", "maxpool"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+ROI_LEVELS = ["p2", "p3", "p4", "p5"]  # P6 feeds only the RPN, as in the papers' configs
+# Set by build_detector itself; every other keyword of torchvision's FasterRCNN / MaskRCNN may be passed through.
+_RESERVED = {"self", "backbone", "num_classes", "min_size", "max_size", "box_roi_pool", "box_predictor",
+             "mask_roi_pool", "mask_predictor", "kwargs"}
+_TRANSFORM_OPTIONS = {"size_divisible", "fixed_size"}
+
+
+class ResNetFPNBackbone(nn.Module):
+    """ResNet C2..C5 (``IntermediateLayerGetter``) followed by ``UpsamplerFPN``; ``out_channels`` as torchvision wants.
+
+    The first ``5 - trainable_layers`` stages (stem = conv1 + bn1 + the stem downsampler, then layer1..layer4) are
+    frozen: their parameters get ``requires_grad=False`` and, so that BatchNorm statistics stay fixed too, they stay
+    in eval mode when the model is put in training mode (mmdetection's ``frozen_stages``).
+
+    Shape: Tensor[N, 3, H, W] -> ``OrderedDict`` of ``p2``..``p6``, Tensor[N, 256, ceil(H / 2^l), ceil(W / 2^l)].
+    """
+
+    def __init__(self, resnet: nn.Module, fpn: UpsamplerFPN, trainable_layers: int = 5) -> None:
+        super().__init__()
+        trainable_layers = check_int("trainable_backbone_layers", trainable_layers, 0)
+        if trainable_layers > len(STAGES):
+            raise ValueError(f"trainable_backbone_layers must be in [0, {len(STAGES)}], got {trainable_layers}")
+        self.body = IntermediateLayerGetter(resnet, return_layers=dict(RETURN_LAYERS))
+        self.fpn = fpn
+        self.out_channels = fpn.out_channels
+        self.trainable_layers = trainable_layers
+        self.frozen_modules = [name for stage in STAGES[:len(STAGES) - trainable_layers] for name in stage]
+        for name in self.frozen_modules:
+            self.body[name].requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ResNetFPNBackbone:
+        super().train(mode)
+        for name in self.frozen_modules:
+            self.body[name].eval()
+        return self
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        return self.fpn(self.body(images))
+
+
+def default_mask_upsampler_options(spec: object) -> dict[str, object]:
+    """Options the mask head adds to ``spec``: a deconvolution defaults to kernel 2, stride 2, as torchvision's
+    ``conv5_mask`` and mmdetection's ``FCNMaskHead`` (the zoo's default kernel 3 is Table 2's FPN deconv)."""
+    name = spec
+    if isinstance(spec, Mapping):
+        if "kernel_size" in spec:
+            return {}
+        name = spec.get("type", spec.get("name"))
+    return {"kernel_size": 2} if name == "deconv" else {}
+
+
+class MaskPredictor(nn.Sequential):
+    """torchvision's ``MaskRCNNPredictor`` with its 2x deconvolution (``conv5_mask``) replaced by any upsampler.
+
+    upsample (``carafe.build_upsampler(upsampler, in_channels, 2)``) -> ReLU, only when the upsampler is a
+    deconvolution (mmdetection ``FCNMaskHead.forward`` applies ``relu`` only for ``upsample_method == 'deconv'``)
+    -> 1x1 conv to per-class logits. Initialisation as ``FCNMaskHead.init_weights``: the logits conv and plain
+    convolutional upsamplers kaiming-normal (fan_out, ReLU) with zero bias; CARAFE keeps its own.
+
+    Shape: Tensor[R, C, 14, 14] -> Tensor[R, num_classes, 28, 28]; R = 0 (no RoIs) gives an empty result.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, upsampler: object = "deconv") -> None:
+        in_channels = check_int("in_channels", in_channels, 1)
+        num_classes = check_int("num_classes", num_classes, 2)
+        upsample = build_upsampler(upsampler, channels=in_channels, scale_factor=2,
+                                   **default_mask_upsampler_options(upsampler))
+        layers: list[tuple[str, nn.Module]] = [("upsample", upsample)]
+        if isinstance(upsample, (DeconvUpsample, nn.ConvTranspose2d)):
+            layers.append(("relu", nn.ReLU(inplace=True)))
+        logits = nn.Conv2d(in_channels, num_classes, 1)
+        layers.append(("mask_fcn_logits", logits))
+        super().__init__(OrderedDict(layers))
+
+        def kaiming(weight: Tensor) -> None:
+            nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+
+        init_upsampler_convs(upsample, kaiming)
+        kaiming(logits.weight)
+        nn.init.zeros_(logits.bias)
+
+
+def _check_sizes(min_size: object, max_size: object, size_divisible: object) -> tuple[int | tuple[int, ...], int, int]:
+    if isinstance(min_size, Sequence) and not isinstance(min_size, (str, bytes)):
+        if len(min_size) == 0:
+            raise ValueError("min_size must be an int or a non-empty sequence of ints, got an empty sequence")
+        sizes: int | tuple[int, ...] = tuple(check_int("min_size entry", s, 1) for s in min_size)
+    else:
+        sizes = check_int("min_size", min_size, 1)
+    return sizes, check_int("max_size", max_size, 1), check_int("size_divisible", size_divisible, 1)
+
+
+def build_backbone(depth: int = 50, fpn_upsampler: object = "nearest", backbone_downsampler: object = None,
+                   trainable_layers: int = 5, norm: str = "bn", fpn_channels: int = 256) -> ResNetFPNBackbone:
+    """ResNet-``depth`` (``tasks.common.resnet.build_resnet``, no pretrained weights) + ``UpsamplerFPN``.
+
+    ``norm``: ``"bn"`` (``nn.BatchNorm2d``, trained; convertible to SyncBN) or ``"frozen_bn"`` (torchvision's
+    ``FrozenBatchNorm2d``: statistics and affine fixed, the setting for a pretrained backbone). The default follows
+    torchvision's detection builders: BatchNorm when the backbone is not pretrained (it never is here), because a
+    frozen identity BatchNorm leaves a ResNet trained from scratch without any normalisation.
+    The CARAFE++ downsampler's own compressor BatchNorm is an ``nn.BatchNorm2d`` either way.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    resnet = build_resnet(depth, num_classes=1000, downsampler=backbone_downsampler, norm_layer=NORMS[norm])
+    in_channels = [getattr(resnet, name)[-1].conv3.out_channels for name in RETURN_LAYERS]
+    fpn = UpsamplerFPN(in_channels, fpn_channels, upsampler=fpn_upsampler, extra_levels=1)
+    return ResNetFPNBackbone(resnet, fpn, trainable_layers)
+
+
+def build_detector(arch: str = "faster_rcnn", depth: int = 50, num_classes: int = 81,
+                   fpn_upsampler: object = "nearest", mask_upsampler: object = "deconv",
+                   backbone_downsampler: object = None, min_size: int | Sequence[int] = 800, max_size: int = 1333,
+                   size_divisible: int = 64, trainable_backbone_layers: int = 5, norm: str = "bn",
+                   **options: object) -> FasterRCNN:
+    """Faster R-CNN or Mask R-CNN, ResNet-``depth``-FPN, with the papers' three swappable operators.
+
+    Args:
+        arch: ``"faster_rcnn"`` or ``"mask_rcnn"``.
+        depth: ResNet depth, 50, 101 or 152.
+        num_classes: classes including background (COCO: 81).
+        fpn_upsampler: ``carafe.build_upsampler`` spec of the FPN's top-down upsampling (Table 2 / IV).
+        mask_upsampler: spec of the mask predictor's 2x upsampling (Table 3 / VI); Mask R-CNN only, ignored by
+            Faster R-CNN. ``"deconv"`` is torchvision's and mmdetection's 2x2 stride-2 deconvolution.
+        backbone_downsampler: ``carafe.build_downsampler`` spec for the ResNet's seven downsampling places
+            (Table III), or None for torchvision's strided convs and max pool.
+        min_size, max_size: ``GeneralizedRCNNTransform``'s resize: shorter side ``min_size`` (a sequence: one
+            drawn at random per training batch), longer side at most ``max_size``. Papers: 800, 1333.
+        size_divisible: the batch is zero-padded at the bottom/right to a multiple of this (papers: 64);
+            forwarded to ``GeneralizedRCNNTransform(size_divisible=...)`` through ``FasterRCNN``'s ``**kwargs``.
+        trainable_backbone_layers: how many of stem, layer1..layer4 train, counted from layer4 (0..5).
+        norm: the backbone's normalisation, ``"frozen_bn"`` or ``"bn"`` (see ``build_backbone``).
+        **options: any other keyword of torchvision's ``FasterRCNN`` / ``MaskRCNN`` (``rpn_post_nms_top_n_test``,
+            ``box_detections_per_img``, ``image_mean``, ``fixed_size``, ...).
+
+    Returns: a torchvision ``FasterRCNN`` or ``MaskRCNN`` (no pretrained weights). In training mode
+    ``model(images, targets)`` returns the loss dict; in eval mode ``model(images)`` the detections, boxes in the
+    input images' coordinates (images: list of Tensor[3, H_i, W_i] in [0, 1]).
+    """
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ValueError(f"unknown detector arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    num_classes = check_int("num_classes", num_classes, 2)
+    min_size, max_size, size_divisible = _check_sizes(min_size, max_size, size_divisible)
+    detector_cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
+    allowed = (set(inspect.signature(detector_cls.__init__).parameters) | _TRANSFORM_OPTIONS) - _RESERVED
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"unknown {detector_cls.__name__} option(s) {unknown}; allowed: {sorted(allowed)}")
+
+    backbone = build_backbone(depth, fpn_upsampler, backbone_downsampler, trainable_backbone_layers, norm)
+    box_head_size = 1024  # torchvision's TwoMLPHead width, the papers' 2 x 1024 shared FCs
+    heads: dict[str, object] = {
+        "box_roi_pool": MultiScaleRoIAlign(featmap_names=ROI_LEVELS, output_size=7, sampling_ratio=2),
+        "box_predictor": FastRCNNPredictor(box_head_size, num_classes),
+    }
+    if arch == "mask_rcnn":
+        heads["mask_roi_pool"] = MultiScaleRoIAlign(featmap_names=ROI_LEVELS, output_size=14, sampling_ratio=2)
+        heads["mask_predictor"] = MaskPredictor(256, num_classes, mask_upsampler)
+    return detector_cls(backbone, num_classes=None, min_size=min_size, max_size=max_size,
+                        size_divisible=size_divisible, **heads, **options)
