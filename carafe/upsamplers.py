@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carafe.costs import conv_flops
-from carafe.modules import CARAFEPack
+from carafe.modules import CARAFEPack, pixel_shuffle
 from carafe.ops import check_int
 from carafe.zoo import Registry
 
@@ -142,7 +142,7 @@ class PixelShuffleUpsample(_Upsampler):
         self.conv = nn.Conv2d(channels, channels * scale_factor ** 2, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.pixel_shuffle(self.conv(x), self.scale_factor)
+        return pixel_shuffle(self.conv(x), self.scale_factor)  # F.pixel_shuffle's backward fails for N = 0
 
     def flops_per_pixel(self) -> int:
         return conv_flops(self.channels, self.channels * self.scale_factor ** 2, self.kernel_size)

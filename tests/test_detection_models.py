@@ -206,17 +206,9 @@ def test_initialisation_follows_the_papers_code() -> None:
 
 # ---- the mask predictor ---------------------------------------------------------------------------------------
 
-PIXEL_SHUFFLE_EMPTY = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="carafe.upsamplers.PixelShuffleUpsample calls F.pixel_shuffle, whose backward returns a wrongly shaped "
-           "gradient for an empty batch (torch 2.15); carafe.modules.pixel_shuffle is the fix")
-
-
 @pytest.mark.parametrize("upsampler", ["deconv", "carafe", "bilinear", "nearest", "pixel_shuffle"])
 @pytest.mark.parametrize("rois", [3, pytest.param(0, id="no_rois")])
-def test_mask_predictor_shapes_and_empty_rois(upsampler: str, rois: int, request: pytest.FixtureRequest) -> None:
-    if upsampler == "pixel_shuffle" and rois == 0:
-        request.applymarker(PIXEL_SHUFFLE_EMPTY)
+def test_mask_predictor_shapes_and_empty_rois(upsampler: str, rois: int) -> None:
     torch.manual_seed(0)
     predictor = MaskPredictor(256, NUM_CLASSES, upsampler)
     x = torch.randn(rois, 256, 14, 14, requires_grad=True)
