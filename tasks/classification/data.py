@@ -11,10 +11,7 @@ chance and 100%.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ import torch
 from PIL import Image
 from torchvision import datasets, transforms
 
+from tasks.common.io import ensure_generated_folder
 from tasks.common.progress import Progress
 
 SHAPES = ("disc", "square", "triangle", "ring")
@@ -99,21 +97,14 @@ def ensure_synthetic_imagenet(root: str | Path, seed: int = 0, train_per_class: 
     """Write the embedded dataset under ``root`` unless the same one is already there; return ``root``.
 
     Deterministic from the arguments (the same bytes every time). Written to a temporary folder beside ``root``
-    and renamed into place, so an interrupted write never leaves a half dataset behind to be reused.
+    and renamed into place, so an interrupted write never leaves a half dataset behind to be reused; a ``root``
+    holding another dataset raises ``FolderConflictError`` (see ``tasks.common.io.ensure_generated_folder``).
     """
-    root = Path(root)
     spec = {"version": SYNTHETIC_VERSION, "seed": seed, "train_per_class": train_per_class,
             "val_per_class": val_per_class, "image_size": image_size, "classes": list(CLASS_NAMES)}
-    marker = root / "synthetic.json"
-    if marker.exists() and json.loads(marker.read_text()) == spec:
-        return root
-    if root.exists():
-        raise FileExistsError(f"{root} exists but is not the embedded dataset asked for ({spec}); "
-                              "delete it or point data.root elsewhere")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        total = len(CLASS_NAMES) * (train_per_class + val_per_class)
+    total = len(CLASS_NAMES) * (train_per_class + val_per_class)
+
+    def write(staging: Path) -> None:
         progress = Progress(total, f"writing the embedded ImageNet-layout dataset to {root}", enabled=True)
         written = 0
         for split, per_class in (("train", train_per_class), ("val", val_per_class)):
@@ -125,12 +116,8 @@ def ensure_synthetic_imagenet(root: str | Path, seed: int = 0, train_per_class: 
                     Image.fromarray(render_image(class_index, image_size, rng)).save(folder / f"{index:05d}.png")
                 written += per_class
                 progress.update(written)
-        (staging / "synthetic.json").write_text(json.dumps(spec, indent=2) + "\n")
-        staging.rename(root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return root
+
+    return ensure_generated_folder(root, spec, write)
 
 
 def check_imagenet_layout(root: str | Path) -> Path:

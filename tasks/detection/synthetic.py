@@ -20,8 +20,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +27,12 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 
 from carafe.ops import check_int
+from tasks.common.io import ensure_generated_folder
 
 CATEGORIES = ((2, "disc"), (5, "square"), (11, "triangle"), (17, "ring"), (24, "cross"))
 POLYGON_SHAPES = ("square", "triangle", "cross")
 SIZE_RANGES = {"small": (16, 32 ** 2), "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, 1 << 30)}  # mask area
 SIZE_PROBABILITIES = {"small": 0.4, "medium": 0.35, "large": 0.25}
-MANIFEST = "synthetic.json"
 GENERATOR_VERSION = 1
 JPEG_QUALITY = 92
 EMPTY_EVERY = 8  # image i (0-based) has no object when i % EMPTY_EVERY == EMPTY_EVERY - 1
@@ -165,22 +163,6 @@ def _write(folder: Path, settings: dict) -> None:
         annotation_id += len(instances["annotations"])
         (folder / "annotations" / f"instances_{split}2017.json").write_text(
             json.dumps(instances, separators=(",", ":")))
-    (folder / MANIFEST).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
-
-
-def _existing_settings(root: Path) -> dict | None:
-    """The settings of the synthetic dataset at ``root``; None when ``root`` is an empty folder or missing."""
-    if not root.exists():
-        return None
-    if not root.is_dir():
-        raise ValueError(f"synthetic COCO root {str(root)!r} exists and is not a folder")
-    manifest = root / MANIFEST
-    if manifest.is_file():
-        return json.loads(manifest.read_text())
-    if any(root.iterdir()):
-        raise ValueError(f"{str(root)!r} is not empty and holds no {MANIFEST}: it is not a synthetic dataset this "
-                         "generator wrote; pass an empty or missing folder")
-    return None
 
 
 def ensure_synthetic_coco(root: str | os.PathLike, seed: int = 0, num_train: int = 64, num_val: int = 16,
@@ -188,35 +170,12 @@ def ensure_synthetic_coco(root: str | os.PathLike, seed: int = 0, num_train: int
     """Write the synthetic COCO-format dataset at ``root`` unless it is already there; return ``root`` as a Path.
 
     ``num_train`` / ``num_val`` images of ``image_size`` x ``image_size`` pixels. A ``root`` that already holds
-    this generator's dataset with the same settings is reused as is; with other settings, ValueError (delete it or
-    choose another root). Read it with ``tasks.detection.data.CocoDetection(root, split)``.
+    this generator's dataset with the same settings is reused as is; with other settings, or a folder holding
+    anything else, ``FolderConflictError`` (a ValueError; delete it or choose another root). Read it with
+    ``tasks.detection.data.CocoDetection(root, split)``.
     """
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a path, got {root!r} ({type(root).__name__})")
     settings = _settings(check_int("seed", seed, 0), check_int("num_train", num_train, 1),
                          check_int("num_val", num_val, 1), check_int("image_size", image_size, 64))
-    root = Path(root)
-
-    def reuse_or_raise(found: dict) -> Path:
-        if found != settings:
-            raise ValueError(f"{str(root)!r} holds a synthetic dataset written with {found}, not {settings}; "
-                             "delete it or choose another root")
-        return root
-
-    found = _existing_settings(root)
-    if found is not None:
-        return reuse_or_raise(found)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write(staging, settings)
-        try:
-            os.rename(staging, root)  # replaces a missing or empty folder atomically
-        except OSError:
-            found = _existing_settings(root)  # another process finished first
-            if found is None:
-                raise
-            return reuse_or_raise(found)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+    return ensure_generated_folder(root, settings, lambda folder: _write(folder, settings))
