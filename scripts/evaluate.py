@@ -19,8 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from tasks.common.data import build_loader
-from tasks.common.distributed import barrier, close_world, init_world
-from tasks.common.engine import evaluate, load_weights
+from tasks.common.distributed import close_world, init_world
+from tasks.common.engine import evaluate, load_weights, prepared_datasets
 from tasks.common.experiment import ConfigError, config_hash, settings_from, task_class, validate
 from tasks.common.io import write_json_atomic
 from tasks.common.provenance import device_name, git_commit, utc_now
@@ -39,10 +39,7 @@ def main(cfg: DictConfig) -> None:
     try:
         task = task_class(cfg.task.name)(cfg, world)
         model = load_weights(task.build_model(), checkpoint).to(world.device)
-        if world.is_main:
-            task.prepare_data()
-        barrier()
-        _, val_set = task.build_datasets()
+        _, val_set = prepared_datasets(task, world)
         batch = max(cfg.schedule.batch_size // world.world_size, 1)
         loader = build_loader(val_set, world, batch, False, cfg.run.num_workers, cfg.run.seed, task.collate_fn())
         metrics = evaluate(task, model, loader, settings_from(cfg))

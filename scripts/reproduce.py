@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         row.record = read_record(run_dir)
         if row.record is None:
             failures += 1
-            row.problem = f"run failed (exit {returncode}); see {run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir}/train.log"
+            shown = run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
+            row.problem = f"run failed (exit {returncode}); see {shown}/train.log"
             print(f"{prefix}: {row.problem}", file=sys.stderr)
     datasets = sorted({r.record["dataset"] for r in spec.rows if r.record})
     devices = sorted({f"{r.record['device']} x{r.record.get('world_size', 1)}" for r in spec.rows if r.record})

@@ -82,38 +82,30 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def train_one_epoch(task: Task, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                     world: World, epoch: int, settings: RunSettings, clip_grad_norm: float | None,
                     writer: Any = None) -> dict[str, float]:
     """One pass over this rank's shard; returns the losses averaged over iterations and ranks."""
     model.train()
-    total = len(loader) if settings.max_iters_per_epoch is None else min(len(loader), settings.max_iters_per_epoch)
+    batches = first_batches(loader, settings.max_iters_per_epoch)
+    total = len(batches)
     progress = Progress(total, f"epoch {epoch + 1}", settings.progress and world.is_main)
     sums: dict[str, float] = defaultdict(float)
-    use_amp = scaler is not None
-    for iteration, batch in enumerate(loader):
-        if iteration >= total:
-            break
+    for iteration, batch in enumerate(batches):
         batch = task.to_device(batch)
-        with torch.autocast(device_type=world.device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device_type=world.device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
             losses = task.train_step(model, batch)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {iteration + 1}; "
                                      f"losses: { {k: float(v) for k, v in losses.items()} }")
         optimizer.zero_grad(set_to_none=True)
-        if use_amp:
-            scaler.scale(loss).backward()
-            if clip_grad_norm:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            optimizer.step()
+        scaler.scale(loss).backward()  # a disabled scaler (no AMP) passes everything through unchanged
+        if clip_grad_norm:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         for name, value in losses.items():
             sums[name] += float(value.detach())
@@ -144,17 +136,12 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
         elif world.is_main:  # torch's SyncBatchNorm runs on CUDA only
             print("run.sync_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own BatchNorm statistics",
                   file=sys.stderr)
-    if world.is_main:
-        task.prepare_data()
-    barrier()
-    train_set, val_set = task.build_datasets()
+    train_set, val_set = prepared_datasets(task, world)
     per_rank = schedule.batch_size // world.world_size
     collate = task.collate_fn()
     train_loader = build_loader(train_set, world, per_rank, True, settings.num_workers, settings.seed, collate)
     val_loader = build_loader(val_set, world, per_rank, False, settings.num_workers, settings.seed, collate)
-    iters_per_epoch = len(train_loader)
-    if settings.max_iters_per_epoch is not None:
-        iters_per_epoch = min(iters_per_epoch, settings.max_iters_per_epoch)
+    iters_per_epoch = len(first_batches(train_loader, settings.max_iters_per_epoch))
     if iters_per_epoch == 0:
         raise ValueError(f"the training set has {len(train_set)} samples, fewer than one batch of {per_rank} per "
                          f"process; lower schedule.batch_size or use more data")
@@ -165,8 +152,7 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
     scheduler = build_lr_scheduler(optimizer, iters_per_epoch, schedule.epochs, schedule.policy,
                                    schedule.milestones, schedule.gamma, schedule.power, schedule.warmup_epochs,
                                    schedule.warmup_factor)
-    use_amp = settings.amp and world.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    scaler = torch.amp.GradScaler("cuda", enabled=settings.amp and world.device.type == "cuda")
 
     start_epoch, history, train_seconds = 0, [], 0.0
     checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -178,7 +164,7 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
+        if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, history, train_seconds = state["epoch"], state["history"], state["train_seconds"]
         if world.is_main:
@@ -217,7 +203,7 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
                 print(f"epoch {epoch + 1}/{schedule.epochs}: {summary}", file=sys.stderr, flush=True)
                 save_checkpoint(checkpoint_path, {
                     "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
                     "config_hash": config_hash})
             barrier()
@@ -230,24 +216,31 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
 def evaluate(task: Task, model: nn.Module, loader: DataLoader, settings: RunSettings) -> dict[str, float]:
     """The task's metrics on the whole validation set (over all ranks)."""
     model.eval()
-    limited = loader
-    if settings.max_eval_batches is not None:
-        limited = _first_batches(loader, settings.max_eval_batches)
-    metrics = task.evaluate(unwrap(model), limited)
+    metrics = task.evaluate(unwrap(model), first_batches(loader, settings.max_eval_batches))
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         raise FloatingPointError(f"evaluation produced non-finite metrics {bad}")
     return metrics
 
 
-class _first_batches:
-    """The first ``count`` batches of a loader, keeping ``len`` and ``dataset`` for the task's evaluate."""
+def prepared_datasets(task: Task, world: World) -> tuple[Any, Any]:
+    """(train, val) of ``task`` on every rank, after rank 0 has checked or written the data."""
+    if world.is_main:
+        task.prepare_data()
+    barrier()
+    return task.build_datasets()
 
-    def __init__(self, loader: DataLoader, count: int) -> None:
-        self.loader, self.count, self.dataset = loader, count, loader.dataset
+
+class first_batches:
+    """The first ``count`` batches of a loader (all of them when ``count`` is None), keeping ``len`` and
+    ``dataset`` for the task's evaluate; the training and evaluation loops both read loaders through it."""
+
+    def __init__(self, loader: DataLoader, count: int | None) -> None:
+        self.loader, self.dataset = loader, loader.dataset
+        self.count = len(loader) if count is None else min(len(loader), count)
 
     def __len__(self) -> int:
-        return min(len(self.loader), self.count)
+        return self.count
 
     def __iter__(self):
         for index, batch in enumerate(self.loader):

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.common.experiment import CONF_DIR, METRICS_NAME, compose, config_hash, validate
+from tasks.common.experiment import CONF_DIR, METRICS_NAME, compose, config_hash, read_record, validate
 from tasks.common.io import write_json_atomic, write_text_atomic
 
 TABLE_DIR = CONF_DIR / "table"
@@ -126,10 +126,10 @@ def index_runs(*folders: str | Path) -> dict[str, tuple[Path, dict[str, Any]]]:
             continue
         for path in sorted(folder.rglob(METRICS_NAME)):
             try:
-                record = json.loads(path.read_text())
+                record = read_record(path.parent)
             except (OSError, json.JSONDecodeError):
                 continue
-            if record.get("status") != "finished" or "config_hash" not in record:
+            if record is None or "config_hash" not in record:
                 continue
             previous = found.get(record["config_hash"])
             if previous is None or record.get("finished_at", "") >= previous[1].get("finished_at", ""):
