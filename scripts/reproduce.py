@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tasks.common.experiment import read_record
 from tasks.common.provenance import REPO_ROOT, git_commit, utc_now
-from tasks.common.results import (TableSpecError, compose_rows, index_runs, load_table_spec,
-                                  row_overrides, table_names, write_table)
+from tasks.common.results import (TableSpecError, compose_rows, index_runs, load_table_spec, measure_costs,
+                                  measure_speed, row_overrides, table_names, write_table)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             shown = run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
             row.problem = f"run failed (exit {returncode}); see {shown}/train.log"
             print(f"{prefix}: {row.problem}", file=sys.stderr)
+    if spec.costs:
+        measure_costs(spec)
+    speed_device = None
+    if spec.speed and any(r.record for r in spec.rows):
+        print(f"[{spec.name}] timing the trained models of {sum(bool(r.record) for r in spec.rows)} rows together",
+              file=sys.stderr, flush=True)
+        speed_device = measure_speed(spec)
     datasets = sorted({r.record["dataset"] for r in spec.rows if r.record})
     devices = sorted({f"{r.record['device']} x{r.record.get('world_size', 1)}" for r in spec.rows if r.record})
     run_seconds = sum(r.record.get("wall_seconds", 0) for r in spec.rows if r.record)
@@ -103,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                      "the rows' runs (each run's own wall time)",
         "command": "python scripts/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    if speed_device is not None:
+        provenance["speed measured on"] = speed_device
     md, js = write_table(spec, provenance, args.out)
     print(f"wrote {md} and {js}", file=sys.stderr)
     return 1 if failures else 0

@@ -20,10 +20,15 @@ def options(group: str) -> list[str]:
     return sorted(str(p.relative_to(CONF_DIR / group).with_suffix("")) for p in (CONF_DIR / group).rglob("*.yaml"))
 
 
+DETECTION_OPTIONS = ("faster_rcnn", "mask_rcnn", "coco")  # options of model / data / schedule for task=detection
+
+
 @pytest.mark.parametrize("group", ["model", "data", "schedule", "scale", "run", "task", "downsampler"])
 def test_every_option_of_a_group_composes_and_validates(group: str) -> None:
     for option in options(group):
         overrides = [f"{group}={option}"]
+        if group != "task" and option.startswith(DETECTION_OPTIONS):
+            overrides.insert(0, "task=detection")
         if group == "scale" and option == "paper":
             overrides.append(f"data.root={REPO}")  # any existing folder: validation only checks it exists
         cfg = compose(overrides)

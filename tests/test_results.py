@@ -129,3 +129,72 @@ def test_a_bad_row_fails_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(TableSpecError, match=r"C_m = 8.*compressed_channels"):
         compose_rows(spec, "tiny")
     assert results  # the module under test
+
+
+def test_table_2_costs_are_the_papers_printed_figures() -> None:
+    from carafe.costs import paper_round
+
+    spec = load_table_spec("2")
+    compose_rows(spec, "tiny")
+    results.measure_costs(spec)
+    for row in spec.rows:
+        assert paper_round(row.measured["cost.flops"], like=row.paper["flops"]) == row.paper["flops"], row.label
+        assert paper_round(row.measured["cost.params"], like=row.paper["params"]) == row.paper["params"], row.label
+
+
+def test_a_table_that_extends_another_reuses_its_runs_with_its_own_figures() -> None:
+    table2, table4 = load_table_spec("2"), load_table_spec("pp-4")
+    compose_rows(table2, "tiny")
+    compose_rows(table4, "tiny")
+    assert [r.config_hash for r in table2.rows] == [r.config_hash for r in table4.rows]
+    assert [r.label for r in table4.rows][-1] == "CARAFE++" and table4.rows[-1].paper["APS"] == 23.2
+    assert table2.rows[-1].paper["APS"] == 23.1 and "flops" not in table4.rows[0].paper
+    gum = next(r for r in table4.rows if r.label == "GUM")
+    ratio = next(c for c in table4.columns if c.key == "fps_ratio")
+    assert results.paper_value(table4, gum, ratio) == pytest.approx(11.8 / 12.5)
+    assert table4.notes["tiny"].startswith(load_table_spec("3").notes["tiny"])  # shared detection note first
+
+
+def test_speed_cost_and_not_applicable_cells_render() -> None:
+    spec = TableSpec("demo", "Demo", "paper", [], [
+        Column("AP", "AP", "bbox_AP", 1), Column("mAP", "mask AP", "segm_AP", 1),
+        Column("fps", "FPS", "speed.fps", 1), Column("ratio", "FPS / A", "speed.ratio", 2, paper_ratio_of="fps"),
+        Column("flops", "FLOPs", "cost.flops", format="si")],
+        [Row("A", [], {"AP": 36.5, "fps": 12.5, "flops": "0"}, config_hash="a" * 12),
+         Row("B", [], {"AP": 37.8, "mAP": 34.0, "fps": 12.2, "flops": "199k"}, config_hash="b" * 12)],
+        speed={"baseline": "A"})
+    for row, fps in zip(spec.rows, (20.0, 15.0)):
+        row.record = {"metrics": {"bbox_AP": 1.234}, "wall_seconds": 1, "device": "CPU"}
+        row.measured = {"speed.fps": fps, "speed.ratio": fps / 20.0, "cost.flops": 0.0 if fps == 20 else 199496.0}
+    markdown = render_markdown(spec, {})
+    assert "| A | 36.5 | 1.2 | – | – | 12.5 | 20.0 | 1.00 | 1.00 | 0 | 0 |" in markdown
+    assert ("| B | 37.8 | 1.2 | 34.0 | no `segm_AP` in the run's metrics | 12.2 | 15.0 | 0.98 | 0.75 | 199k | 199k |"
+            in markdown)
+
+
+def test_measure_speeds_times_models_together() -> None:
+    import time
+
+    from tasks.common.speed import measure_speeds
+
+    speeds = measure_speeds({"fast": lambda: time.sleep(0.01), "slow": lambda: time.sleep(0.03)}, warmup=1,
+                            iterations=5)
+    assert 20 < speeds["fast"] <= 100 and 0.2 < speeds["slow"] / speeds["fast"] < 0.45
+    with pytest.raises(ValueError, match="at least one"):
+        measure_speeds({})
+
+
+def test_measure_speed_times_each_finished_rows_trained_model(tmp_path: Path) -> None:
+    from experiment_helpers import smoke_overrides
+    from tasks.common.experiment import compose, run_experiment
+
+    cfg = compose(smoke_overrides(tmp_path / "data"))
+    record = run_experiment(cfg, tmp_path / "run")
+    spec = TableSpec("demo", "Demo", "paper", [], [Column("fps", "FPS", "speed.fps")],
+                     [Row("A", [], {"fps": 1.0}, config=cfg, record=record, run_dir=str(tmp_path / "run")),
+                      Row("B", [], {"fps": 1.0}, config=cfg, record=record, run_dir=str(tmp_path / "run")),
+                      Row("C", [], {"fps": 1.0}, config=cfg, problem="run failed")],
+                     speed={"baseline": "B", "warmup": 1, "iterations": 3})
+    device = results.measure_speed(spec)
+    assert device and all(spec.rows[i].measured["speed.fps"] > 0 for i in (0, 1))
+    assert spec.rows[1].measured["speed.ratio"] == 1.0 and spec.rows[2].measure_problem == "run failed"

@@ -29,11 +29,12 @@ from tasks.common.task import Task
 
 TASKS = {
     "classification": "tasks.classification.task:ClassificationTask",
+    "detection": "tasks.detection.task:DetectionTask",
 }
 SCALES = ("tiny", "paper")
 #: config keys that say how to run, not what: left out of the config hash
 NOT_HASHED = ("run.device", "run.amp", "run.num_workers", "run.eval_every", "run.log_every", "run.progress",
-              "run.find_unused_parameters", "run.stop_after_epochs", "data.embedded.dir")
+              "run.find_unused_parameters", "run.stop_after_epochs", "data.embedded.dir", "task.speed_image_size")
 CONF_DIR = REPO_ROOT / "conf"
 METRICS_NAME = "metrics.json"
 CONFIG_NAME = "config.yaml"
@@ -103,7 +104,10 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as error:  # omegaconf's errors name the key; say what it is about
         raise ConfigError(f"the config does not resolve: {error}") from error
-    task_class(cfg.task.name)
+    try:
+        task_class(cfg.task.name).check_config(cfg)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     _require(cfg.scale.name in SCALES, f"scale={cfg.scale.name!r} is not one of {', '.join(SCALES)}")
     root = cfg.data.get("root")
     if cfg.scale.name == "paper" and root is None:

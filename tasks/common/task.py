@@ -27,6 +27,10 @@ class Task:
         self.cfg = cfg
         self.world = world
 
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Raise ``ValueError`` naming the key of a task-specific value that cannot work (run before any work)."""
+
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
@@ -53,9 +57,19 @@ class Task:
         """Metrics over this rank's shard of ``loader``, combined over ranks: the same dict on every rank."""
         raise NotImplementedError
 
+    def inference_input(self, height: int, width: int) -> Any:
+        """What ``model(...)`` takes in eval mode for one image of ``height`` x ``width`` (speed measurements):
+        here a Tensor[1, 3, H, W] of noise on the run's device; detectors take a list of images instead."""
+        return noise_image(height, width).unsqueeze(0).to(self.world.device)
+
     def to_device(self, batch: Any) -> Any:
         """Move a batch (tensors, or lists / tuples / dicts of them) to the run's device."""
         return move_to(batch, self.world.device)
+
+
+def noise_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Tensor[3, H, W] of uniform noise in [0, 1), the same for the same arguments."""
+    return torch.rand(3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
 def move_to(batch: Any, device: torch.device) -> Any:

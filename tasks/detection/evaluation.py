@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import platform
-import statistics
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -25,6 +22,8 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
 from carafe.ops import check_int
+from tasks.common.provenance import device_name
+from tasks.common.speed import measure_speeds
 from tasks.detection.data import category_to_label
 
 IOU_TYPES = ("bbox", "segm")
@@ -93,7 +92,35 @@ def summarize(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: Iter
     return {name: float(v) * 100 if v >= 0 else float("nan") for name, v in zip(METRICS, evaluator.stats[:6])}
 
 
+def check_iou_types(iou_types: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(iou_types, str) or not iou_types or not set(iou_types) <= set(IOU_TYPES):
+        raise ValueError(f"iou_types must be a non-empty subset of {IOU_TYPES}, got {iou_types!r}")
+    return tuple(iou_types)
+
+
 @torch.no_grad()
+def collect_detections(model: nn.Module, data_loader: Iterable, label_to_category: Mapping[int, int],
+                       iou_types: Sequence[str] = ("bbox",), device: str | torch.device = "cpu",
+                       mask_threshold: float = 0.5) -> tuple[dict[str, list[dict]], list[int]]:
+    """Run ``model`` (put in eval mode, and left so) over ``data_loader``; return the COCO result entries per IoU
+    type (``detections_to_coco``) and the ids of the images visited, in order. Under DDP each rank collects its own
+    shard; ``summarize`` scores the union."""
+    iou_types = check_iou_types(iou_types)
+    device = torch.device(device)
+    model.eval()
+    results: dict[str, list[dict]] = {iou_type: [] for iou_type in iou_types}
+    image_ids: list[int] = []
+    for images, targets in data_loader:
+        outputs = model([image.to(device) for image in images])
+        for output, target in zip(outputs, targets):
+            image_id = int(target["image_id"])
+            image_ids.append(image_id)
+            for iou_type, entries in detections_to_coco(output, image_id, label_to_category, iou_types,
+                                                        mask_threshold).items():
+                results[iou_type].extend(entries)
+    return results, image_ids
+
+
 def coco_evaluate(model: nn.Module, data_loader: Iterable, coco_gt: COCO, iou_types: Sequence[str] = ("bbox",),
                   device: str | torch.device = "cpu", label_to_category: Mapping[int, int] | None = None,
                   mask_threshold: float = 0.5) -> dict[str, dict[str, float]]:
@@ -111,40 +138,14 @@ def coco_evaluate(model: nn.Module, data_loader: Iterable, coco_gt: COCO, iou_ty
 
     Returns: ``{iou_type: {"AP", "AP50", "AP75", "APS", "APM", "APL"}}`` in percent.
     """
-    if isinstance(iou_types, str) or not set(iou_types) <= set(IOU_TYPES) or not iou_types:
-        raise ValueError(f"iou_types must be a non-empty subset of {IOU_TYPES}, got {iou_types!r}")
+    iou_types = check_iou_types(iou_types)
     if label_to_category is None:
         label_to_category = {label: cid for cid, label in category_to_label(coco_gt).items()}
-    device = torch.device(device)
-    model.eval()
-    results: dict[str, list[dict]] = {iou_type: [] for iou_type in iou_types}
-    image_ids: list[int] = []
-    for images, targets in data_loader:
-        outputs = model([image.to(device) for image in images])
-        for output, target in zip(outputs, targets):
-            image_id = int(target["image_id"])
-            image_ids.append(image_id)
-            for iou_type, entries in detections_to_coco(output, image_id, label_to_category, iou_types,
-                                                        mask_threshold).items():
-                results[iou_type].extend(entries)
+    results, image_ids = collect_detections(model, data_loader, label_to_category, iou_types, device,
+                                            mask_threshold)
     if not image_ids:
         raise ValueError("data_loader yielded no images to evaluate")
     return {iou_type: summarize(coco_gt, results[iou_type], iou_type, image_ids) for iou_type in iou_types}
-
-
-def device_name(device: str | torch.device) -> str:
-    """A readable name of ``device``: the GPU's name, or the CPU model."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 class InferenceSpeed(NamedTuple):
@@ -168,24 +169,9 @@ def measure_inference_speed(model: nn.Module, image_size: tuple[int, int] = (800
     if (not isinstance(image_size, Sequence) or len(image_size) != 2
             or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in image_size)):
         raise ValueError(f"image_size must be (height, width) with positive ints, got {image_size!r}")
-    warmup = check_int("warmup", warmup, 0)
-    iterations = check_int("iterations", iterations, 1)
     device = torch.device(device)
     generator = torch.Generator().manual_seed(check_int("seed", seed, 0))
     image = torch.rand(3, *image_size, generator=generator).to(device)
     model.eval()
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        model([image])
-    times = []
-    for _ in range(iterations):
-        sync()
-        start = time.perf_counter()
-        model([image])
-        sync()
-        times.append(time.perf_counter() - start)
-    return InferenceSpeed(1.0 / statistics.median(times), device_name(device))
+    speed = measure_speeds({"model": lambda: model([image])}, warmup, iterations, device)["model"]
+    return InferenceSpeed(speed, device_name(device))

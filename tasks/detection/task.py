@@ -1,0 +1,158 @@
+"""The detection task for the shared engine: config -> Faster / Mask R-CNN + COCO folders, torchvision's losses,
+COCOeval AP (bbox, and segm for Mask R-CNN).
+
+Metrics (``metrics.json``): ``bbox_AP``, ``bbox_AP50``, ``bbox_AP75``, ``bbox_APS``, ``bbox_APM``, ``bbox_APL``,
+the same with ``segm_`` for Mask R-CNN, and ``images`` (how many validation images were scored). A size-range AP
+that COCOeval leaves undefined (no ground-truth object of that size in the split) is left out rather than written
+as a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.common.distributed import broadcast_object, gather_objects
+from tasks.common.io import load_checkpoint
+from tasks.common.task import Task, noise_image
+from tasks.detection.data import CocoDetection, coco_paths, collate_detection
+from tasks.detection.evaluation import collect_detections, summarize
+from tasks.common.resnet import RESNET_LAYERS
+from tasks.detection.model import ARCHS, NORMS, build_detector
+from tasks.detection.synthetic import CATEGORIES, ensure_synthetic_coco
+
+
+class DetectionTask(Task):
+    primary_metric = "bbox_AP"
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        m = cfg.model
+        if m.arch not in ARCHS:
+            raise ValueError(f"model.arch={m.arch!r} is not one of {', '.join(ARCHS)}")
+        if m.depth not in RESNET_LAYERS:
+            raise ValueError(f"model.depth={m.depth!r} is not one of {sorted(RESNET_LAYERS)}")
+        if m.norm not in NORMS:
+            raise ValueError(f"model.norm={m.norm!r} is not one of {', '.join(NORMS)}")
+        if not 0 <= m.trainable_backbone_layers <= 5:
+            raise ValueError(f"model.trainable_backbone_layers must be in [0, 5], got {m.trainable_backbone_layers}")
+        if m.backbone_weights and not Path(m.backbone_weights).is_file():
+            raise ValueError(f"model.backbone_weights={m.backbone_weights} is not a file; give torchvision's "
+                             "ImageNet ResNet weights (.pth) or a checkpoint of scripts/train.py task=classification")
+        if m.norm == "frozen_bn" and not m.backbone_weights:
+            raise ValueError("model.norm=frozen_bn without model.backbone_weights would leave a randomly "
+                             "initialised ResNet without normalisation: give ImageNet weights with "
+                             "model.backbone_weights=<path>, or train the BatchNorm with model.norm=bn")
+        if not 0 <= cfg.task.mask_threshold <= 1:
+            raise ValueError(f"task.mask_threshold must be in [0, 1], got {cfg.task.mask_threshold}")
+
+    @property
+    def root(self) -> Path:
+        data = self.cfg.data
+        return Path(data.root) if data.root is not None else Path(data.embedded.dir)
+
+    @property
+    def with_masks(self) -> bool:
+        return self.cfg.model.arch == "mask_rcnn"
+
+    @property
+    def iou_types(self) -> tuple[str, ...]:
+        return ("bbox", "segm") if self.with_masks else ("bbox",)
+
+    def dataset_description(self) -> str:
+        data = self.cfg.data
+        if data.root is not None:
+            return f"COCO 2017 at {data.root} (train2017 / val2017)"
+        e = data.embedded
+        return (f"embedded COCO-format default ({len(CATEGORIES)} categories, {e.image_size} px, "
+                f"{e.num_train}/{e.num_val} train/val images, seed {e.seed})")
+
+    def prepare_data(self) -> None:
+        data = self.cfg.data
+        if data.root is not None:
+            for split in ("train", "val"):
+                coco_paths(data.root, split)
+            return
+        e = data.embedded
+        if data.num_classes != len(CATEGORIES) + 1:
+            raise ValueError(f"the embedded dataset has {len(CATEGORIES)} categories (+ background = "
+                             f"{len(CATEGORIES) + 1}) but data.num_classes={data.num_classes}")
+        ensure_synthetic_coco(e.dir, e.seed, e.num_train, e.num_val, e.image_size)
+
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        downsampler = self.cfg.get("downsampler")
+        model = build_detector(
+            arch=m.arch, depth=m.depth, num_classes=self.cfg.data.num_classes,
+            fpn_upsampler=instantiate(self.cfg.fpn_upsampler),
+            mask_upsampler=instantiate(self.cfg.mask_upsampler) if self.with_masks else "deconv",
+            backbone_downsampler=instantiate(downsampler) if downsampler is not None else None,
+            min_size=m.min_size, max_size=m.max_size, size_divisible=m.size_divisible,
+            trainable_backbone_layers=m.trainable_backbone_layers, norm=m.norm, **(m.options or {}))
+        if m.backbone_weights:
+            load_backbone_weights(model.backbone.body, m.backbone_weights)
+        return model
+
+    def build_datasets(self) -> tuple[Dataset, Dataset]:
+        data = self.cfg.data
+        train = CocoDetection(self.root, "train", with_masks=self.with_masks, flip_prob=data.flip_prob)
+        val = CocoDetection(self.root, "val", with_masks=False, train=False)
+        if train.num_classes != data.num_classes:
+            raise ValueError(f"{self.root} has {train.num_classes - 1} categories (+ background = "
+                             f"{train.num_classes}) but data.num_classes={data.num_classes}")
+        return train, val
+
+    def collate_fn(self) -> Callable | None:
+        return collate_detection
+
+    def train_step(self, model: nn.Module, batch: tuple[list, list]) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        losses = model(images, targets)
+        return {"loss": sum(losses.values()), **losses}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        dataset = loader.dataset
+        results, image_ids = collect_detections(model, loader, dataset.label_to_category, self.iou_types,
+                                                self.world.device, self.cfg.task.mask_threshold)
+        shards = gather_objects((results, image_ids))
+        metrics: dict[str, float] = {}
+        if self.world.is_main:
+            all_ids = [i for _, ids in shards for i in ids]
+            if not all_ids:
+                raise ValueError("the validation set is empty")
+            for iou_type in self.iou_types:
+                entries = [e for shard, _ in shards for e in shard[iou_type]]
+                for name, value in summarize(dataset.coco, entries, iou_type, all_ids).items():
+                    if not math.isnan(value):  # undefined: no ground truth of that size in the split
+                        metrics[f"{iou_type}_{name}"] = value
+            metrics["images"] = float(len(set(all_ids)))
+        return broadcast_object(metrics)
+
+    def inference_input(self, height: int, width: int) -> Any:
+        """A list of one noise image: torchvision's detectors take lists of Tensor[3, H, W]."""
+        return [noise_image(height, width).to(self.world.device)]
+
+
+def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
+    """Load ImageNet weights into the detector's ResNet body: torchvision's ``resnet50-*.pth`` state dict or a
+    checkpoint of ``scripts/train.py task=classification`` (same ``downsampler`` as the detector). The classifier
+    (``fc.*``) is dropped; any other key that does not match is an error naming the keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.backbone_weights={path} does not exist")
+    state = load_checkpoint(path)
+    state = state.get("model", state)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the detector's backbone (same depth and downsampler?): "
+                         f"missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}")

@@ -1,0 +1,118 @@
+"""The detection task through the shared engine: a training step and a COCO evaluation of each detector with a
+few upsamplers, metrics over every validation image (also under 2-process DDP), backbone weights, config checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.common.experiment import ConfigError, compose, config_hash, run_experiment, validate
+from tasks.detection.task import load_backbone_weights
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_VAL = 3
+BOX_METRICS = {f"bbox_{m}" for m in ("AP", "AP50", "AP75")}
+SEGM_METRICS = {f"segm_{m}" for m in ("AP", "AP50", "AP75")}
+
+
+def detection_smoke(data_dir: Path, iters: int = 1) -> list[str]:
+    """A detection run of ``iters`` batches of 2 on a 64-pixel embedded COCO-format dataset in ``data_dir``."""
+    return ["task=detection", "schedule.epochs=1", "schedule.batch_size=2", f"run.max_iters_per_epoch={iters}",
+            "run.num_workers=0", "run.progress=false", "data.embedded.num_train=4",
+            f"data.embedded.num_val={NUM_VAL}", "data.embedded.image_size=64", f"data.embedded.dir={data_dir}",
+            "model.min_size=64", "model.max_size=64"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data") / "coco-tiny"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=faster_rcnn_r50"],
+    ["model=faster_rcnn_r50", "upsampler@fpn_upsampler=carafe"],
+    ["model=faster_rcnn_r50", "upsampler@fpn_upsampler=gum", "downsampler=carafe"],
+    ["model=mask_rcnn_r50"],
+    ["model=mask_rcnn_r50", "upsampler@fpn_upsampler=carafe", "upsampler@mask_upsampler=carafe"],
+    ["model=mask_rcnn_r50", "upsampler@mask_upsampler=pixel_shuffle"],
+], ids=lambda o: "+".join(v.split("=")[1] for v in o))
+def test_one_training_step_and_coco_evaluation(overrides: list[str], data_dir: Path, tmp_path: Path) -> None:
+    cfg = compose([*detection_smoke(data_dir), *overrides])
+    record = run_experiment(cfg, tmp_path)
+    assert record is not None and record["config_hash"] == config_hash(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    expected = BOX_METRICS | (SEGM_METRICS if "mask" in overrides[0] else set())
+    assert expected <= set(metrics)
+    assert any(k.startswith("segm_") for k in metrics) == ("mask" in overrides[0])
+    assert all(0 <= v <= 100 for k, v in metrics.items() if k != "images")
+    assert metrics["images"] == NUM_VAL  # every validation image scored, including the one without objects
+    losses = record["history"][0]["train"]
+    assert {"loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
+    assert ("loss_mask" in losses) == ("mask" in overrides[0])
+
+
+def test_two_process_ddp_scores_every_validation_image_once(data_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "scripts/train.py", *detection_smoke(data_dir), "run.device=cpu", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["world_size"] == 2 and record["metrics"]["images"] == NUM_VAL
+
+
+def test_backbone_weights_from_a_classification_checkpoint(tmp_path: Path) -> None:
+    from tasks.classification.model import build_classifier
+    from tasks.common.io import save_checkpoint
+    from tasks.detection.model import build_backbone
+
+    classifier = build_classifier(50, 16, None)
+    save_checkpoint(tmp_path / "cls.pt", {"model": classifier.state_dict()})
+    backbone = build_backbone(50)
+    load_backbone_weights(backbone.body, tmp_path / "cls.pt")
+    assert torch.equal(backbone.body.layer3[2].conv2.weight, classifier.layer3[2].conv2.weight)
+    with pytest.raises(ValueError, match="does not fit .* missing .*unexpected"):
+        load_backbone_weights(build_backbone(101).body, tmp_path / "cls.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_backbone_weights(backbone.body, tmp_path / "nothing.pt")
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["upsampler@fpn_upsampler=carafe", "fpn_upsampler.up_kernel=4"], ["fpn_upsampler", "up_kernel"]),
+    (["model=mask_rcnn_r50", "upsampler@mask_upsampler=carafe", "mask_upsampler.normalizer=tanh"],
+     ["mask_upsampler", "normalizer", "tanh"]),
+    (["model.arch=retinanet"], ["model.arch", "retinanet", "faster_rcnn"]),
+    (["model.norm=frozen_bn"], ["frozen_bn", "model.backbone_weights"]),
+    (["model.backbone_weights=/nonexistent.pth"], ["model.backbone_weights=/nonexistent.pth", "not a file"]),
+    (["scale=paper", f"data.root={REPO}"], ["model.backbone_weights"]),
+])
+def test_invalid_detection_values_fail_before_any_work(overrides: list[str], words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["task=detection", *overrides]))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_mask_upsampler_overrides_reach_the_model() -> None:
+    from hydra.utils import instantiate
+
+    from carafe import CARAFEPack
+    from carafe.upsamplers import DeconvUpsample
+    from tasks.detection.task import DetectionTask
+    from tasks.common.distributed import World
+
+    world = World(0, 1, 0, torch.device("cpu"))
+    model = DetectionTask(compose(["task=detection", "model=mask_rcnn_r50", "upsampler@fpn_upsampler=carafe"]),
+                          world).build_model()
+    upsample = model.roi_heads.mask_predictor.upsample
+    assert isinstance(upsample, DeconvUpsample) and upsample.deconv.kernel_size == (2, 2)
+    assert all(isinstance(u, CARAFEPack) for u in model.backbone.fpn.upsamplers)
+    cfg = compose(["task=detection", "model=mask_rcnn_r50", "upsampler@mask_upsampler=carafe"])
+    assert isinstance(DetectionTask(cfg, world).build_model().roi_heads.mask_predictor.upsample, CARAFEPack)
+    assert instantiate(cfg.fpn_upsampler).func.__name__ == "InterpolateUpsample"
