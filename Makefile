@@ -5,10 +5,12 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 EXTRAS ?= cuda,dev
-# reproduce-table-*: SCALE=tiny (embedded data) or paper (DATA_ROOT=/path/to/dataset); NPROC processes per run.
+# reproduce-table-*: SCALE=tiny (embedded data) or paper (DATA_ROOT=/path/to/dataset); NPROC processes per run;
+# OVERRIDES="key=value ..." Hydra overrides for every row (e.g. model.backbone_weights=... for detection).
 SCALE     ?= tiny
 DATA_ROOT ?=
 NPROC     ?= 1
+OVERRIDES ?=
 
 .PHONY: setup test test-fast bench op-costs clean reproduce-tables
 
@@ -37,7 +39,7 @@ op-costs: $(STAMP)
 
 # make reproduce-table-pp-12, reproduce-table-pp-2, ...: the tables declared in conf/table/ (`make list-tables`).
 reproduce-table-%: $(STAMP)
-	$(PY) scripts/reproduce.py $* --scale $(SCALE) --nproc $(NPROC) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+	$(PY) scripts/reproduce.py $* --scale $(SCALE) --nproc $(NPROC) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(OVERRIDES)
 
 list-tables: $(STAMP)
 	@$(PY) scripts/reproduce.py --list

@@ -40,8 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) for GPUs")
     parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra Hydra overrides for every row (e.g. run.num_workers=16)")
-    args = parser.parse_args(argv)
-    # argparse puts KEY=VALUE words after the table into `overrides`; a lone table name stays in `table`
+    args = parser.parse_intermixed_args(argv)  # KEY=VALUE words may come before or after the options
     if not args.list and not args.table:
         parser.error("name a table (see --list)")
     return args

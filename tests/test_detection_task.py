@@ -34,12 +34,12 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data") / "coco-tiny"
 
 
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf/experiment/detection").glob("*.yaml"))
+
+
 @pytest.mark.parametrize("overrides", [
-    ["model=faster_rcnn_r50"],
-    ["model=faster_rcnn_r50", "upsampler@fpn_upsampler=carafe"],
+    *([f"experiment=detection/{name}"] for name in EXPERIMENTS),
     ["model=faster_rcnn_r50", "upsampler@fpn_upsampler=gum", "downsampler=carafe"],
-    ["model=mask_rcnn_r50"],
-    ["model=mask_rcnn_r50", "upsampler@fpn_upsampler=carafe", "upsampler@mask_upsampler=carafe"],
     ["model=mask_rcnn_r50", "upsampler@mask_upsampler=pixel_shuffle"],
 ], ids=lambda o: "+".join(v.split("=")[1] for v in o))
 def test_one_training_step_and_coco_evaluation(overrides: list[str], data_dir: Path, tmp_path: Path) -> None:
