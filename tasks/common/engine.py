@@ -216,7 +216,9 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
 def evaluate(task: Task, model: nn.Module, loader: DataLoader, settings: RunSettings) -> dict[str, float]:
     """The task's metrics on the whole validation set (over all ranks)."""
     model.eval()
-    metrics = task.evaluate(unwrap(model), first_batches(loader, settings.max_eval_batches))
+    batches = first_batches(loader, settings.max_eval_batches)
+    batches.progress = Progress(len(batches), "evaluate", settings.progress and task.world.is_main)
+    metrics = task.evaluate(unwrap(model), batches)
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         raise FloatingPointError(f"evaluation produced non-finite metrics {bad}")
@@ -238,6 +240,7 @@ class first_batches:
     def __init__(self, loader: DataLoader, count: int | None) -> None:
         self.loader, self.dataset = loader, loader.dataset
         self.count = len(loader) if count is None else min(len(loader), count)
+        self.progress: Progress | None = None  # reports each batch once the consumer asks for the next one
 
     def __len__(self) -> int:
         return self.count
@@ -247,6 +250,8 @@ class first_batches:
             if index >= self.count:
                 break
             yield batch
+            if self.progress is not None:
+                self.progress.update(index + 1)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
