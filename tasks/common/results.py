@@ -277,13 +277,14 @@ def metric_value(record: dict[str, Any], dotted: str) -> float | None:
     return float(node) if isinstance(node, (int, float)) else None
 
 
-def _fmt(value: float | str | None, column: Column) -> str:
+def _fmt(value: float | str | None, column: Column, like: object = None) -> str:
+    """A cell; ``format: si`` rounds to the precision of ``like`` (the paper's printed figure) when there is one."""
     if isinstance(value, str):
         return value
     if value is None or math.isnan(value):
         return "–"
     if column.format == "si":
-        return paper_round(value)
+        return paper_round(value, like=like if isinstance(like, str) else None)
     return f"{value:.{column.decimals}f}"
 
 
@@ -329,7 +330,7 @@ def render_markdown(spec: TableSpec, provenance: dict[str, Any]) -> str:
         cells = [row.label]
         for column in spec.columns:
             paper = paper_value(spec, row, column)
-            cells += [_fmt(paper, column), _fmt(measured_value(row, column, paper), column)]
+            cells += [_fmt(paper, column), _fmt(measured_value(row, column, paper), column, like=paper)]
         cells.append(f"`{row.config_hash}`" if row.config_hash else "–")
         lines.append("| " + " | ".join(cells) + " |")
     scale = provenance.get("scale", "")
