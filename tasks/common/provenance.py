@@ -13,12 +13,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:
-    """The checked-out commit, with ``+dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    """The checked-out commit, with ``+dirty`` when tracked files other than the generated ``results/`` differ from
+    it; ``unknown`` outside git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
