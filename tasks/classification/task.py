@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +18,6 @@ from tasks.common.task import Task
 
 class ClassificationTask(Task):
     primary_metric = "top1"
-
-    @property
-    def root(self) -> Path:
-        data = self.cfg.data
-        return Path(data.root) if data.root is not None else Path(data.embedded.dir)
 
     def dataset_description(self) -> str:
         data = self.cfg.data

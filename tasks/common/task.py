@@ -8,6 +8,7 @@ resuming) is the engine's.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,12 @@ class Task:
     @classmethod
     def check_config(cls, cfg: Any) -> None:
         """Raise ``ValueError`` naming the key of a task-specific value that cannot work (run before any work)."""
+
+    @property
+    def root(self) -> Path:
+        """The dataset's folder: ``data.root`` (the real dataset) or, when it is null, the embedded default's."""
+        data = self.cfg.data
+        return Path(data.root) if data.root is not None else Path(data.embedded.dir)
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError

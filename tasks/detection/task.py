@@ -54,11 +54,6 @@ class DetectionTask(Task):
             raise ValueError(f"task.mask_threshold must be in [0, 1], got {cfg.task.mask_threshold}")
 
     @property
-    def root(self) -> Path:
-        data = self.cfg.data
-        return Path(data.root) if data.root is not None else Path(data.embedded.dir)
-
-    @property
     def with_masks(self) -> bool:
         return self.cfg.model.arch == "mask_rcnn"
 
