@@ -91,9 +91,25 @@ def test_hydra_config_builds_the_same_object(kind: str, name: str) -> None:
         assert num_params(module) == num_params(by_name)
 
 
+# Configs that are another setting of a zoo operator rather than an operator of their own: config -> zoo name.
+VARIANTS = {"upsampler": {"deconv_mask": "deconv"}, "downsampler": {}}
+
+
 def test_every_name_has_a_config_and_back() -> None:
     for kind, (registry, _) in BUILDERS.items():
-        assert sorted(p.stem for p in (CONF / kind).glob("*.yaml")) == sorted(registry.names)
+        assert sorted(p.stem for p in (CONF / kind).glob("*.yaml")) == sorted([*registry.names, *VARIANTS[kind]])
+
+
+@pytest.mark.parametrize("kind,variant", [(k, v) for k, names in VARIANTS.items() for v in names])
+def test_a_variant_config_builds_its_operator_with_other_settings(kind: str, variant: str) -> None:
+    hydra = pytest.importorskip("hydra")
+    from hydra.utils import instantiate
+
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = hydra.compose(overrides=[f"+{kind}={variant}"])
+    _, build = BUILDERS[kind]
+    module, by_name = instantiate(cfg[kind])(channels=16, scale_factor=2), build(VARIANTS[kind][variant], 16, 2)
+    assert type(module) is type(by_name) and module.extra_repr() != by_name.extra_repr()
 
 
 def test_gum_starts_as_bilinear_and_s_a_rescales() -> None:
