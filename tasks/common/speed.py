@@ -16,6 +16,11 @@ import torch
 from carafe.ops import check_int
 
 
+def noise_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Tensor[3, H, W] of uniform noise in [0, 1), the same for the same arguments: the image speeds are timed on."""
+    return torch.rand(3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
 def measure_speeds(calls: Mapping[str, Callable[[], object]], warmup: int = 5, iterations: int = 20,
                    device: str | torch.device = "cpu") -> dict[str, float]:
     """Calls per second (median over ``iterations`` timed calls) of each of ``calls``, timed in rotating rounds

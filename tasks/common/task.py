@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.distributed import World
+from tasks.common.speed import noise_image
 
 
 class Task:
@@ -72,11 +73,6 @@ class Task:
     def to_device(self, batch: Any) -> Any:
         """Move a batch (tensors, or lists / tuples / dicts of them) to the run's device."""
         return move_to(batch, self.world.device)
-
-
-def noise_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """Tensor[3, H, W] of uniform noise in [0, 1), the same for the same arguments."""
-    return torch.rand(3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
 def move_to(batch: Any, device: torch.device) -> Any:

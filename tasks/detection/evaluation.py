@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from carafe.ops import check_int
 from tasks.common.provenance import device_name
-from tasks.common.speed import measure_speeds
+from tasks.common.speed import measure_speeds, noise_image
 from tasks.detection.data import category_to_label
 
 IOU_TYPES = ("bbox", "segm")
@@ -170,8 +170,7 @@ def measure_inference_speed(model: nn.Module, image_size: tuple[int, int] = (800
             or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in image_size)):
         raise ValueError(f"image_size must be (height, width) with positive ints, got {image_size!r}")
     device = torch.device(device)
-    generator = torch.Generator().manual_seed(check_int("seed", seed, 0))
-    image = torch.rand(3, *image_size, generator=generator).to(device)
+    image = noise_image(*image_size, seed=check_int("seed", seed, 0)).to(device)
     model.eval()
     speed = measure_speeds({"model": lambda: model([image])}, warmup, iterations, device)["model"]
     return InferenceSpeed(speed, device_name(device))

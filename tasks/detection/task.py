@@ -21,10 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.distributed import broadcast_object, gather_objects
 from tasks.common.io import load_checkpoint
-from tasks.common.task import Task, noise_image
+from tasks.common.resnet import RESNET_LAYERS
+from tasks.common.speed import noise_image
+from tasks.common.task import Task
 from tasks.detection.data import CocoDetection, coco_paths, collate_detection
 from tasks.detection.evaluation import collect_detections, summarize
-from tasks.common.resnet import RESNET_LAYERS
 from tasks.detection.model import ARCHS, NORMS, build_detector
 from tasks.detection.synthetic import CATEGORIES, ensure_synthetic_coco
 
