@@ -1,4 +1,4 @@
-"""Shared by the experiment tests: overrides that shrink any classification run to seconds."""
+"""Shared by the experiment tests: overrides that shrink any classification or detection run to seconds."""
 
 from pathlib import Path
 
@@ -9,3 +9,11 @@ def smoke_overrides(data_dir: Path, epochs: int = 1, iters: int = 1) -> list[str
             f"run.max_iters_per_epoch={iters}", "run.max_eval_batches=1", "run.num_workers=0",
             "run.progress=false", "data.embedded.train_per_class=4", "data.embedded.val_per_class=2",
             f"data.embedded.dir={data_dir}"]
+
+
+def detection_smoke(data_dir: Path, iters: int = 1, num_val: int = 4) -> list[str]:
+    """A detection run of ``iters`` batches of 2 on a 64-pixel embedded COCO-format dataset in ``data_dir``."""
+    return ["task=detection", "schedule.epochs=1", "schedule.batch_size=2", f"run.max_iters_per_epoch={iters}",
+            "run.num_workers=0", "run.progress=false", "data.embedded.num_train=4",
+            f"data.embedded.num_val={num_val}", "data.embedded.image_size=64", f"data.embedded.dir={data_dir}",
+            "model.min_size=64", "model.max_size=64"]

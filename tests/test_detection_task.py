@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiment_helpers import detection_smoke
 from tasks.common.experiment import ConfigError, compose, config_hash, run_experiment, validate
 from tasks.detection.task import load_backbone_weights
 
@@ -19,14 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_VAL = 3
 BOX_METRICS = {f"bbox_{m}" for m in ("AP", "AP50", "AP75")}
 SEGM_METRICS = {f"segm_{m}" for m in ("AP", "AP50", "AP75")}
-
-
-def detection_smoke(data_dir: Path, iters: int = 1) -> list[str]:
-    """A detection run of ``iters`` batches of 2 on a 64-pixel embedded COCO-format dataset in ``data_dir``."""
-    return ["task=detection", "schedule.epochs=1", "schedule.batch_size=2", f"run.max_iters_per_epoch={iters}",
-            "run.num_workers=0", "run.progress=false", "data.embedded.num_train=4",
-            f"data.embedded.num_val={NUM_VAL}", "data.embedded.image_size=64", f"data.embedded.dir={data_dir}",
-            "model.min_size=64", "model.max_size=64"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +36,7 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "conf/experiment/detection").glob("
     ["model=mask_rcnn_r50", "upsampler@mask_upsampler=pixel_shuffle"],
 ], ids=lambda o: "+".join(v.split("=")[1] for v in o))
 def test_one_training_step_and_coco_evaluation(overrides: list[str], data_dir: Path, tmp_path: Path) -> None:
-    cfg = compose([*detection_smoke(data_dir), *overrides])
+    cfg = compose([*detection_smoke(data_dir, num_val=NUM_VAL), *overrides])
     record = run_experiment(cfg, tmp_path)
     assert record is not None and record["config_hash"] == config_hash(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
@@ -60,7 +53,7 @@ def test_one_training_step_and_coco_evaluation(overrides: list[str], data_dir: P
 def test_two_process_ddp_scores_every_validation_image_once(data_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "scripts/train.py", *detection_smoke(data_dir), "run.device=cpu", f"hydra.run.dir={tmp_path}"]
+               "scripts/train.py", *detection_smoke(data_dir, num_val=NUM_VAL), "run.device=cpu", f"hydra.run.dir={tmp_path}"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "metrics.json").read_text())

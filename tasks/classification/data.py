@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torchvision import datasets, transforms
 
+from tasks.common.data import read_rgb
 from tasks.common.io import ensure_generated_folder
 from tasks.common.progress import Progress
 
@@ -149,8 +150,8 @@ def build_imagenet(root: str | Path, crop_size: int = 224, resize_size: int = 25
     """(train, val) ImageFolders over ``root``; both must list the same classes."""
     root = check_imagenet_layout(root)
     train = datasets.ImageFolder(str(root / "train"), build_transforms(True, crop_size, resize_size,
-                                                                        min_crop_scale, hflip))
-    val = datasets.ImageFolder(str(root / "val"), build_transforms(False, crop_size, resize_size))
+                                                                        min_crop_scale, hflip), loader=read_rgb)
+    val = datasets.ImageFolder(str(root / "val"), build_transforms(False, crop_size, resize_size), loader=read_rgb)
     if train.classes != val.classes:
         raise ValueError(f"{root}: train/ has {len(train.classes)} classes and val/ has {len(val.classes)}, "
                          "or their names differ; both splits must hold the same class folders")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,9 @@ class ClassificationTask(Task):
             raise ValueError(f"{self.root}/train has {len(train.classes)} class folders but data.num_classes="
                              f"{data.num_classes}")
         return train, val
+
+    def image_files(self, dataset: Dataset) -> list[Path]:
+        return [Path(path) for path, _ in dataset.samples]
 
     def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, targets = batch

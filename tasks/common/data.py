@@ -1,14 +1,57 @@
-"""Data helpers every task shares: the per-rank sampler and the DataLoader factory."""
+"""Data helpers every task shares: the per-rank sampler, the DataLoader factory, and reading images so that a
+corrupt file is named."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tasks.common.distributed import World
+from tasks.common.progress import Progress
 from tasks.common.reproducibility import derive_seed, seed_worker
+
+log = logging.getLogger(__name__)
+
+
+class CorruptImageError(OSError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """Decode the image at ``path`` into RGB; a truncated or unreadable file raises ``CorruptImageError`` naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise CorruptImageError(f"cannot read image {str(path)!r}: {error}. Replace or delete the file; "
+                                "data.verify=true checks every image before training starts") from error
+
+
+def verify_images(paths: Iterable[str | Path], what: str) -> int:
+    """Decode every image of ``paths`` (``data.verify=true``); raise ``CorruptImageError`` listing those that fail.
+
+    Meant for real datasets before a long run: a corrupt file otherwise stops training when the loader reaches it.
+    Returns how many images were checked.
+    """
+    paths = list(paths)
+    progress = Progress(len(paths), f"verifying {len(paths)} images of {what}", enabled=True)
+    bad = []
+    for index, path in enumerate(paths, 1):
+        try:
+            read_rgb(path)
+        except CorruptImageError as error:
+            bad.append(f"{path} ({error.__cause__})")
+        progress.update(index)
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise CorruptImageError(f"{len(bad)} of {len(paths)} images of {what} cannot be read:\n  {shown}")
+    log.info("verified %d images of %s", len(paths), what)
+    return len(paths)
 
 
 class ShardedSampler(Sampler[int]):

@@ -20,9 +20,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from tasks.common.data import build_loader, reseed_loader
+from tasks.common.data import build_loader, reseed_loader, verify_images
 from tasks.common.distributed import World, all_reduce_sum, barrier
-from tasks.common.io import load_checkpoint, save_checkpoint
+from tasks.common.io import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from tasks.common.progress import Progress
 from tasks.common.reproducibility import derive_seed, seed_everything, set_deterministic
 from tasks.common.schedule import build_lr_scheduler, build_optimizer, scaled_lr
@@ -156,6 +156,8 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
 
     start_epoch, history, train_seconds = 0, [], 0.0
     checkpoint_path = run_dir / CHECKPOINT_NAME
+    if world.is_main:  # a checkpoint write killed half-way leaves its temporary file; the run's lock is held
+        remove_stale_temporaries(checkpoint_path)
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, map_location=world.device)
         if config_hash and state.get("config_hash") != config_hash:
@@ -219,18 +221,38 @@ def evaluate(task: Task, model: nn.Module, loader: DataLoader, settings: RunSett
     batches = first_batches(loader, settings.max_eval_batches)
     batches.progress = Progress(len(batches), "evaluate", settings.progress and task.world.is_main)
     metrics = task.evaluate(unwrap(model), batches)
-    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-    if bad:
-        raise FloatingPointError(f"evaluation produced non-finite metrics {bad}")
+    check_metrics(metrics, task.primary_metric)
     return metrics
 
 
+class MetricError(RuntimeError):
+    """An evaluation that did not produce a usable result."""
+
+
+def check_metrics(metrics: dict[str, float], primary_metric: str) -> None:
+    """Raise ``MetricError`` unless ``metrics`` holds a finite ``primary_metric`` and only finite values: a run must
+    never finish "successfully" without the number it exists to measure."""
+    if primary_metric not in metrics:
+        raise MetricError(f"evaluation produced no {primary_metric!r} (got {sorted(metrics) or 'nothing'}); the "
+                          "validation set may hold no usable labels (for COCO: does the annotation file hold "
+                          "'annotations'?)")
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        raise MetricError(f"evaluation produced non-finite metrics {bad}")
+
+
 def prepared_datasets(task: Task, world: World) -> tuple[Any, Any]:
-    """(train, val) of ``task`` on every rank, after rank 0 has checked or written the data."""
+    """(train, val) of ``task`` on every rank, after rank 0 has checked or written the data; with
+    ``data.verify=true`` every rank first decodes its share of both splits' images (``verify_images``)."""
     if world.is_main:
         task.prepare_data()
     barrier()
-    return task.build_datasets()
+    train, val = task.build_datasets()
+    if task.cfg.data.get("verify", False):
+        for split, dataset in (("train", train), ("val", val)):
+            files = task.image_files(dataset)[world.rank::world.world_size]
+            verify_images(files, f"the {split} split of {task.dataset_description()} (rank {world.rank})")
+    return train, val
 
 
 class first_batches:

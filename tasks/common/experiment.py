@@ -8,6 +8,7 @@ count, logging) and without where the embedded data happens to be cached.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -20,9 +21,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from tasks.common.distributed import close_world, init_world
+from tasks.common.distributed import World, close_world, init_world
 from tasks.common.engine import RunSettings, Schedule, fit
-from tasks.common.io import write_json_atomic, write_text_atomic
+from tasks.common.io import run_folder_lock, write_json_atomic, write_text_atomic
 from tasks.common.provenance import REPO_ROOT, device_name, git_commit, utc_now
 from tasks.common.schedule import OPTIMIZERS, POLICIES
 from tasks.common.task import Task
@@ -34,7 +35,8 @@ TASKS = {
 SCALES = ("tiny", "paper")
 #: config keys that say how to run, not what: left out of the config hash
 NOT_HASHED = ("run.device", "run.amp", "run.num_workers", "run.eval_every", "run.log_every", "run.progress",
-              "run.find_unused_parameters", "run.stop_after_epochs", "data.embedded.dir", "task.speed_image_size")
+              "run.find_unused_parameters", "run.stop_after_epochs", "data.embedded.dir", "data.verify",
+              "task.speed_image_size")
 CONF_DIR = REPO_ROOT / "conf"
 METRICS_NAME = "metrics.json"
 CONFIG_NAME = "config.yaml"
@@ -129,6 +131,11 @@ def validate(cfg: DictConfig) -> None:
     _require(s.clip_grad_norm is None or s.clip_grad_norm > 0,
              f"schedule.clip_grad_norm must be null or > 0, got {s.clip_grad_norm!r}")
 
+    for key in ("max_iters_per_epoch", "max_eval_batches", "stop_after_epochs"):
+        value = cfg.run.get(key)
+        _require(value is None or (isinstance(value, int) and value >= 1),
+                 f"run.{key} must be null (no limit) or an integer >= 1, got {value!r}")
+
     for path, node in _operator_nodes(cfg):
         try:
             instantiate(node)(channels=64, scale_factor=2)
@@ -169,28 +176,34 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | Non
     run_dir = Path(run_dir)
     world = init_world(cfg.run.device)
     try:
-        chash = config_hash(cfg)
-        if world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run_dir / CONFIG_NAME, OmegaConf.to_yaml(cfg, resolve=True))
-            print(f"run {chash} ({cfg.task.name}, scale={cfg.scale.name}) on {device_name(world.device)} "
-                  f"x{world.world_size} -> {run_dir}", file=sys.stderr, flush=True)
-        task = task_class(cfg.task.name)(cfg, world)
-        result = fit(task, schedule_from(cfg), settings_from(cfg), run_dir, world, chash)
-        if not result.finished:
-            return None
-        record = {
-            "status": "finished", "task": cfg.task.name, "scale": cfg.scale.name, "config_hash": chash,
-            "metrics": result.metrics, "primary_metric": task.primary_metric, "history": result.history,
-            "dataset": task.dataset_description(), "device": device_name(world.device),
-            "world_size": world.world_size, "train_seconds": round(result.train_seconds, 1),
-            "wall_seconds": round(time.perf_counter() - started, 1), "commit": git_commit(),
-            "finished_at": utc_now(), "torch": torch.__version__,
-        }
-        if world.is_main:
-            write_json_atomic(run_dir / METRICS_NAME, record)
-            print(f"finished {run_dir}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()),
-                  file=sys.stderr, flush=True)
-        return record
+        with contextlib.ExitStack() as hold:
+            if world.is_main:  # the other ranks work in the folder under rank 0's lock
+                hold.enter_context(run_folder_lock(run_dir))
+            return _run_locked(cfg, run_dir, world, started)
     finally:
         close_world()
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, world: World, started: float) -> dict[str, Any] | None:
+    chash = config_hash(cfg)
+    if world.is_main:
+        write_text_atomic(run_dir / CONFIG_NAME, OmegaConf.to_yaml(cfg, resolve=True))
+        print(f"run {chash} ({cfg.task.name}, scale={cfg.scale.name}) on {device_name(world.device)} "
+              f"x{world.world_size} -> {run_dir}", file=sys.stderr, flush=True)
+    task = task_class(cfg.task.name)(cfg, world)
+    result = fit(task, schedule_from(cfg), settings_from(cfg), run_dir, world, chash)
+    if not result.finished:
+        return None
+    record = {
+        "status": "finished", "task": cfg.task.name, "scale": cfg.scale.name, "config_hash": chash,
+        "metrics": result.metrics, "primary_metric": task.primary_metric, "history": result.history,
+        "dataset": task.dataset_description(), "device": device_name(world.device),
+        "world_size": world.world_size, "train_seconds": round(result.train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1), "commit": git_commit(),
+        "finished_at": utc_now(), "torch": torch.__version__,
+    }
+    if world.is_main:
+        write_json_atomic(run_dir / METRICS_NAME, record)
+        print(f"finished {run_dir}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()),
+              file=sys.stderr, flush=True)
+    return record

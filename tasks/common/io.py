@@ -1,12 +1,18 @@
-"""Atomic file writes: a crash leaves the old file or the new one, never half of one."""
+"""Files a run writes and reads: atomic writes (a crash leaves the old file or the new one, never half of one),
+checkpoints that load without running code, and the lock that keeps two runs out of one folder."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import pickle
 import shutil
 import tempfile
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +78,25 @@ def ensure_generated_folder(root: str | Path, manifest: dict[str, Any], write: C
     return root
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; done once, at import, before any thread starts
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; the result gets a new file's usual mode
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -100,5 +120,78 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     _atomic_write(Path(path), lambda handle: torch.save(state, handle))
 
 
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files an atomic write of ``path`` left behind when its process was killed; returns them.
+
+    Only call this while holding the folder's lock (``run_folder_lock``): another writer's live temporary looks the same.
+    """
+    path = Path(path)
+    stale = sorted(path.parent.glob(f"{_temporary_prefix(path)}*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded safely: corrupt, truncated, or holding more than tensors and data."""
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """Load a checkpoint (or a bare state dict) with ``weights_only=True``: tensors and plain Python data only.
+
+    Unpickling arbitrary objects can run arbitrary code, so a file holding anything else is refused, as is a
+    truncated or corrupt one; both raise ``CheckpointError`` naming the file.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {str(path)!r}: it holds objects other than tensors and plain data, and unpickling them "
+            f"could run code. Checkpoints written by this project never do; if you trust the file, convert it to a "
+            f"plain state dict. ({str(error).splitlines()[0]})") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: the file is truncated or corrupt "
+                              f"({str(error).splitlines()[0]}); delete it (a run restarts from its previous "
+                              "epoch only if an older checkpoint exists) or point at another file") from None
+
+
+class RunFolderLocked(RuntimeError):
+    """Another process holds the run folder."""
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``run_dir`` (``flock`` on ``run_dir/.lock``) for the duration of the block.
+
+    A second process asking for the same folder gets ``RunFolderLocked`` naming the holder's PID at once, instead
+    of training the same run in the same folder a second time. The lock dies with its process, so a killed run
+    never leaves a folder locked.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / LOCK_NAME
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunFolderLocked(f"{run_dir} is in use by another run (process {holder}); wait for it to finish, "
+                                  "stop it, or use another run folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield lock_path
+        finally:
+            handle.seek(0)
+            handle.truncate()

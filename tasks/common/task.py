@@ -49,6 +49,11 @@ class Task:
     def prepare_data(self) -> None:
         """Rank 0 only, before ``build_datasets``: check the dataset exists or write the embedded default."""
 
+    def image_files(self, dataset: Dataset) -> list[Path]:
+        """Every image file ``dataset`` reads, for ``data.verify=true``."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its image files, so data.verify is not "
+                                  "available for it")
+
     def dataset_description(self) -> str:
         """One line for provenance: which dataset, embedded or real, and where."""
         return ""

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from tasks.common.data import read_rgb
 from tasks.detection.synthetic import ensure_synthetic_coco
 
 SPLITS = {"train": "train2017", "val": "val2017"}
@@ -102,6 +102,10 @@ class CocoDetection(Dataset):
             raise ValueError(f"flip_prob must be a number in [0, 1], got {flip_prob!r}")
         self.flip_prob = float(flip_prob)
         self.coco = load_coco(self.annotation_file)
+        if "annotations" not in self.coco.dataset:
+            raise ValueError(f"{str(self.annotation_file)!r} holds no 'annotations' list (an image-info file, like "
+                             "test-dev's?): the {split} split needs COCO instance annotations to be trained or scored "
+                             "on".replace("{split}", split))
         self.category_to_label = category_to_label(self.coco)
         self.label_to_category = {label: cid for cid, label in self.category_to_label.items()}
         self.num_classes = len(self.category_to_label) + 1
@@ -109,6 +113,10 @@ class CocoDetection(Dataset):
         if self.train if drop_images_without_objects is None else drop_images_without_objects:
             image_ids = [i for i in image_ids if self._usable_annotations(i)]
         self.image_ids = image_ids
+
+    def image_paths(self) -> list[Path]:
+        """The files of every image of the split (for ``data.verify``)."""
+        return [self.image_dir / self.coco.imgs[i]["file_name"] for i in self.image_ids]
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -131,8 +139,7 @@ class CocoDetection(Dataset):
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
         path = self.image_dir / info["file_name"]
-        with Image.open(path) as decoded:
-            image = torch.from_numpy(np.array(decoded.convert("RGB"))).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(read_rgb(path))).permute(2, 0, 1)
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
             raise ValueError(f"{str(path)!r} is {tuple(image.shape[-2:])} (H, W) but its annotation says "
                              f"{(info['height'], info['width'])}")

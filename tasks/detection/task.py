@@ -105,6 +105,9 @@ class DetectionTask(Task):
                              f"{train.num_classes}) but data.num_classes={data.num_classes}")
         return train, val
 
+    def image_files(self, dataset: Dataset) -> list[Path]:
+        return dataset.image_paths()
+
     def collate_fn(self) -> Callable | None:
         return collate_detection
 
