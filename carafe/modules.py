@@ -7,6 +7,8 @@ encoder predicts sigma^2 kernels per input pixel, rearranged by pixel shuffle; f
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -58,6 +60,8 @@ def _check_odd(name: str, value: object) -> int:
 
 class _KernelPrediction(nn.Module):
     """Shared settings, validation and initialisation of the up and down modules."""
+
+    keeps_own_init: ClassVar[bool] = True  # the papers' initialisation; a host must not re-initialise it
 
     def __init__(self, channels: int, scale_factor: int, kernel_size: int, group_size: int, encoder_kernel: int,
                  encoder_dilation: int, compressed_channels: int | None, normalizer: str,

@@ -10,6 +10,8 @@ papers' convention: see ``carafe.costs``). The defaults reproduce Table 2's cost
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,6 +42,18 @@ def _check_mode(mode: str) -> str:
 
 
 class _Upsampler(nn.Module):
+    """Base of the zoo's upsamplers. Class attributes tell a host network what it needs to know about an operator,
+    so that no host special-cases an operator by class or name:
+
+    ``keeps_own_init``: the operator's initialisation is part of its design (a host that re-initialises the convs
+        it holds, as mmdetection's FPN and mask head do, must leave this operator's alone).
+    ``activation_follows``: the papers' hosts follow this operator with a ReLU (mmdetection's ``FCNMaskHead``
+        applies one after its deconvolution, not after interpolation or CARAFE).
+    """
+
+    keeps_own_init: ClassVar[bool] = False
+    activation_follows: ClassVar[bool] = False
+
     def __init__(self, channels: int, scale_factor: int) -> None:
         super().__init__()
         self.channels = check_int("channels", channels, 1)
@@ -107,6 +121,8 @@ class DeconvUpsample(_Upsampler):
     2's 1.2M). mmdetection's mask-head deconv is k = 2, stride 2 (262k params); ``kernel_size=2`` builds it.
     """
 
+    activation_follows = True
+
     def __init__(self, channels: int, scale_factor: int, kernel_size: int = 3, bias: bool = True) -> None:
         super().__init__(channels, scale_factor)
         self.kernel_size = check_int("kernel_size", kernel_size, 1)
@@ -166,6 +182,8 @@ class GuidedUpsample(_Upsampler):
     2 x 132,098 + 2 offset additions) + bilinear sampling 8 sigma^2 C = 1,065,000 (Table 2: 1.1M). The published
     figures fix the branch's size (about 132k parameters, all at the output resolution), not its exact layout.
     """
+
+    keeps_own_init = True
 
     def __init__(self, channels: int, scale_factor: int, hidden_channels: int | None = None,
                  num_hidden_layers: int = 2) -> None:

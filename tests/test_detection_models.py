@@ -19,7 +19,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from carafe import CARAFEDownPack, CARAFEPack
 from carafe.upsamplers import DeconvUpsample, InterpolateUpsample
 from tasks.common.resnet import count_downsamplers
-from tasks.detection.fpn import UpsamplerFPN, crop_to
+from tasks.common.fpn import UpsamplerFPN
+from tasks.common.upsampling import crop_to
 from tasks.detection.model import MaskPredictor, build_backbone, build_detector
 
 H, W = 64, 80
@@ -143,7 +144,7 @@ def test_crop_keeps_top_left_and_rejects_smaller_maps() -> None:
     x = torch.arange(2 * 6 * 8.0).view(1, 2, 6, 8)
     torch.testing.assert_close(crop_to(x, torch.empty(1, 2, 5, 7)), x[:, :, :5, :7])
     assert crop_to(x, torch.empty(1, 2, 6, 8)) is x
-    with pytest.raises(ValueError, match="smaller than the lateral"):
+    with pytest.raises(ValueError, match=r"smaller than the map \(7, 8\)"):
         crop_to(x, torch.empty(1, 2, 7, 8))
 
 
@@ -200,7 +201,7 @@ def test_initialisation_follows_the_papers_code() -> None:
         assert up.content_encoder.weight.std() < 0.0012
     for up in fpns["gum"].upsamplers:  # GUM keeps its zero offsets (it starts as bilinear upsampling)
         assert not up.offset.weight.any()
-    deconv = MaskPredictor(256, NUM_CLASSES, "deconv").upsample.deconv.weight  # kaiming fan_out: 2 / (256 * 4)
+    deconv = MaskPredictor(256, NUM_CLASSES).upsample.deconv.weight  # kaiming fan_out: 2 / (256 * 4)
     assert abs(deconv.std().item() - math.sqrt(2 / 1024)) < 0.003
 
 
@@ -219,13 +220,12 @@ def test_mask_predictor_shapes_and_empty_rois(upsampler: str, rois: int) -> None
 
 
 def test_mask_predictor_relu_only_after_deconv_and_deconv_is_torchvisions() -> None:
-    deconv = MaskPredictor(256, NUM_CLASSES, "deconv")
+    deconv = MaskPredictor(256, NUM_CLASSES)
     assert [name for name, _ in deconv.named_children()] == ["upsample", "relu", "mask_fcn_logits"]
     conv = deconv.upsample.deconv
     assert (conv.kernel_size, conv.stride, conv.padding, conv.output_padding) == ((2, 2), (2, 2), (0, 0), (0, 0))
-    same_as_mapping = MaskPredictor(256, NUM_CLASSES, {"type": "deconv"})
-    assert same_as_mapping.upsample.deconv.kernel_size == (2, 2)
-    assert MaskPredictor(256, NUM_CLASSES, {"type": "deconv", "kernel_size": 3}).upsample.deconv.kernel_size == (3, 3)
+    zoo_deconv = MaskPredictor(256, NUM_CLASSES, "deconv")  # the name alone: the zoo's (Table 2's) kernel 3
+    assert zoo_deconv.upsample.deconv.kernel_size == (3, 3) and hasattr(zoo_deconv, "relu")
     for name in ("carafe", "bilinear", "nearest_conv"):
         assert [n for n, _ in MaskPredictor(256, NUM_CLASSES, name).named_children()] == [
             "upsample", "mask_fcn_logits"]
@@ -235,6 +235,25 @@ def test_mask_predictor_relu_only_after_deconv_and_deconv_is_torchvisions() -> N
     want = F.conv2d(F.relu(F.conv_transpose2d(x, conv.weight, conv.bias, stride=2)),
                     deconv.mask_fcn_logits.weight, deconv.mask_fcn_logits.bias)
     torch.testing.assert_close(deconv(x), want)
+
+
+def test_hosts_follow_what_an_operator_declares_not_its_class() -> None:
+    """A new operator needs no edit in a host: its class attributes say whether a ReLU follows it and whether the
+    host may re-initialise its convolutions."""
+    from carafe.upsamplers import InterpolateConvUpsample
+
+    class Declared(InterpolateConvUpsample):
+        activation_follows = True
+        keeps_own_init = True
+
+    torch.manual_seed(0)
+    predictor = MaskPredictor(256, NUM_CLASSES, lambda channels, scale_factor: Declared(channels, scale_factor))
+    assert [n for n, _ in predictor.named_children()] == ["upsample", "relu", "mask_fcn_logits"]
+    torch.manual_seed(0)
+    untouched = Declared(256, 2).conv.weight
+    torch.testing.assert_close(predictor.upsample.conv.weight, untouched)  # the host left its init alone
+    plain = MaskPredictor(256, NUM_CLASSES, "nearest_conv").upsample.conv.weight
+    assert abs(plain.std().item() - math.sqrt(2 / (256 * 9))) < 0.003  # re-initialised: kaiming fan_out
 
 
 # ---- whole detectors ------------------------------------------------------------------------------------------

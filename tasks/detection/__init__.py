@@ -6,7 +6,6 @@ swappable operators (FPN upsampler, mask-head upsampler, backbone downsamplers),
 
 from tasks.detection.data import CocoDetection, category_to_label, coco_paths, collate_detection, load_coco
 from tasks.detection.evaluation import InferenceSpeed, coco_evaluate, detections_to_coco, measure_inference_speed
-from tasks.detection.fpn import UpsamplerFPN
 from tasks.detection.model import MaskPredictor, ResNetFPNBackbone, build_backbone, build_detector
 from tasks.detection.synthetic import ensure_synthetic_coco
 
@@ -15,7 +14,6 @@ __all__ = [
     "InferenceSpeed",
     "MaskPredictor",
     "ResNetFPNBackbone",
-    "UpsamplerFPN",
     "build_backbone",
     "build_detector",
     "category_to_label",

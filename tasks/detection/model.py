@@ -1,6 +1,6 @@
 """Faster / Mask R-CNN with ResNet-FPN as in the papers, built from torchvision's detection code.
 
-torchvision supplies everything except three parts the papers change: the FPN (``tasks.detection.fpn``, any
+torchvision supplies everything except three parts the papers change: the FPN (``tasks.common.fpn``, any
 top-down upsampler), the mask predictor's 2x upsampling (``MaskPredictor``, any upsampler) and the backbone's seven
 downsamplers (``tasks.common.resnet``). RPN, RoI heads, box / mask losses, ``MultiScaleRoIAlign`` and
 ``GeneralizedRCNNTransform`` (resize, normalise, pad) are torchvision's own.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
@@ -26,9 +26,9 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from carafe import build_upsampler
 from carafe.ops import check_int
-from carafe.upsamplers import DeconvUpsample
 from tasks.common.resnet import build_resnet
-from tasks.detection.fpn import UpsamplerFPN, init_upsampler_convs
+from tasks.common.fpn import UpsamplerFPN
+from tasks.common.upsampling import init_upsampler_convs
 
 ARCHS = ("faster_rcnn", "mask_rcnn")
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
@@ -75,35 +75,29 @@ class ResNetFPNBackbone(nn.Module):
         return self.fpn(self.body(images))
 
 
-def default_mask_upsampler_options(spec: object) -> dict[str, object]:
-    """Options the mask head adds to ``spec``: a deconvolution defaults to kernel 2, stride 2, as torchvision's
-    ``conv5_mask`` and mmdetection's ``FCNMaskHead`` (the zoo's default kernel 3 is Table 2's FPN deconv)."""
-    name = spec
-    if isinstance(spec, Mapping):
-        if "kernel_size" in spec:
-            return {}
-        name = spec.get("type", spec.get("name"))
-    return {"kernel_size": 2} if name == "deconv" else {}
+#: the mask head's usual upsampler: a 2x2, stride-2 deconvolution (torchvision's ``conv5_mask``, mmdetection's
+#: ``FCNMaskHead``); the zoo's ``deconv`` defaults to Table 2's FPN kernel 3 (``conf/upsampler/deconv_mask.yaml``).
+MASK_HEAD_DECONV = {"type": "deconv", "kernel_size": 2}
 
 
 class MaskPredictor(nn.Sequential):
     """torchvision's ``MaskRCNNPredictor`` with its 2x deconvolution (``conv5_mask``) replaced by any upsampler.
 
-    upsample (``carafe.build_upsampler(upsampler, in_channels, 2)``) -> ReLU, only when the upsampler is a
-    deconvolution (mmdetection ``FCNMaskHead.forward`` applies ``relu`` only for ``upsample_method == 'deconv'``)
-    -> 1x1 conv to per-class logits. Initialisation as ``FCNMaskHead.init_weights``: the logits conv and plain
-    convolutional upsamplers kaiming-normal (fan_out, ReLU) with zero bias; CARAFE keeps its own.
+    upsample (``carafe.build_upsampler(upsampler, in_channels, 2)``) -> ReLU, only when the upsampler declares
+    ``activation_follows`` (the deconvolution: mmdetection ``FCNMaskHead.forward`` applies ``relu`` only for
+    ``upsample_method == 'deconv'``; a bare ``nn.ConvTranspose2d`` counts as one) -> 1x1 conv to per-class logits.
+    Initialisation as ``FCNMaskHead.init_weights``: the logits conv and plain convolutional upsamplers
+    kaiming-normal (fan_out, ReLU) with zero bias; operators declaring ``keeps_own_init`` (CARAFE) keep theirs.
 
     Shape: Tensor[R, C, 14, 14] -> Tensor[R, num_classes, 28, 28]; R = 0 (no RoIs) gives an empty result.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, upsampler: object = "deconv") -> None:
+    def __init__(self, in_channels: int, num_classes: int, upsampler: object = MASK_HEAD_DECONV) -> None:
         in_channels = check_int("in_channels", in_channels, 1)
         num_classes = check_int("num_classes", num_classes, 2)
-        upsample = build_upsampler(upsampler, channels=in_channels, scale_factor=2,
-                                   **default_mask_upsampler_options(upsampler))
+        upsample = build_upsampler(upsampler, channels=in_channels, scale_factor=2)
         layers: list[tuple[str, nn.Module]] = [("upsample", upsample)]
-        if isinstance(upsample, (DeconvUpsample, nn.ConvTranspose2d)):
+        if getattr(upsample, "activation_follows", isinstance(upsample, nn.ConvTranspose2d)):
             layers.append(("relu", nn.ReLU(inplace=True)))
         logits = nn.Conv2d(in_channels, num_classes, 1)
         layers.append(("mask_fcn_logits", logits))
@@ -146,7 +140,7 @@ def build_backbone(depth: int = 50, fpn_upsampler: object = "nearest", backbone_
 
 
 def build_detector(arch: str = "faster_rcnn", depth: int = 50, num_classes: int = 81,
-                   fpn_upsampler: object = "nearest", mask_upsampler: object = "deconv",
+                   fpn_upsampler: object = "nearest", mask_upsampler: object = MASK_HEAD_DECONV,
                    backbone_downsampler: object = None, min_size: int | Sequence[int] = 800, max_size: int = 1333,
                    size_divisible: int = 64, trainable_backbone_layers: int = 5, norm: str = "bn",
                    **options: object) -> FasterRCNN:
@@ -158,7 +152,8 @@ def build_detector(arch: str = "faster_rcnn", depth: int = 50, num_classes: int 
         num_classes: classes including background (COCO: 81).
         fpn_upsampler: ``carafe.build_upsampler`` spec of the FPN's top-down upsampling (Table 2 / IV).
         mask_upsampler: spec of the mask predictor's 2x upsampling (Table 3 / VI); Mask R-CNN only, ignored by
-            Faster R-CNN. ``"deconv"`` is torchvision's and mmdetection's 2x2 stride-2 deconvolution.
+            Faster R-CNN. The default, ``MASK_HEAD_DECONV``, is torchvision's and mmdetection's 2x2 stride-2
+            deconvolution (the name ``"deconv"`` alone builds the zoo's kernel-3 deconvolution of Table 2).
         backbone_downsampler: ``carafe.build_downsampler`` spec for the ResNet's seven downsampling places
             (Table III), or None for torchvision's strided convs and max pool.
         min_size, max_size: ``GeneralizedRCNNTransform``'s resize: shorter side ``min_size`` (a sequence: one

@@ -88,7 +88,7 @@ class DetectionTask(Task):
         model = build_detector(
             arch=m.arch, depth=m.depth, num_classes=self.cfg.data.num_classes,
             fpn_upsampler=instantiate(self.cfg.fpn_upsampler),
-            mask_upsampler=instantiate(self.cfg.mask_upsampler) if self.with_masks else "deconv",
+            mask_upsampler=instantiate(self.cfg.mask_upsampler) if self.with_masks else None,
             backbone_downsampler=instantiate(downsampler) if downsampler is not None else None,
             min_size=m.min_size, max_size=m.max_size, size_divisible=m.size_divisible,
             trainable_backbone_layers=m.trainable_backbone_layers, norm=m.norm, **(m.options or {}))

@@ -1,4 +1,5 @@
-"""The feature pyramid of the papers' detection code (mmdetection's ``FPN_CARAFE``), with any top-down upsampler.
+"""The feature pyramid of the papers' detection code (mmdetection's ``FPN_CARAFE``), with any top-down upsampler;
+shared by the hosts that need one (the detectors' FPN, UperNet's FPN).
 
 Structure (ResNet C2..C5 in, P2..P6 out, 256 channels each; identical for every upsampler, so that the rows of
 ICCV 2019 Table 2 / CARAFE++ Table IV differ only in the operator):
@@ -14,11 +15,8 @@ included) and gives it a 3x3 output conv. torchvision's FPN instead max-pools P5
 what the papers' code did for any of the upsamplers it compares, so it is not used here. No activations, no norms
 (``norm_cfg=None, act_cfg=None``).
 
-Size alignment: ResNet halves sizes with ceiling division (stride-2 convs with padding), so a coarse map of
-ceil(H / 2) upsampled by 2 has 2 * ceil(H / 2) >= H rows. The upsampled map is cropped to the lateral's size, keeping
-its top-left part (mmdetection's ``FPN_CARAFE.slice_as``): coarse pixel j is centred on fine pixel 2j, so the surplus
-row or column is the one past the fine map's bottom/right edge. With ``size_divisible`` a multiple of 64 (the papers'
-padding) every level is exact and nothing is cropped.
+Size alignment: the upsampled map is cropped to the lateral's size (``tasks.common.upsampling.crop_to``). With
+``size_divisible`` a multiple of 64 (the papers' padding) every level is exact and nothing is cropped.
 
 Initialisation: the FPN's own convolutions are xavier-uniform with zero bias (``FPN_CARAFE.init_weights``); the
 upsamplers keep the initialisation of their class in ``carafe`` (CARAFE: the papers' xavier + normal(0.001) encoder),
@@ -29,43 +27,13 @@ FPN's convs, as ``FPN_CARAFE.init_weights`` does to every conv it holds; see ``i
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
 from carafe import build_upsampler
 from carafe.ops import check_int
-from carafe.upsamplers import GuidedUpsample
-
-
-def init_upsampler_convs(upsampler: nn.Module, init: Callable[[Tensor], object]) -> None:
-    """Initialise the convolutions of a plain convolutional upsampler the way its host initialises its own convs.
-
-    Upsamplers with a designed initialisation keep it: those defining ``reset_parameters`` themselves (CARAFE's
-    kernel prediction module, or a bare ``nn.ConvTranspose2d`` passed as the upsampler) and GUM, whose offset branch
-    starts at zero so that it starts as bilinear upsampling.
-    """
-    if hasattr(upsampler, "reset_parameters") or isinstance(upsampler, GuidedUpsample):
-        return
-    for m in upsampler.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            init(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
-def crop_to(x: Tensor, like: Tensor) -> Tensor:
-    """Crop Tensor[N, C, H', W'] to ``like``'s spatial size (H, W), keeping the top-left part; needs H' >= H, W' >= W.
-
-    Raises ValueError when ``x`` is smaller than ``like``, which means the upsampler did not upsample by 2.
-    """
-    h, w = like.shape[-2:]
-    if x.shape[-2] < h or x.shape[-1] < w:
-        raise ValueError(f"upsampled map {tuple(x.shape[-2:])} is smaller than the lateral map {(h, w)}; "
-                         "the FPN upsampler must upsample by exactly 2")
-    if x.shape[-2] == h and x.shape[-1] == w:
-        return x
-    return x[..., :h, :w]
+from tasks.common.upsampling import crop_to, init_upsampler_convs
 
 
 class UpsamplerFPN(nn.Module):
