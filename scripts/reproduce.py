@@ -23,8 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.common.experiment import read_record
@@ -77,33 +75,38 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-@contextmanager
-def _stopping_child_on_signals(child: subprocess.Popen) -> Iterator[None]:
-    """While ``child`` runs, a SIGINT / SIGTERM / SIGHUP to this script is passed on to it; the script then waits
-    for the child to stop (SIGKILL after ``CHILD_GRACE_SECONDS``) and exits with 128 + the signal's number."""
-    def stop(signum: int, _frame: object) -> None:
-        if child.poll() is None:
-            child.send_signal(signum)
+class _StopRequested(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _StopRequested(signum)
+
+
+def run_child(command: list[str], cwd: Path) -> int:
+    """Run ``command`` to its end and return its exit status; it does not outlive this script. A SIGINT, SIGTERM
+    or SIGHUP to this script is passed on to the child, which gets ``CHILD_GRACE_SECONDS`` to stop (then SIGKILL);
+    the script then exits with 128 + the signal's number. If the script dies any other way (SIGKILL), the kernel
+    sends the child SIGTERM."""
+    previous = {signum: signal.signal(signum, _raise_stop) for signum in FORWARDED_SIGNALS}
+    child = None
+    try:
+        child = subprocess.Popen(command, cwd=cwd, preexec_fn=_die_with_parent)
+        return child.wait()
+    except _StopRequested as stop:
+        if child is not None and child.poll() is None:
+            child.send_signal(stop.signum)
             try:
                 child.wait(CHILD_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-        sys.exit(128 + signum)
-
-    previous = {signum: signal.signal(signum, stop) for signum in FORWARDED_SIGNALS}
-    try:
-        yield
+        sys.exit(128 + stop.signum)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def run_child(command: list[str], cwd: Path) -> int:
-    """Run ``command`` to its end and return its exit status; it does not outlive this script."""
-    child = subprocess.Popen(command, cwd=cwd, preexec_fn=_die_with_parent)
-    with _stopping_child_on_signals(child):
-        return child.wait()
 
 
 def list_tables(scale: str) -> str:

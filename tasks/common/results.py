@@ -289,7 +289,8 @@ def load_table_spec(name: str) -> TableSpec:
     return spec
 
 
-def row_overrides(spec: TableSpec, row: Row, scale: str, extra: list[str] = (), run: SeedRun | None = None) -> list[str]:
+def row_overrides(spec: TableSpec, row: Row, scale: str, extra: list[str] = (),
+                  run: SeedRun | None = None) -> list[str]:
     """The overrides of ``scripts/train.py`` for one seed of a row (seed 0 when ``run`` is None)."""
     return [*spec.overrides, *row.overrides, f"scale={scale}", *extra, *(run.overrides if run else [])]
 
