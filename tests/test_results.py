@@ -395,7 +395,7 @@ def test_the_figure_is_a_png_with_every_row(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["table-demo.png"]
 
 
-def test_plot_settings_are_checked() -> None:
+def test_plot_and_seeds_settings_are_checked() -> None:
     spec = load_table_spec("pp-12")
     assert spec.plot.column == "top1" and len(spec.plot.x_ticks) == len(spec.rows)
     assert load_table_spec("2").plot.column == "AP" and load_table_spec("pp-4").plot is None
@@ -403,6 +403,9 @@ def test_plot_settings_are_checked() -> None:
         results._plot_setting({"column": "top1", "x_ticks": [1, 2, 3]}, spec.columns, spec.rows, "here")
     with pytest.raises(TableSpecError, match="'AP' is no column"):
         results._plot_setting({"column": "AP"}, spec.columns, spec.rows, "here")
+    assert spec.seeds_at("tiny") == 3 and spec.seeds_at("paper") == 1
+    with pytest.raises(TableSpecError, match="seeds for tiny is 0; give a whole number >= 1"):
+        results._seeds_setting({"tiny": 0}, "here")
 
 
 def test_list_tables_names_the_runs_tables_share(capsys: pytest.CaptureFixture[str]) -> None:
