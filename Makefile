@@ -6,11 +6,13 @@ UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 EXTRAS ?= cuda,dev
 # reproduce-table-*: SCALE=tiny (embedded data) or paper (DATA_ROOT=/path/to/dataset); NPROC processes per run;
-# OVERRIDES="key=value ..." Hydra overrides for every row (e.g. model.backbone_weights=... for detection).
+# OVERRIDES="key=value ..." Hydra overrides for every row (e.g. model.backbone_weights=... for detection);
+# SEEDS=N runs seeds 0..N-1 of every row (default: the table spec's `seeds`).
 SCALE     ?= tiny
 DATA_ROOT ?=
 NPROC     ?= 1
 OVERRIDES ?=
+SEEDS     ?=
 
 .PHONY: setup test test-fast bench op-costs clean reproduce-tables
 
@@ -37,12 +39,14 @@ bench: $(STAMP)
 op-costs: $(STAMP)
 	$(PY) scripts/op_costs.py --write results/op-costs.md
 
-# make reproduce-table-pp-12, reproduce-table-pp-2, ...: the tables declared in conf/table/ (`make list-tables`).
+# make reproduce-table-pp-12, reproduce-table-pp-2, ...: the tables declared in conf/table/; `make list-tables` prints
+# each one's title, rows and the runs it shares with other tables.
 reproduce-table-%: $(STAMP)
-	$(PY) scripts/reproduce.py $* --scale $(SCALE) --nproc $(NPROC) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(OVERRIDES)
+	$(PY) scripts/reproduce.py $* --scale $(SCALE) --nproc $(NPROC) $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(OVERRIDES)
 
 list-tables: $(STAMP)
-	@$(PY) scripts/reproduce.py --list
+	@$(PY) scripts/reproduce.py --list --scale $(SCALE)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

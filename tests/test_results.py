@@ -1,23 +1,48 @@
-"""The results pipeline: table specs compose, the renderer's markdown, reuse of finished runs and sweep folders."""
+"""The results pipeline: table specs compose (with the committed tables' config hashes), the renderer's markdown,
+seeds, figures, reuse of finished runs from sweep folders and rendered table JSON, and reproduce.py's child."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tasks.common import results
-from tasks.common.results import (Column, Row, TableSpec, TableSpecError, compose_rows, index_runs,
-                                  load_table_spec, render_markdown, table_names)
+from tasks.common.experiment import compose, resolved
+from tasks.common.results import (Column, Row, SeedRun, TableSpec, TableSpecError, attach_run, compose_rows,
+                                  index_runs, load_table_spec, render_markdown, table_names)
 
 REPO = Path(__file__).resolve().parents[1]
+COMMITTED_TABLES = sorted((REPO / "results").glob("table-*.json"))
+
+
+def load_reproduce():
+    module_spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(reproduce)
+    return reproduce
+
+
+def row_with_runs(label: str, paper: dict, *hashes: str, overrides: list[str] = (), problem: str = "") -> Row:
+    """A row whose seeds 0.. have the given config hashes (none finished yet)."""
+    return Row(label, list(overrides), paper,
+               runs=[SeedRun(seed, config_hash=h, problem=problem) for seed, h in enumerate(hashes)])
 
 
 @pytest.mark.parametrize("name", table_names())
 def test_every_table_spec_loads_and_its_rows_compose(name: str) -> None:
     spec = load_table_spec(name)
-    compose_rows(spec, "tiny")
+    compose_rows(spec, "tiny", seeds=1)
     hashes = [row.config_hash for row in spec.rows]
     assert len(set(hashes)) == len(hashes), "two rows of a table describe the same experiment"
     assert all(row.paper for row in spec.rows), "every row carries the paper's numbers"
@@ -30,7 +55,7 @@ def test_table_names_accept_the_make_spelling() -> None:
 
 
 def test_table_rows_match_the_papers_numbers() -> None:
-    # transcribed from papers/TABLES.md (CARAFE++ Tables II and XII)
+    # transcribed from the CARAFE++ paper (TPAMI), Tables II and XII
     expected = {"pp-2": [(76.43, 93.21), (77.46, 93.63), (78.10, 93.92), (78.70, 94.31)],
                 "pp-12": [(77.31, 93.59), (77.43, 93.63), (77.46, 93.63), (77.40, 93.60), (77.46, 93.67)]}
     for name, numbers in expected.items():
@@ -39,7 +64,7 @@ def test_table_rows_match_the_papers_numbers() -> None:
 
 
 def fake_run(folder: Path, config_hash: str, top1: float, top5: float, finished_at: str = "2026-01-01") -> None:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps({
         "status": "finished", "config_hash": config_hash, "metrics": {"top1": top1, "top5": top5},
         "wall_seconds": 12.5, "device": "CPU", "world_size": 1, "commit": "abcdef1234567890",
@@ -49,16 +74,16 @@ def fake_run(folder: Path, config_hash: str, top1: float, top5: float, finished_
 def test_renderer_on_a_fake_run_folder_gives_the_expected_markdown(tmp_path: Path) -> None:
     spec = TableSpec("demo", "Demo table", "the paper", ["task=classification"],
                      [Column("top1", "top-1", "top1"), Column("top5", "top-5", "top5", decimals=1)],
-                     [Row("A", ["model=resnet50"], {"top1": 76.43, "top5": 93.21}, config_hash="aaaaaaaaaaaa"),
-                      Row("B", [], {"top1": 77.0}, config_hash="bbbbbbbbbbbb"),
-                      Row("C", [], {"top1": 1.0, "top5": 2.0}, config_hash="cccccccccccc", problem="run failed")],
+                     [row_with_runs("A", {"top1": 76.43, "top5": 93.21}, "aaaaaaaaaaaa", overrides=["model=resnet50"]),
+                      row_with_runs("B", {"top1": 77.0}, "bbbbbbbbbbbb"),
+                      row_with_runs("C", {"top1": 1.0, "top5": 2.0}, "cccccccccccc", problem="run failed")],
                      notes={"tiny": "Tiny numbers are not the paper's."})
     fake_run(tmp_path / "runs" / "x", "aaaaaaaaaaaa", 41.2345, 80.0)
     fake_run(tmp_path / "sweep" / "0", "bbbbbbbbbbbb", 40.0, 79.96)
     found = index_runs(tmp_path / "runs", tmp_path / "sweep")
     for row in spec.rows:
         if row.config_hash in found:
-            row.run_dir, row.record = str(found[row.config_hash][0]), found[row.config_hash][1]
+            attach_run(row.runs[0], found[row.config_hash])
     markdown = render_markdown(spec, {"commit": "c0ffee", "scale": "tiny"})
     assert markdown == """\
 # Demo table
@@ -79,11 +104,14 @@ by the run named in the last column.
 
 Tiny numbers are not the paper's.
 
+One seed per row (run.seed=0): the spread over seeds is not measured, so a difference between rows cannot be told \
+apart from seed noise.
+
 Rows (overrides of `scripts/train.py`, shared ones first: `task=classification`):
 
 - A: `model=resnet50` -> run `aaaaaaaaaaaa`; 12.5 s on CPU x1, commit abcdef123456
 - B: `(none)` -> run `bbbbbbbbbbbb`; 12.5 s on CPU x1, commit abcdef123456
-- C: `(none)` -> run `cccccccccccc`
+- C: `(none)` -> run `cccccccccccc`: run failed
 """
 
 
@@ -92,26 +120,20 @@ def test_index_runs_keeps_the_latest_finished_run(tmp_path: Path) -> None:
     fake_run(tmp_path / "new", "h", 3.0, 4.0, finished_at="2026-02-01 00:00:00 UTC")
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "metrics.json").write_text(json.dumps({"status": "running", "config_hash": "h"}))
-    folder, record = index_runs(tmp_path)["h"]
-    assert folder.name == "new" and record["metrics"]["top1"] == 3.0
+    found = index_runs(tmp_path)["h"]
+    assert found.run_dir.name == "new" and found.record["metrics"]["top1"] == 3.0
 
 
 def test_reproduce_render_only_reads_a_multirun_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
-    spec_file = REPO / "scripts" / "reproduce.py"
-    module_spec = importlib.util.spec_from_file_location("reproduce", spec_file)
-    reproduce = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(reproduce)
-
+    reproduce = load_reproduce()
     table = load_table_spec("pp-12")
-    compose_rows(table, "tiny")
+    compose_rows(table, "tiny", seeds=1)
     sweep = tmp_path / "multirun" / "classification" / "2026-11-21_10-00-00"
     for index, row in enumerate(table.rows[:3]):  # a sweep that only got through three of the five values
         fake_run(sweep / str(index), row.config_hash, 50.0 + index, 90.0)
     out = tmp_path / "results"
-    code = reproduce.main(["pp-12", "--render-only", "--runs", str(tmp_path / "runs"), "--from", str(sweep),
-                           "--out", str(out)])
+    code = reproduce.main(["pp-12", "--render-only", "--seeds", "1", "--runs", str(tmp_path / "runs"),
+                           "--from", str(sweep), "--out", str(out)])
     assert code == 0
     markdown = (out / "table-pp-12.md").read_text()
     assert "| C_m = 4 | 77.31 | 50.00 | 93.59 | 90.00 |" in markdown
@@ -120,14 +142,16 @@ def test_reproduce_render_only_reads_a_multirun_sweep(tmp_path: Path, monkeypatc
     data = json.loads((out / "table-pp-12.json").read_text())
     assert data["provenance"]["scale"] == "tiny" and data["rows"][0]["measured"] == {"top1": 50.0, "top5": 90.0}
     assert data["rows"][4]["measured"] is None
-    assert sorted(p.name for p in out.iterdir()) == ["table-pp-12.json", "table-pp-12.md"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "table-pp-12.json", "table-pp-12.md"]
+    assert [p.name for p in (out / "figures").iterdir()] == ["table-pp-12.png"]  # no temp files left
+    assert str(tmp_path) not in markdown  # folders outside the repository are not named
 
 
 def test_a_bad_row_fails_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = load_table_spec("pp-12")
     spec.rows[1].overrides = ["downsampler.compressed_channels=0"]
     with pytest.raises(TableSpecError, match=r"C_m = 8.*compressed_channels"):
-        compose_rows(spec, "tiny")
+        compose_rows(spec, "tiny", seeds=1)
     assert results  # the module under test
 
 
@@ -135,7 +159,7 @@ def test_table_2_costs_are_the_papers_printed_figures() -> None:
     from carafe.costs import paper_round
 
     spec = load_table_spec("2")
-    compose_rows(spec, "tiny")
+    compose_rows(spec, "tiny", seeds=1)
     results.measure_costs(spec)
     for row in spec.rows:
         assert paper_round(row.measured["cost.flops"], like=row.paper["flops"]) == row.paper["flops"], row.label
@@ -144,8 +168,8 @@ def test_table_2_costs_are_the_papers_printed_figures() -> None:
 
 def test_a_table_that_extends_another_reuses_its_runs_with_its_own_figures() -> None:
     table2, table4 = load_table_spec("2"), load_table_spec("pp-4")
-    compose_rows(table2, "tiny")
-    compose_rows(table4, "tiny")
+    compose_rows(table2, "tiny", seeds=1)
+    compose_rows(table4, "tiny", seeds=1)
     assert [r.config_hash for r in table2.rows] == [r.config_hash for r in table4.rows]
     assert [r.label for r in table4.rows][-1] == "CARAFE++" and table4.rows[-1].paper["APS"] == 23.2
     assert table2.rows[-1].paper["APS"] == 23.1 and "flops" not in table4.rows[0].paper
@@ -160,11 +184,11 @@ def test_speed_cost_and_not_applicable_cells_render() -> None:
         Column("AP", "AP", "bbox_AP", 1), Column("mAP", "mask AP", "segm_AP", 1),
         Column("fps", "FPS", "speed.fps", 1), Column("ratio", "FPS / A", "speed.ratio", 2, paper_ratio_of="fps"),
         Column("flops", "FLOPs", "cost.flops", format="si")],
-        [Row("A", [], {"AP": 36.5, "fps": 12.5, "flops": "0"}, config_hash="a" * 12),
-         Row("B", [], {"AP": 37.8, "mAP": 34.0, "fps": 12.2, "flops": "199k"}, config_hash="b" * 12)],
+        [row_with_runs("A", {"AP": 36.5, "fps": 12.5, "flops": "0"}, "a" * 12),
+         row_with_runs("B", {"AP": 37.8, "mAP": 34.0, "fps": 12.2, "flops": "199k"}, "b" * 12)],
         speed={"baseline": "A"})
     for row, fps in zip(spec.rows, (20.0, 15.0)):
-        row.record = {"metrics": {"bbox_AP": 1.234}, "wall_seconds": 1, "device": "CPU"}
+        row.runs[0].record = {"metrics": {"bbox_AP": 1.234}, "wall_seconds": 1, "device": "CPU"}
         row.measured = {"speed.fps": fps, "speed.ratio": fps / 20.0, "cost.flops": 0.0 if fps == 20 else 199496.0}
     markdown = render_markdown(spec, {})
     assert "| A | 36.5 | 1.2 | – | – | 12.5 | 20.0 | 1.00 | 1.00 | 0 | 0 |" in markdown
@@ -190,11 +214,257 @@ def test_measure_speed_times_each_finished_rows_trained_model(tmp_path: Path) ->
 
     cfg = compose(smoke_overrides(tmp_path / "data"))
     record = run_experiment(cfg, tmp_path / "run")
+    def row(label: str, **run: object) -> Row:
+        return Row(label, [], {"fps": 1.0}, runs=[SeedRun(0, config=cfg, **run)])
+
     spec = TableSpec("demo", "Demo", "paper", [], [Column("fps", "FPS", "speed.fps")],
-                     [Row("A", [], {"fps": 1.0}, config=cfg, record=record, run_dir=str(tmp_path / "run")),
-                      Row("B", [], {"fps": 1.0}, config=cfg, record=record, run_dir=str(tmp_path / "run")),
-                      Row("C", [], {"fps": 1.0}, config=cfg, problem="run failed")],
+                     [row("A", record=record, run_dir=str(tmp_path / "run")),
+                      row("B", record=record, run_dir=str(tmp_path / "run")), row("C", problem="run failed")],
                      speed={"baseline": "B", "warmup": 1, "iterations": 3})
     device = results.measure_speed(spec)
     assert device and all(spec.rows[i].measured["speed.fps"] > 0 for i in (0, 1))
     assert spec.rows[1].measured["speed.ratio"] == 1.0 and spec.rows[2].measure_problem == "run failed"
+
+
+@pytest.mark.parametrize("path", COMMITTED_TABLES, ids=[p.stem for p in COMMITTED_TABLES])
+def test_committed_tables_keep_their_config_hashes(path: Path) -> None:
+    """The guard for refactoring: every committed table's rows (and seeds) compose to the hashes its JSON was
+    rendered with."""
+    data = json.loads(path.read_text())
+    spec = load_table_spec(data["table"])
+    compose_rows(spec, data["provenance"]["scale"], seeds=max(len(row.get("seeds") or [row]) for row in data["rows"]))
+    composed = {row.label: [run.config_hash for run in row.runs] for row in spec.rows}
+    for row in data["rows"]:
+        committed = [seed["config_hash"] for seed in row.get("seeds") or [row]]
+        assert composed[row["label"]][:len(committed)] == committed, (path.name, row["label"])
+
+
+def test_a_seed_differs_from_seed_0_by_run_seed_alone() -> None:
+    spec = load_table_spec("pp-12")
+    compose_rows(spec, "tiny", seeds=3)
+    row = spec.rows[0]
+    base = compose([*spec.overrides, *row.overrides, "scale=tiny"])  # what scripts/train.py runs for seed 0
+    assert row.runs[0].config_hash == results.config_hash(base)
+    for run in row.runs[1:]:
+        mine, theirs = resolved(run.config), resolved(base)
+        assert mine["run"].pop("seed") == run.seed and theirs["run"].pop("seed") == 0
+        assert mine == theirs
+    assert len({run.config_hash for run in row.runs}) == 3
+    with pytest.raises(TableSpecError, match="run.seed=5 fixes the seed"):
+        compose_rows(spec, "tiny", ["run.seed=5"], seeds=2)
+
+
+def test_column_groups_expand_to_the_columns_they_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    table1 = load_table_spec("1")
+    assert [(c.key, c.metric) for c in table1.columns] == (
+        [(k, f"bbox_{k}") for k in ("AP", "AP50", "AP75", "APS", "APM", "APL")]
+        + [(f"m{k}", f"segm_{k}") for k in ("AP", "AP50", "AP75", "APS", "APM", "APL")])
+    assert [c.header for c in load_table_spec("3").columns][0] == "mask AP"
+    (tmp_path / "columns").mkdir()
+    (tmp_path / "bad.yaml").write_text("title: t\ncolumns: [{group: nope}]\nrows: []\n")
+    monkeypatch.setattr(results, "TABLE_DIR", tmp_path)
+    monkeypatch.setattr(results, "COLUMN_GROUPS_DIR", tmp_path / "columns")
+    with pytest.raises(TableSpecError, match="no column group 'nope'"):
+        load_table_spec("bad")
+
+
+def test_specs_cite_the_papers_not_files() -> None:
+    for name in table_names():
+        source = load_table_spec(name).source
+        assert "Table" in source and ("ICCV 2019" in source or "TPAMI" in source), (name, source)
+        assert ".md" not in source and "/" not in source, (name, source)
+
+
+def seeded_spec() -> TableSpec:
+    return TableSpec("demo", "Demo", "the paper", [], [Column("top1", "top-1", "top1"),
+                                                       Column("top5", "top-5", "top5", decimals=1)],
+                     [row_with_runs("A", {"top1": 70.0}, "a0", "a1", "a2"),
+                      row_with_runs("B", {"top1": 71.0}, "b0", "b1", "b2"),
+                      row_with_runs("C", {"top1": 72.0}, "c0", "c1", "c2")],
+                     notes={"tiny": "Seeds: see below."}, plot=results.Plot("top1", "variant"))
+
+
+def test_seeds_render_mean_and_sample_std_and_name_a_failed_seed(tmp_path: Path) -> None:
+    spec = seeded_spec()
+    a_values, b_values = [60.0, 62.5, 64.25], [50.0, 53.0]
+    for seed, value in enumerate(a_values):
+        fake_run(tmp_path / f"a{seed}", f"a{seed}", value, 90.0 + seed)
+    for seed, value in enumerate(b_values):
+        fake_run(tmp_path / f"b{seed}", f"b{seed}", value, 80.0)
+    found = index_runs(tmp_path)
+    for row in spec.rows:
+        for run in row.runs:
+            if run.config_hash in found:
+                attach_run(run, found[run.config_hash])
+            else:
+                run.problem = "run failed (exit 1)" if run.config_hash == "b2" else "not run yet"
+    markdown = render_markdown(spec, {"scale": "tiny"})
+    a_mean, a_std = np.mean(a_values), np.std(a_values, ddof=1)
+    assert f"| A | 70.00 | {a_mean:.2f} ± {a_std:.2f} | – | 91.0 ± 1.0 | `a0` |" in markdown
+    b_cell = f"{np.mean(b_values):.2f} ± {np.std(b_values, ddof=1):.2f} (n=2; seed 2: run failed (exit 1))"
+    assert f"| B | 71.00 | {b_cell} |" in markdown
+    assert "| C | 72.00 | not run yet | – | not run yet | `c0` |" in markdown
+    assert "| row | top-1 (paper) | top-1 (ours, n=3) |" in markdown
+    assert "sample standard deviation (ddof=1)" in markdown
+    assert "3 seeds per row" in markdown and "One seed" not in markdown
+    assert "  - seed 2 (`run.seed=2`): run `b2`: run failed (exit 1)" in markdown
+
+    data = results.table_json(spec, {"scale": "tiny"})
+    a, b, c = data["rows"]
+    assert [s["measured"]["top1"] for s in a["seeds"]] == a_values
+    assert [s["config_hash"] for s in a["seeds"]] == ["a0", "a1", "a2"] and a["seeds"][1]["overrides"] == ["run.seed=1"]
+    assert a["measured"]["top1"] == pytest.approx(statistics.fmean(a_values))
+    assert a["std"]["top1"] == pytest.approx(a_std) and a["n"]["top1"] == 3 and data["seeds"] == 3
+    assert b["n"]["top1"] == 2 and b["seeds"][2]["problem"] == "run failed (exit 1)" and b["seeds"][2]["run"] is None
+    assert c["measured"] is None
+
+
+def test_seed_runs_are_found_and_reused_by_reproduce(tmp_path: Path) -> None:
+    reproduce = load_reproduce()
+    table = load_table_spec("pp-12")
+    compose_rows(table, "tiny", seeds=2)
+    for row in table.rows:
+        for run in row.runs:
+            fake_run(tmp_path / "runs" / "classification" / run.config_hash, run.config_hash, 50.0 + run.seed, 90.0)
+    out = tmp_path / "out"
+    # not --render-only: every seed has a finished run, so nothing trains
+    assert reproduce.main(["pp-12", "--seeds", "2", "--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    data = json.loads((out / "table-pp-12.json").read_text())
+    assert [s["measured"]["top1"] for s in data["rows"][0]["seeds"]] == [50.0, 51.0]
+    assert data["rows"][0]["std"]["top1"] == pytest.approx(np.std([50.0, 51.0], ddof=1))
+    assert "| C_m = 4 | 77.31 | 50.50 ± 0.71 |" in (out / "table-pp-12.md").read_text()
+
+
+def test_results_are_taken_from_a_rendered_table_json(tmp_path: Path) -> None:
+    """Seed 0 from the committed Table XII JSON (its runs are not in the repository), seed 1 from a run folder."""
+    reproduce = load_reproduce()
+    committed = json.loads((REPO / "results" / "table-pp-12.json").read_text())
+    table = load_table_spec("pp-12")
+    compose_rows(table, "tiny", seeds=2)
+    fake_run(tmp_path / "runs" / "x", table.rows[0].runs[1].config_hash, 10.0, 20.0)
+    stranger = {**committed, "rows": [{**committed["rows"][1], "config_hash": "0123456789ab",
+                                       "measured": {"top1": 1.0, "top5": 2.0}}]}
+    (tmp_path / "other.json").write_text(json.dumps(stranger))  # a row whose hash no row of the table has
+    out = tmp_path / "out"
+    assert reproduce.main(["pp-12", "--render-only", "--seeds", "2", "--runs", str(tmp_path / "runs"),
+                           "--from", str(REPO / "results" / "table-pp-12.json"), "--from", str(tmp_path / "other.json"),
+                           "--out", str(out)]) == 0
+    data = json.loads((out / "table-pp-12.json").read_text())
+    for row, old in zip(data["rows"], committed["rows"]):
+        seed0 = row["seeds"][0]
+        old_values = old["seeds"][0]["measured"] if "seeds" in old else old["measured"]
+        assert seed0["config_hash"] == old["config_hash"] and seed0["measured"] == old_values
+        assert seed0["source"].startswith("results/table-pp-12.json at commit ") and seed0["run_dir"] is None
+        assert seed0["run"]["commit"] == (old["seeds"][0] if "seeds" in old else old)["run"]["commit"]
+    assert data["rows"][0]["seeds"][1]["measured"] == {"top1": 10.0, "top5": 20.0}
+    assert data["rows"][1]["seeds"][1]["problem"] == "not run yet"
+    markdown = (out / "table-pp-12.md").read_text()
+    assert "(from results/table-pp-12.json at commit " in markdown and "(n=1; seed 1: not run yet)" in markdown
+
+
+def test_a_table_json_round_trips_through_index_runs(tmp_path: Path) -> None:
+    """A rendered JSON (several seeds, nested metric names, a speed column) gives back each seed's metrics."""
+    spec = TableSpec("demo", "Demo", "paper", [], [Column("acc", "acc", "val.acc"), Column("fps", "FPS", "speed.fps")],
+                     [row_with_runs("A", {"acc": 1.0}, "h0", "h1")], speed={"baseline": "A"})
+    for seed, run in enumerate(spec.rows[0].runs):
+        run.record = {"config_hash": run.config_hash, "metrics": {"val": {"acc": 40.0 + seed}}, "commit": "c",
+                      "wall_seconds": 3.0}
+    spec.rows[0].measured = {"speed.fps": 9.0}
+    results.write_table(spec, {"scale": "tiny"}, tmp_path)
+    found = index_runs(tmp_path / "table-demo.json")
+    assert found["h1"].record["metrics"] == {"val": {"acc": 41.0}} and found["h0"].run_dir is None
+    assert found["h0"].source == f"<outside the repository>/table-demo.json at commit not committed"
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(TableSpecError, match="not a rendered table JSON"):
+        index_runs(tmp_path / "broken.json")
+
+
+def test_the_figure_is_a_png_with_every_row(tmp_path: Path) -> None:
+    from PIL import Image
+
+    spec = seeded_spec()
+    for row, base in zip(spec.rows, (60.0, 61.0, 62.0)):
+        for run in row.runs:
+            run.record = {"metrics": {"top1": base + run.seed, "top5": 90.0}}
+    spec.rows[2].runs[2].record, spec.rows[2].runs[2].problem = None, "run failed"
+    written = results.write_table(spec, {"scale": "tiny", "commit": "abc"}, tmp_path)
+    figure = tmp_path / "figures" / "table-demo.png"
+    assert figure in written and Image.open(figure).format == "PNG" and Image.open(figure).size[0] > 300
+    markdown = (tmp_path / "table-demo.md").read_text()
+    assert "![Demo](figures/table-demo.png)" in markdown and "scale=tiny, commit abc" in markdown
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["table-demo.png"]
+
+
+def test_plot_and_seeds_settings_are_checked() -> None:
+    spec = load_table_spec("pp-12")
+    assert spec.plot.column == "top1" and len(spec.plot.x_ticks) == len(spec.rows)
+    assert load_table_spec("2").plot.column == "AP" and load_table_spec("pp-4").plot is None
+    with pytest.raises(TableSpecError, match="3 labels for 5 rows"):
+        results._plot_setting({"column": "top1", "x_ticks": [1, 2, 3]}, spec.columns, spec.rows, "here")
+    with pytest.raises(TableSpecError, match="'AP' is no column"):
+        results._plot_setting({"column": "AP"}, spec.columns, spec.rows, "here")
+    assert spec.seeds_at("tiny") == 3 and spec.seeds_at("paper") == 1
+    with pytest.raises(TableSpecError, match="seeds for tiny is 0; give a whole number >= 1"):
+        results._seeds_setting({"tiny": 0}, "here")
+
+
+def test_list_tables_names_the_runs_tables_share(capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_reproduce().main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    pp12 = load_table_spec("pp-12")
+    compose_rows(pp12, "tiny", seeds=1)
+    c_m_16 = next(row for row in pp12.rows if row.label == "C_m = 16")  # CARAFE++'s default C_m is 16
+    assert f"  {c_m_16.config_hash}  ResNet-50 w/ CARAFE++  (shared with pp-12 (C_m = 16))" in listing
+    assert "pp-12: CARAFE++ Table XII" in listing and "[3 seeds at scale=tiny]" in listing
+
+
+CHILD_SCRIPT = textwrap.dedent("""
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("reproduce", sys.argv[1])
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    sleeper = "import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(120)" % sys.argv[2]
+    sys.exit(reproduce.run_child([sys.executable, "-c", sleeper], ".."))
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_parent_with_child(tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT, str(REPO / "scripts" / "reproduce.py"),
+                               str(pid_file)], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()):
+        assert time.monotonic() < deadline and parent.poll() is None, "the child never started"
+        time.sleep(0.05)
+    return parent, int(pid_file.read_text())
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses prctl")
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stopping_reproduce_stops_its_training_child(tmp_path: Path, how: str) -> None:
+    parent, child = _start_parent_with_child(tmp_path)
+    try:
+        assert _alive(child)
+        os.kill(parent.pid, getattr(signal, how))
+        code = parent.wait(timeout=30)
+        assert code == (128 + signal.SIGTERM if how == "SIGTERM" else -signal.SIGKILL)
+        assert _gone_within(child, 10), f"the child {child} outlived reproduce.py killed by {how}"
+    finally:
+        for pid in (parent.pid, child):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -108,7 +108,11 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    _atomic_write(Path(path), lambda handle: handle.write(text.encode("utf-8")))
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda handle: handle.write(data))
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
