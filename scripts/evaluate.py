@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"config error: {error}")
     world = init_world(cfg.run.device)
     try:
-        task = task_class(cfg.task.name)(cfg, world)
+        task = task_class(cfg)(cfg, world)
         model = load_weights(task.build_model(), checkpoint).to(world.device)
         _, val_set = prepared_datasets(task, world)
         batch = max(cfg.schedule.batch_size // world.world_size, 1)

@@ -85,13 +85,30 @@ def test_invalid_values_raise_a_config_error_naming_them(overrides: list[str], w
         assert word in str(info.value), (word, str(info.value))
 
 
-def test_train_script_fails_fast_on_a_bad_value() -> None:
-    result = subprocess.run([sys.executable, "scripts/train.py", "downsampler=carafe",
-                             "downsampler.compressed_channels=0", "hydra.run.dir=/tmp/never-written"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("override, words", [
+    ("downsampler.compressed_channels=0", ["config error", "compressed_channels"]),
+    ("schedule.lr=abc", ["config error", "schedule.lr", "abc"]),
+    ("run.num_workers=abc", ["run.num_workers", "abc"]),  # refused by Hydra itself: run is a structured config
+])
+def test_train_script_fails_fast_on_a_bad_value(override: str, words: list[str], tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "scripts/train.py", "downsampler=carafe", override,
+                             f"hydra.run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "config error" in result.stderr and "compressed_channels" in result.stderr
-    assert not Path("/tmp/never-written/checkpoint.pt").exists()
+    for word in words:
+        assert word in result.stderr, (word, result.stderr[-2000:])
+    assert not (tmp_path / "checkpoint.pt").exists() and "Traceback" not in result.stderr
+
+
+def test_every_task_names_its_class_and_a_wrong_target_is_a_config_error() -> None:
+    from tasks.common.experiment import task_class
+    from tasks.common.task import Task
+
+    for option in options("task"):
+        assert issubclass(task_class(compose([f"task={option}"])), Task)
+    with pytest.raises(ConfigError, match="task._target_=tasks.nowhere.Task cannot be imported"):
+        validate(compose(["task._target_=tasks.nowhere.Task"]))
+    with pytest.raises(ConfigError, match="not a subclass"):
+        validate(compose(["task._target_=torch.nn.Linear"]))
 
 
 def test_missing_imagenet_layout_says_what_is_expected(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_weights(data_dir: Path, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture) -> None:
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     overrides = ["downsampler=carafe", "run.deterministic=true", *smoke_overrides(data_dir, epochs=2, iters=2)]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert run_experiment(compose(overrides), straight) is not None
@@ -54,9 +54,10 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(data_dir: 
     assert run_experiment(compose([*overrides, "run.stop_after_epochs=1"]), interrupted) is None
     after_one = _weights(interrupted)
     assert not (interrupted / "metrics.json").exists()
-    capsys.readouterr()
-    assert run_experiment(compose(overrides), interrupted) is not None
-    assert "resuming" in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert run_experiment(compose(overrides), interrupted) is not None
+    assert "resuming" in caplog.text
 
     final, reference = _weights(interrupted), _weights(straight)
     assert any(not torch.equal(after_one[k], final[k]) for k in final)  # the second epoch did train
@@ -88,6 +89,8 @@ def test_two_process_ddp_with_gloo(data_dir: Path, tmp_path: Path) -> None:
     assert record["metrics"]["images"] == 16 * 2  # the sharded evaluation saw every validation image once
     assert record["config_hash"] == config_hash(compose(overrides))
     assert any(k.endswith("running_mean") for k in _weights(run_dir))
+    log = (run_dir / "train.log").read_text()  # Hydra's log file holds the run's log, not only the terminal
+    assert f"run {record['config_hash']}" in log and "epoch 1/1" in log and "finished" in log
 
 
 def test_torchrun_without_a_shared_run_dir_is_refused(tmp_path: Path) -> None:

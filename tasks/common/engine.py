@@ -7,13 +7,13 @@ deterministic per-epoch seeding are handled here; what a batch means is the ``Ta
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from tasks.common.schedule import build_lr_scheduler, build_optimizer, scaled_lr
 from tasks.common.task import Task
 
 CHECKPOINT_NAME = "checkpoint.pt"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,19 +55,23 @@ class Schedule:
 
 @dataclass
 class RunSettings:
-    """The ``run`` config group: how to run, not what (none of it changes a result beyond noise)."""
+    """The ``run`` config group: how to run, not what (none of it changes a result beyond noise). This dataclass is
+    the group's only definition: ``tasks.common.experiment`` registers it as ``run=default`` with Hydra, so these
+    defaults are the config's and an override of the wrong type (``run.num_workers=abc``) fails when composing.
+    Which keys enter the config hash: ``tasks.common.experiment.NOT_HASHED``."""
     seed: int = 0
     deterministic: bool = False
-    amp: bool = True                # CUDA only; ignored on the CPU
-    sync_bn: bool = False
-    num_workers: int = 4
+    device: str = "auto"            # auto | cpu | cuda
+    amp: bool = True                # float16 autocast + grad scaling; CUDA only, ignored on the CPU
+    sync_bn: bool = False           # SyncBatchNorm under torchrun (CUDA only)
+    num_workers: int = 8            # DataLoader worker processes per rank
     eval_every: int = 1             # epochs
     log_every: int = 20             # iterations, for TensorBoard
     progress: bool = True
     find_unused_parameters: bool = False
-    max_iters_per_epoch: int | None = None   # tests and smoke runs only
-    max_eval_batches: int | None = None      # tests and smoke runs only
-    stop_after_epochs: int | None = None     # stop (as if interrupted) after this many epochs; for tests
+    max_iters_per_epoch: Optional[int] = None   # tests and smoke runs only
+    max_eval_batches: Optional[int] = None      # tests and smoke runs only
+    stop_after_epochs: Optional[int] = None     # stop (as if interrupted) after this many epochs; for tests
 
 
 @dataclass
@@ -134,8 +139,7 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
         if world.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif world.is_main:  # torch's SyncBatchNorm runs on CUDA only
-            print("run.sync_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own BatchNorm statistics",
-                  file=sys.stderr)
+            log.warning("run.sync_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own BatchNorm statistics")
     train_set, val_set = prepared_datasets(task, world)
     per_rank = schedule.batch_size // world.world_size
     collate = task.collate_fn()
@@ -170,7 +174,7 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
             scaler.load_state_dict(state["scaler"])
         start_epoch, history, train_seconds = state["epoch"], state["history"], state["train_seconds"]
         if world.is_main:
-            print(f"resuming {run_dir} after epoch {start_epoch} of {schedule.epochs}", file=sys.stderr)
+            log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, schedule.epochs)
 
     if world.distributed:
         ddp_ids = [world.device.index] if world.device.type == "cuda" else None
@@ -180,6 +184,8 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
     if world.is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir / "tensorboard"))
+        if start_epoch == 0:
+            writer.add_text("hyper-parameters", hyperparameters_markdown(task.cfg), 0)
 
     metrics: dict[str, float] = history[-1].get("val", {}) if history else {}
     try:
@@ -196,13 +202,13 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
             if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == schedule.epochs:
                 metrics = evaluate(task, model, val_loader, settings)
                 record["val"] = metrics
-                if writer is not None:
+                if writer is not None:  # on the training scalars' axis: iterations done
                     for name, value in metrics.items():
-                        writer.add_scalar(f"val/{name}", value, epoch + 1)
+                        writer.add_scalar(f"val/{name}", value, (epoch + 1) * iters_per_epoch)
             history.append(record)
             if world.is_main:
                 summary = " ".join(f"{k} {v:.4f}" for k, v in {**losses, **record.get("val", {})}.items())
-                print(f"epoch {epoch + 1}/{schedule.epochs}: {summary}", file=sys.stderr, flush=True)
+                log.info("epoch %d/%d: %s", epoch + 1, schedule.epochs, summary)
                 save_checkpoint(checkpoint_path, {
                     "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -213,6 +219,14 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
         if writer is not None:
             writer.close()
     return FitResult(metrics, history, train_seconds)
+
+
+def hyperparameters_markdown(cfg: Any) -> str:
+    """The run's resolved config as a YAML block for TensorBoard's text tab."""
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else repr(cfg)
+    return "```yaml\n" + text + "```"  # TensorBoard renders text as markdown
 
 
 def evaluate(task: Task, model: nn.Module, loader: DataLoader, settings: RunSettings) -> dict[str, float]:

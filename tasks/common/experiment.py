@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
-import sys
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, ValidationError
 
 from tasks.common.distributed import World, close_world, init_world
 from tasks.common.engine import RunSettings, Schedule, fit
@@ -28,15 +27,14 @@ from tasks.common.provenance import REPO_ROOT, device_name, git_commit, utc_now
 from tasks.common.schedule import OPTIMIZERS, POLICIES
 from tasks.common.task import Task
 
-TASKS = {
-    "classification": "tasks.classification.task:ClassificationTask",
-    "detection": "tasks.detection.task:DetectionTask",
-}
 SCALES = ("tiny", "paper")
-#: config keys that say how to run, not what: left out of the config hash
+log = logging.getLogger(__name__)
+#: Keys left out of the config hash: how to run, not what (every other ``run`` key, ``seed`` and ``deterministic``
+#: among them, is hashed), where the embedded data is cached, which image size speed columns time, and which class
+#: implements the task (``task.name`` says which task it is; moving the class does not change an experiment).
 NOT_HASHED = ("run.device", "run.amp", "run.num_workers", "run.eval_every", "run.log_every", "run.progress",
               "run.find_unused_parameters", "run.stop_after_epochs", "data.embedded.dir", "data.verify",
-              "task.speed_image_size")
+              "task.speed_image_size", "task._target_")
 CONF_DIR = REPO_ROOT / "conf"
 METRICS_NAME = "metrics.json"
 CONFIG_NAME = "config.yaml"
@@ -44,6 +42,17 @@ CONFIG_NAME = "config.yaml"
 
 class ConfigError(ValueError):
     """A config value that cannot work; raised before any work starts."""
+
+
+def _register_structured_configs() -> None:
+    """``run=default`` is the ``RunSettings`` dataclass itself (its defaults are the config's, its types are checked
+    when composing)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="run", name="default", node=RunSettings)
+
+
+_register_structured_configs()
 
 
 def resolved(cfg: DictConfig) -> dict[str, Any]:
@@ -73,11 +82,21 @@ def config_hash(cfg: DictConfig | dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def task_class(name: str) -> type[Task]:
-    if name not in TASKS:
-        raise ConfigError(f"unknown task.name {name!r}; known tasks: {', '.join(TASKS)}")
-    module, attr = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+def task_class(cfg: DictConfig) -> type[Task]:
+    """The ``Task`` subclass named by ``task._target_`` (each ``conf/task/<name>.yaml`` names its own)."""
+    from hydra.utils import get_class
+
+    target = cfg.task.get("_target_")
+    if not target:
+        raise ConfigError(f"task {cfg.task.get('name')!r} has no task._target_: name its Task subclass in "
+                          "conf/task/<name>.yaml, e.g. _target_: tasks.classification.task.ClassificationTask")
+    try:
+        cls = get_class(target)
+    except Exception as error:
+        raise ConfigError(f"task._target_={target} cannot be imported: {error}") from error
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ConfigError(f"task._target_={target} is not a subclass of tasks.common.task.Task")
+    return cls
 
 
 def _operator_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
@@ -107,7 +126,7 @@ def validate(cfg: DictConfig) -> None:
     except Exception as error:  # omegaconf's errors name the key; say what it is about
         raise ConfigError(f"the config does not resolve: {error}") from error
     try:
-        task_class(cfg.task.name).check_config(cfg)
+        task_class(cfg).check_config(cfg)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     _require(cfg.scale.name in SCALES, f"scale={cfg.scale.name!r} is not one of {', '.join(SCALES)}")
@@ -119,10 +138,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.root={root} is not a directory; point it at the {cfg.data.name} dataset, or "
                           "leave it unset (null) for the embedded default")
 
-    s = cfg.schedule
-    _require(isinstance(s.epochs, int) and s.epochs >= 1, f"schedule.epochs must be an integer >= 1, got {s.epochs!r}")
-    _require(isinstance(s.batch_size, int) and s.batch_size >= 1,
-             f"schedule.batch_size must be an integer >= 1, got {s.batch_size!r}")
+    s = schedule_from(cfg)
+    _require(s.epochs >= 1, f"schedule.epochs must be an integer >= 1, got {s.epochs!r}")
+    _require(s.batch_size >= 1, f"schedule.batch_size must be an integer >= 1, got {s.batch_size!r}")
     _require(s.lr > 0, f"schedule.lr must be > 0, got {s.lr!r}")
     _require(s.policy in POLICIES, f"schedule.policy={s.policy!r} is not one of {', '.join(POLICIES)}")
     _require(s.optimizer in OPTIMIZERS, f"schedule.optimizer={s.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -148,15 +166,17 @@ def _flat(node: DictConfig) -> str:
 
 
 def schedule_from(cfg: DictConfig) -> Schedule:
-    values = resolved(cfg.schedule)
-    values["milestones"] = tuple(values.get("milestones", ()))
-    values["betas"] = tuple(values.get("betas", (0.9, 0.999)))
-    return Schedule(**values)
+    """``cfg.schedule`` over the ``Schedule`` dataclass: its types are checked (``ConfigError`` naming the key) and
+    the keys a schedule file leaves out take the dataclass's defaults, their only home."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Schedule), cfg.schedule)
+    except ValidationError as error:
+        raise ConfigError(f"schedule.{error.full_key}: {str(error.msg).splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)
 
 
 def settings_from(cfg: DictConfig) -> RunSettings:
-    values = {k: v for k, v in resolved(cfg.run).items() if k != "device"}
-    return RunSettings(**values)
+    return RunSettings(**resolved(cfg.run))
 
 
 def read_record(run_dir: str | Path) -> dict[str, Any] | None:
@@ -188,9 +208,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path, world: World, started: float) ->
     chash = config_hash(cfg)
     if world.is_main:
         write_text_atomic(run_dir / CONFIG_NAME, OmegaConf.to_yaml(cfg, resolve=True))
-        print(f"run {chash} ({cfg.task.name}, scale={cfg.scale.name}) on {device_name(world.device)} "
-              f"x{world.world_size} -> {run_dir}", file=sys.stderr, flush=True)
-    task = task_class(cfg.task.name)(cfg, world)
+        log.info("run %s (%s, scale=%s) on %s x%d -> %s", chash, cfg.task.name, cfg.scale.name,
+                 device_name(world.device), world.world_size, run_dir)
+    task = task_class(cfg)(cfg, world)
     result = fit(task, schedule_from(cfg), settings_from(cfg), run_dir, world, chash)
     if not result.finished:
         return None
@@ -204,6 +224,5 @@ def _run_locked(cfg: DictConfig, run_dir: Path, world: World, started: float) ->
     }
     if world.is_main:
         write_json_atomic(run_dir / METRICS_NAME, record)
-        print(f"finished {run_dir}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()),
-              file=sys.stderr, flush=True)
+        log.info("finished %s: %s", run_dir, ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()))
     return record

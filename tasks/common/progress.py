@@ -1,29 +1,44 @@
-"""Progress lines for long loops: a live bar on a terminal, a line every few seconds in a log file."""
+"""Progress of long loops: a live bar on a terminal, and log records (the run's ``train.log``) every few seconds."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
+log = logging.getLogger("progress")
+
 
 class Progress:
-    """A progress line on rank 0: a live bar on a terminal, a line every few seconds in a log file."""
+    """Progress of a loop of ``total`` steps, shown only where ``enabled`` (rank 0).
 
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+    On a terminal a bar is redrawn in place on stderr; a log record goes to the ``progress`` logger every
+    ``log_interval`` seconds and at the end, so a run's log file shows how far it got and how fast, terminal or not.
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool, log_interval: float = 10.0) -> None:
         self.total, self.desc, self.enabled = total, desc, enabled
-        self.start = self.last = time.perf_counter()
-        self.interval = 0.2 if sys.stderr.isatty() else 10.0
+        self.start = self.last_drawn = self.last_logged = time.perf_counter()
+        self.live = sys.stderr.isatty()
+        self.log_interval = log_interval
 
     def update(self, done: int, postfix: str = "") -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < self.interval and done < self.total):
+        if not self.enabled:
             return
-        self.last = now
+        now = time.perf_counter()
+        finished = done >= self.total
+        draw = self.live and (now - self.last_drawn >= 0.2 or finished)
+        record = now - self.last_logged >= self.log_interval or finished
+        if not (draw or record):
+            return
         rate = done / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("nan")
-        width = 24
-        filled = int(width * done / max(self.total, 1))
-        line = (f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                f"{rate:.1f} it/s eta {eta:.0f}s {postfix}")
-        end = "\r" if sys.stderr.isatty() and done < self.total else "\n"
-        print(line.ljust(100), end=end, file=sys.stderr, flush=True)
+        filled = int(24 * done / max(self.total, 1))
+        status = f"{done}/{self.total} {rate:.1f} it/s eta {eta:.0f}s {postfix}".rstrip()
+        if draw:
+            self.last_drawn = now
+            bar = f"{self.desc} [{'#' * filled}{'.' * (24 - filled)}] {status}"
+            print(bar.ljust(100), end="\n" if finished else "\r", file=sys.stderr, flush=True)
+        if record:
+            self.last_logged = now
+            log.info("%s: %s", self.desc, status)

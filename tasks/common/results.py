@@ -474,7 +474,7 @@ def measure_speed(spec: TableSpec) -> str:
             row.measure_problem = ("no trained model to time (a result without its run folder)" if row.finished_runs()
                                    else _row_problem(row) or "not run")
             continue
-        task = task_class(timed.config.task.name)(timed.config, world)
+        task = task_class(timed.config)(timed.config, world)
         model = load_weights(task.build_model(), Path(timed.run_dir) / CHECKPOINT_NAME).to(world.device).eval()
         image = task.inference_input(*timed.config.task.speed_image_size)
         calls[row.label] = (lambda m=model, x=image: m(x))
