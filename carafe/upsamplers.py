@@ -298,11 +298,17 @@ class DySampleUpsample(_Upsampler):
         self.dynamic_scope = dynamic_scope
         if not init_std >= 0:
             raise ValueError(f"init_std must be >= 0, got {init_std}")
+        self.init_std = float(init_std)
         in_channels, out_channels = (channels, 2 * groups * s2) if style == "lp" else (channels // s2, 2 * groups)
         self.offset = nn.Conv2d(in_channels, out_channels, 1)
-        nn.init.normal_(self.offset.weight, std=init_std)
-        nn.init.zeros_(self.offset.bias)
         self.scope = nn.Conv2d(in_channels, out_channels, 1, bias=False) if dynamic_scope else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The authors' initialisation: offset weights N(0, init_std^2), offset bias 0, scope weights 0. (Hosts
+        such as the FPN leave modules that define ``reset_parameters`` with their own initialisation.)"""
+        nn.init.normal_(self.offset.weight, std=self.init_std)
+        nn.init.zeros_(self.offset.bias)
         if self.scope is not None:
             nn.init.zeros_(self.scope.weight)
 

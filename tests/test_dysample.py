@@ -101,11 +101,14 @@ def test_zero_offsets_are_bilinear_interpolation(style: str, dynamic: bool, scal
     torch.testing.assert_close(module.double()(x), expected, rtol=0, atol=1e-12)
 
 
-def test_default_initialisation_is_the_authors() -> None:
+def test_default_initialisation_is_the_authors_and_reset_parameters_restores_it() -> None:
     torch.manual_seed(0)
     module = build_upsampler("dysample", 256, 2, dynamic_scope=True)
-    assert module.offset.weight.std().item() == pytest.approx(0.001, rel=0.05)
-    assert not module.offset.bias.any() and not module.scope.weight.any() and module.scope.bias is None
+    for _ in range(2):
+        assert module.offset.weight.std().item() == pytest.approx(0.001, rel=0.05)
+        assert not module.offset.bias.any() and not module.scope.weight.any() and module.scope.bias is None
+        _randomised(module).float()
+        module.reset_parameters()
 
 
 @pytest.mark.parametrize("style,dynamic", STYLES_AND_SCOPES, ids=IDS)
