@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
@@ -107,20 +106,6 @@ def flops_per_pixel(module: nn.Module) -> Number:
         if cls in _FORMULAS:
             return as_number(_FORMULAS[cls](module))
     raise TypeError(f"no FLOPs formula for {type(module).__name__}; zoo operators define flops_per_pixel()")
-
-
-@dataclass(frozen=True)
-class OpCost:
-    name: str
-    flops_per_pixel: Number
-    params: int
-
-    def as_dict(self) -> dict[str, Number | str]:
-        return {"name": self.name, "flops_per_pixel": self.flops_per_pixel, "params": self.params}
-
-
-def op_cost(name: str, module: nn.Module) -> OpCost:
-    return OpCost(name, flops_per_pixel(module), num_params(module))
 
 
 # ---- Table 2's rounding -------------------------------------------------------------------------------------------
@@ -219,21 +204,7 @@ def count_flops(module: nn.Module, x: Tensor) -> FlopCount:
     return counter
 
 
-# ---- the papers' own figures --------------------------------------------------------------------------------------
-
-#: ICCV 2019 Table 2 costs at C = 256, sigma = 2, per input pixel, as printed: zoo name -> (FLOPs, params).
-TABLE2_COSTS: dict[str, tuple[str, str]] = {
-    "nearest": ("0", "0"),
-    "bilinear": ("8k", "0"),
-    "nearest_conv": ("4.7M", "590k"),
-    "bilinear_conv": ("4.7M", "590k"),
-    "deconv": ("1.2M", "590k"),
-    "pixel_shuffle": ("4.7M", "2.4M"),
-    "gum": ("1.1M", "132k"),
-    "spatial_attention": ("28k", "2.3k"),
-    "carafe": ("199k", "74k"),
-}
-
+# ---- the paper's printed formula ----------------------------------------------------------------------------------
 
 def carafe_paper_flops(channels: int, scale_factor: int, compressed_channels: int, encoder_kernel: int,
                        up_kernel: int) -> int:

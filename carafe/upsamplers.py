@@ -1,4 +1,5 @@
-"""The upsamplers CARAFE is compared with (ICCV 2019 Table 2 / 3, CARAFE++ Table IV), and their factory.
+"""The upsamplers CARAFE is compared with (ICCV 2019 Table 2 / 3, CARAFE++ Table IV; DySample, ICCV 2023, beyond
+the papers), and their factory.
 
 Every operator maps Tensor[N, C, H, W] to Tensor[N, C, sigma * H, sigma * W], keeps the channel count, takes plain
 keyword arguments ``(channels, scale_factor, **options)`` and reports ``flops_per_pixel()`` (FLOPs per input pixel,
@@ -260,6 +261,117 @@ class SpatialAttentionUpsample(_Upsampler):
         return f"{super().extra_repr()}, mode={self.mode}, kernel_size={self.kernel_size}"
 
 
+DYSAMPLE_STYLES = ("lp", "pl")
+
+
+class DySampleUpsample(_Upsampler):
+    """DySample (Liu, Lu, Fu and Cao, "Learning to Upsample by Learning to Sample", ICCV 2023): every output pixel
+    bilinearly samples the input at its own position plus a predicted offset, with ``F.grid_sample``.
+
+    Definition followed (the paper's Sec. 3 and the authors' code, read for the facts; written here):
+
+    * positions: output pixel (Y, X) starts at ((X + 0.5) / s - 0.5, (Y + 0.5) / s - 0.5) in input pixels (pixel
+      centres at integers), the positions of bilinear interpolation with ``align_corners=False`` (the paper's
+      "bilinear initialisation" of the sampling grid); the predicted offset, in input pixels, is added and the input
+      is sampled bilinearly, clamped to the border (``padding_mode="border"``).
+    * groups: the channels are split into ``groups`` groups (4 by default, as the paper's), each with its own
+      offsets, so every output pixel has 2 * groups offsets.
+    * ``style="lp"`` (linear, then pixel shuffle; the paper's DySample): a 1x1 conv C -> 2 g s^2 on the input,
+      pixel-shuffled to 2 g offsets per output pixel. ``style="pl"`` (pixel shuffle, then linear; DySample-S): the
+      input pixel-shuffled to C / s^2 channels at the output resolution, then a 1x1 conv C / s^2 -> 2 g.
+    * scope: static (default), offset = 0.25 * conv(x), the paper's "static scope factor" that keeps neighbouring
+      sampling points from overlapping; ``dynamic_scope=True`` (DySample+ / DySample-S+): offset =
+      0.5 * sigmoid(scope(x)) * conv(x), ``scope`` a bias-free 1x1 conv shaped like the offset conv.
+    * initialisation (the authors' code): offset conv weights from N(0, ``init_std``^2) with ``init_std = 0.001``,
+      bias 0; scope weights 0 (a factor of 0.25 at the start). With ``init_std=0`` every offset starts at zero and
+      DySample starts as exactly bilinear upsampling (``align_corners=False``), in every style and scope.
+
+    The offset channels are ordered (x / y, group, sub-pixel row, sub-pixel column) as in the authors' code, whose
+    ``offset`` / ``scope`` weights therefore load unchanged.
+
+    Costs per input pixel (papers' convention, see ``carafe.costs``), with E = 2 g s^2 offsets per input pixel:
+    the offset conv (``lp``: 2 (C + 1) * 2 g s^2; ``pl``: s^2 * 2 (C / s^2 + 1) * 2 g), for a dynamic scope its
+    bias-free twin and E products, E additions of the offsets to the base positions (the scope's constants fold into
+    the coordinate scaling, which like GUM's counts 0), and bilinear sampling, 8 s^2 C. At C = 256, sigma = 2,
+    groups 4: ``lp`` 24,672 FLOPs and 8,224 params (dynamic: 41,088 and 16,416); ``pl`` 12,384 FLOPs and 520 params
+    (dynamic: 16,512 and 1,032).
+    """
+
+    keeps_own_init = True
+
+    def __init__(self, channels: int, scale_factor: int, style: str = "lp", groups: int = 4,
+                 dynamic_scope: bool = False, init_std: float = 0.001) -> None:
+        super().__init__(channels, scale_factor)
+        if style not in DYSAMPLE_STYLES:
+            raise ValueError(f"unknown DySample style {style!r}; choose one of {', '.join(DYSAMPLE_STYLES)}")
+        self.style = style
+        self.groups = check_int("groups", groups, 1)
+        if channels % groups:
+            raise ValueError(f"groups={groups} must divide channels={channels}; pick groups among the divisors of "
+                             f"{channels}")
+        s2 = scale_factor * scale_factor
+        if style == "pl" and channels % s2:
+            raise ValueError(f"style='pl' pixel-shuffles the input, so channels={channels} must be a multiple of "
+                             f"scale_factor^2={s2}; use style='lp'")
+        if not isinstance(dynamic_scope, bool):
+            raise TypeError(f"dynamic_scope must be True or False, got {dynamic_scope!r}")
+        self.dynamic_scope = dynamic_scope
+        if not init_std >= 0:
+            raise ValueError(f"init_std must be >= 0, got {init_std}")
+        self.init_std = float(init_std)
+        in_channels, out_channels = (channels, 2 * groups * s2) if style == "lp" else (channels // s2, 2 * groups)
+        self.offset = nn.Conv2d(in_channels, out_channels, 1)
+        self.scope = nn.Conv2d(in_channels, out_channels, 1, bias=False) if dynamic_scope else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The authors' initialisation: offset weights N(0, init_std^2), offset bias 0, scope weights 0 (hosts such
+        as the FPN leave it alone: ``keeps_own_init``)."""
+        nn.init.normal_(self.offset.weight, std=self.init_std)
+        nn.init.zeros_(self.offset.bias)
+        if self.scope is not None:
+            nn.init.zeros_(self.scope.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Tensor[N, C, H, W] -> Tensor[N, C, s * H, s * W]."""
+        n, c, h, w = x.shape
+        s, g = self.scale_factor, self.groups
+        features = x if self.style == "lp" else pixel_shuffle(x, s)  # pl: Tensor[N, C / s^2, sH, sW]
+        offsets = self.offset(features)
+        if self.scope is not None:
+            offsets = offsets * torch.sigmoid(self.scope(features))
+        if self.style == "lp":
+            offsets = pixel_shuffle(offsets, s)
+        offset_x, offset_y = offsets.view(n, 2, g, s * h, s * w).unbind(1)  # each Tensor[N, g, sH, sW], in pixels
+        # grid_sample's normalised coordinates (align_corners=False: -1 and 1 are the outer pixel edges): output
+        # pixel X's own position (X + 0.5) / s - 0.5 becomes (2 X + 1) / (s W) - 1, and an offset of one input pixel
+        # 2 / W; the scope factor (0.25, or 0.5 before the sigmoid) joins that constant.
+        factor = 0.5 if self.scope is not None else 0.25
+        base_x = (2 * torch.arange(s * w, device=x.device, dtype=x.dtype) + 1) / (s * w) - 1
+        base_y = (2 * torch.arange(s * h, device=x.device, dtype=x.dtype) + 1) / (s * h) - 1
+        grid = torch.stack((offset_x * (2 * factor / w) + base_x, offset_y * (2 * factor / h) + base_y[:, None]),
+                           dim=-1)  # Tensor[N, g, sH, sW, 2]
+        sampled = F.grid_sample(x.reshape(n * g, c // g, h, w), grid.reshape(n * g, s * h, s * w, 2),
+                                mode="bilinear", padding_mode="border", align_corners=False)
+        return sampled.view(n, c, s * h, s * w)
+
+    def flops_per_pixel(self) -> int:
+        c, s2, g = self.channels, self.scale_factor ** 2, self.groups
+        offsets = 2 * g * s2
+        if self.style == "lp":
+            conv = conv_flops(c, offsets, 1)
+            scope = conv_flops(c, offsets, 1, bias=False)
+        else:
+            conv = s2 * conv_flops(c // s2, 2 * g, 1)
+            scope = s2 * conv_flops(c // s2, 2 * g, 1, bias=False)
+        dynamic = scope + offsets if self.dynamic_scope else 0
+        return conv + dynamic + offsets + 8 * s2 * c
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, style={self.style}, groups={self.groups}, "
+                f"dynamic_scope={self.dynamic_scope}")
+
+
 UPSAMPLERS = Registry("upsampler", {
     "nearest": (InterpolateUpsample, {"mode": "nearest"}),
     "bilinear": (InterpolateUpsample, {"mode": "bilinear"}),
@@ -270,6 +382,7 @@ UPSAMPLERS = Registry("upsampler", {
     "gum": (GuidedUpsample, {}),
     "spatial_attention": (SpatialAttentionUpsample, {}),
     "carafe": (CARAFEPack, {}),
+    "dysample": (DySampleUpsample, {}),
 })
 
 
@@ -283,5 +396,5 @@ def build_upsampler(spec: object, channels: int, scale_factor: int, **options: o
     return UPSAMPLERS.build(spec, channels=channels, scale_factor=scale_factor, **options)
 
 
-__all__ = ["DeconvUpsample", "GuidedUpsample", "InterpolateConvUpsample", "InterpolateUpsample",
-           "PixelShuffleUpsample", "SpatialAttentionUpsample", "UPSAMPLERS", "build_upsampler"]
+__all__ = ["DeconvUpsample", "DySampleUpsample", "GuidedUpsample", "InterpolateConvUpsample",
+           "InterpolateUpsample", "PixelShuffleUpsample", "SpatialAttentionUpsample", "UPSAMPLERS", "build_upsampler"]

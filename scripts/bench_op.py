@@ -1,4 +1,5 @@
-"""Benchmark the CARAFE / CARAFE++ reassembly paths against each other and against plain resampling ops.
+"""Benchmark the CARAFE / CARAFE++ reassembly paths against each other and against plain resampling ops (nearest,
+bilinear, 3x3 deconvolution and DySample for upsampling; max / avg pooling and strided conv for downsampling).
 
     python scripts/bench_op.py --device cpu        # -> results/bench/op-cpu.md and op-cpu.csv
     python scripts/bench_op.py --device cuda       # -> results/bench/op-<gpu name>.md and .csv
@@ -118,6 +119,7 @@ def make_methods(case: Case, device: torch.device) -> dict[str, tuple[Callable, 
         methods["nearest"] = (lambda f: F.interpolate(f, scale_factor=s, mode="nearest"), [x])
         methods["bilinear"] = (lambda f: F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False), [x])
         methods["deconv 3x3"] = (deconv, [x])
+        methods["dysample"] = (carafe.build_upsampler("dysample", case.c, s).to(device), [x])
     else:
         conv = nn.Conv2d(case.c, case.c, 3, stride=s, padding=1).to(device)
         methods["max pool 3x3"] = (lambda f: F.max_pool2d(f, 3, stride=s, padding=1), [x])

@@ -4,11 +4,14 @@
     python scripts/op_costs.py                                  # markdown tables, C = 256, sigma = 2
     python scripts/op_costs.py --json                           # [{"name", "direction", "flops_per_pixel", "params"}]
     python scripts/op_costs.py --channels 128 --scale 4 --set carafe.compressed_channels=32 --set down.lip.variant=bottleneck
-    python scripts/op_costs.py --grids                          # CARAFE across ICCV Table 8 (C_m) and Table 9 (k_enc, k_up)
+    python scripts/op_costs.py --grids                          # CARAFE over the rows of ICCV Tables 8, 9 and 10
     python scripts/op_costs.py --write results/op-costs.md      # everything above, with the paper's Table 2 beside ours
 
 ``--set OP.KEY=VALUE`` sets an option of upsampler OP (``up.OP.KEY=VALUE`` is the same); ``down.OP.KEY=VALUE`` of
 downsampler OP. Values are Python literals (``32``, ``None``, ``'bottleneck'``) or bare strings.
+
+The papers' figures (Table 2's costs, the AP of Tables 8 to 10) and the rows of the grids are read from the table
+specs ``conf/table/<N>.yaml``; this script computes only our side.
 """
 
 from __future__ import annotations
@@ -17,27 +20,36 @@ import argparse
 import ast
 import datetime
 import json
-import os
-import subprocess
 import sys
-import tempfile
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from carafe import CARAFEPack, DOWNSAMPLERS, UPSAMPLERS, build_downsampler, build_upsampler
-from carafe.costs import TABLE2_COSTS, carafe_paper_flops, flops_per_pixel, num_params, paper_round
+from carafe import DOWNSAMPLERS, UPSAMPLERS, build_downsampler, build_upsampler
+from carafe.costs import as_number, carafe_paper_flops, flops_per_pixel, num_params, paper_round
+from tasks.common.io import write_text_atomic
+from tasks.common.provenance import git_commit
+from tasks.common.experiment import compose
+from tasks.common.results import load_table_spec, measure_costs, row_overrides
 
-TABLE2_LABELS = {"nearest": "Nearest", "bilinear": "Bilinear", "nearest_conv": "Nearest + Conv (N.C.)",
-                 "bilinear_conv": "Bilinear + Conv (B.C.)", "deconv": "Deconv", "pixel_shuffle": "Pixel Shuffle (P.S.)",
-                 "gum": "GUM", "spatial_attention": "Spatial Attention (S.A.)", "carafe": "CARAFE"}
+UP_LABELS = {"dysample": "DySample (ICCV 2023)"}  # upsamplers beyond Table 2; its rows name the others
 DOWN_LABELS = {"strided_conv": "Strided Conv", "max_pool": "Max Pool", "avg_pool": "Avg Pool", "dpp": "DPP",
                "lip": "LIP", "carafe": "CARAFE++"}
-# The papers' own AP for the ablation rows (ICCV Table 8 and Table 9), printed beside the costs they do not give.
-TABLE8_AP = {16: 37.6, 32: 37.7, 64: 37.8, 128: 37.8, 256: 37.8, None: 37.8}
-TABLE9_AP = {(1, 3): 37.3, (1, 5): 37.3, (3, 3): 37.3, (3, 5): 37.8, (3, 7): 37.7, (5, 5): 37.8, (5, 7): 38.1,
-             (7, 7): 38.0}
+GRID_TABLES = ("8", "9", "10")  # ICCV ablations of CARAFE in the FPN: C_m; (k_enc, k_up); the kernel normalizer
+
+
+def table2_figures() -> dict[str, tuple[str, str, str]]:
+    """Zoo name -> (row label, FLOPs, params as printed) from ICCV Table 2's spec, whose rows each set the FPN's
+    upsampler by name."""
+    spec = load_table_spec("2")
+    prefix = f"upsampler@{spec.costs['node']}="
+    figures = {}
+    for row in spec.rows:
+        (name,) = [o.removeprefix(prefix) for o in row.overrides if o.startswith(prefix)]
+        figures[name] = (row.label, str(row.paper["flops"]), str(row.paper["params"]))
+    return figures
 
 
 def parse_sets(items: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -74,18 +86,25 @@ def op_rows(channels: int, scale: int, options: dict[tuple[str, str], dict[str, 
     return rows
 
 
-def grid_rows(channels: int, scale: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """CARAFE's costs across ICCV Table 8 (C_m; k_enc = 3, k_up = 5) and Table 9 ((k_enc, k_up); C_m = 64)."""
-    def cost(**kw: Any) -> dict[str, Any]:
-        with torch.device("meta"):
-            m = CARAFEPack(channels, scale, **kw)
-        return {"flops_per_pixel": flops_per_pixel(m), "params": num_params(m)}
-
-    table8 = [{"compressed_channels": cm, **cost(compressed_channels=cm), "paper_ap": TABLE8_AP[cm]}
-              for cm in TABLE8_AP]
-    table9 = [{"encoder_kernel": ke, "up_kernel": ku, **cost(encoder_kernel=ke, up_kernel=ku),
-               "paper_ap": TABLE9_AP[(ke, ku)]} for ke, ku in TABLE9_AP]
-    return table8, table9
+def grid_rows(channels: int, scale: int) -> dict[str, list[dict[str, Any]]]:
+    """CARAFE's costs over the rows of ICCV Tables 8, 9 and 10 (each row's composed FPN upsampler, built for
+    ``channels`` and ``scale``), with the paper's AP: table name -> rows."""
+    grids = {}
+    for name in GRID_TABLES:
+        spec = load_table_spec(name)
+        spec.costs = {**spec.costs, "channels": channels, "scale_factor": scale}
+        for row in spec.rows:  # composed, not validated: validation would import the detection task for nothing
+            row.config = compose(row_overrides(spec, row, "tiny"))
+        measure_costs(spec)
+        rows = []
+        for row in spec.rows:
+            up = row.config[spec.costs["node"]]
+            rows.append({"label": row.label, "compressed_channels": up.compressed_channels,
+                         "encoder_kernel": up.encoder_kernel, "up_kernel": up.up_kernel, "normalizer": up.normalizer,
+                         "flops_per_pixel": as_number(Fraction(row.measured["cost.flops"])),
+                         "params": as_number(Fraction(row.measured["cost.params"])), "paper_ap": row.paper["AP"]})
+        grids[name] = rows
+    return grids
 
 
 def _fmt(value: float | int) -> str:
@@ -93,6 +112,7 @@ def _fmt(value: float | int) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], channels: int, scale: int, compare: bool) -> str:
+    table2 = table2_figures()
     out = [f"### Upsamplers (C = {channels}, sigma = {scale}; FLOPs per input pixel)", ""]
     if compare:
         out += ["| op | FLOPs | Params | FLOPs, Table 2 | Params, Table 2 | exact FLOPs | exact params |",
@@ -100,15 +120,17 @@ def markdown(rows: list[dict[str, Any]], channels: int, scale: int, compare: boo
     else:
         out += ["| op | FLOPs | Params | exact FLOPs | exact params |", "|---|---|---|---|---|"]
     for r in (r for r in rows if r["direction"] == "up"):
-        label = f"{TABLE2_LABELS[r['name']]} (`{r['name']}`)"
-        if compare:
-            paper_f, paper_p = TABLE2_COSTS[r["name"]]
-            ours_f, ours_p = paper_round(r["flops_per_pixel"], like=paper_f), paper_round(r["params"], like=paper_p)
-            out.append(f"| {label} | {ours_f} | {ours_p} | {paper_f} | {paper_p} | {_fmt(r['flops_per_pixel'])} "
-                       f"| {_fmt(r['params'])} |")
+        name, flops, params = r["name"], r["flops_per_pixel"], r["params"]
+        label = f"{table2[name][0] if name in table2 else UP_LABELS[name]} (`{name}`)"
+        if compare and name in table2:
+            _, paper_f, paper_p = table2[name]
+            out.append(f"| {label} | {paper_round(flops, like=paper_f)} | {paper_round(params, like=paper_p)} "
+                       f"| {paper_f} | {paper_p} | {_fmt(flops)} | {_fmt(params)} |")
+        elif compare:
+            out.append(f"| {label} | {paper_round(flops)} | {paper_round(params)} | – | – | {_fmt(flops)} "
+                       f"| {_fmt(params)} |")
         else:
-            out.append(f"| {label} | {paper_round(r['flops_per_pixel'])} | {paper_round(r['params'])} "
-                       f"| {_fmt(r['flops_per_pixel'])} | {_fmt(r['params'])} |")
+            out.append(f"| {label} | {paper_round(flops)} | {paper_round(params)} | {_fmt(flops)} | {_fmt(params)} |")
     out += ["", f"### Downsamplers (C = {channels}, sigma = {scale}; FLOPs per input, high-resolution, pixel)", "",
             "| op | FLOPs | Params | exact FLOPs | exact params |", "|---|---|---|---|---|"]
     for r in (r for r in rows if r["direction"] == "down"):
@@ -117,23 +139,21 @@ def markdown(rows: list[dict[str, Any]], channels: int, scale: int, compare: boo
     return "\n".join(out) + "\n"
 
 
-def grids_markdown(table8: list[dict[str, Any]], table9: list[dict[str, Any]], channels: int, scale: int) -> str:
-    out = [f"### CARAFE across ICCV Table 8, C_m (k_enc = 3, k_up = 5; C = {channels}, sigma = {scale})", "",
-           "| C_m | FLOPs | Params | exact FLOPs | exact params | paper formula | AP (paper) |", "|---|---|---|---|---|---|---|"]
-    for r in table8:
-        cm = r["compressed_channels"]
-        formula = "n/a (no compressor)" if cm is None else _fmt(carafe_paper_flops(channels, scale, cm, 3, 5))
-        out.append(f"| {'none' if cm is None else cm} | {paper_round(r['flops_per_pixel'])} | {paper_round(r['params'])} "
-                   f"| {_fmt(r['flops_per_pixel'])} | {_fmt(r['params'])} | {formula} | {r['paper_ap']} |")
-    out += ["", f"### CARAFE across ICCV Table 9, (k_enc, k_up) (C_m = 64; C = {channels}, sigma = {scale})", "",
-            "| k_enc | k_up | FLOPs | Params | exact FLOPs | exact params | paper formula | AP (paper) |",
-            "|---|---|---|---|---|---|---|---|"]
-    for r in table9:
-        formula = carafe_paper_flops(channels, scale, 64, r["encoder_kernel"], r["up_kernel"])
-        out.append(f"| {r['encoder_kernel']} | {r['up_kernel']} | {paper_round(r['flops_per_pixel'])} "
-                   f"| {paper_round(r['params'])} | {_fmt(r['flops_per_pixel'])} | {_fmt(r['params'])} "
-                   f"| {_fmt(formula)} | {r['paper_ap']} |")
-    return "\n".join(out) + "\n"
+def grids_markdown(grids: dict[str, list[dict[str, Any]]], channels: int, scale: int) -> str:
+    out = []
+    for name, rows in grids.items():
+        title = load_table_spec(name).title.split(";")[0]
+        out += [f"### CARAFE over the rows of {title} (C = {channels}, sigma = {scale})", "",
+                "| row | FLOPs | Params | exact FLOPs | exact params | paper formula | AP (paper) |",
+                "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            cm = r["compressed_channels"]
+            formula = ("n/a (no compressor)" if cm is None else
+                       _fmt(carafe_paper_flops(channels, scale, cm, r["encoder_kernel"], r["up_kernel"])))
+            out.append(f"| {r['label']} | {paper_round(r['flops_per_pixel'])} | {paper_round(r['params'])} "
+                       f"| {_fmt(r['flops_per_pixel'])} | {_fmt(r['params'])} | {formula} | {r['paper_ap']} |")
+        out.append("")
+    return "\n".join(out)
 
 
 NOTES = """
@@ -161,30 +181,14 @@ Readings behind the figures the paper does not define:
   132,098 params, 1,064,984 FLOPs. The exact layout is our choice; the published numbers fix only its size.
 - S.A.: bilinear upsampling (8,192) + 3x3 conv C -> 1 with sigmoid at the output resolution (18,440) + rescaling the
   upsampled map (1,024): 27,656 FLOPs, 2,305 params. A nearest-based reading (19,464 FLOPs) cannot give 28k.
+
+DySample (ICCV 2023) is beyond the papers; the default is its 'lp' style, static scope, 4 groups: a 1x1 conv
+C -> 2 x 4 x sigma^2 = 32 offsets (16,448), the offsets added to the bilinear sampling positions (32) and bilinear
+sampling of the input (8,192): 24,672 FLOPs, 8,224 params.
+
+The rows of the three grids are those of `conf/table/8.yaml`, `9.yaml` and `10.yaml` (the tables
+`make reproduce-table-8` and so on train), and their AP column is the paper's figure declared there.
 """
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return commit + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="[up.|down.]OP.KEY=VALUE",
                         help="an option of one operator, e.g. carafe.compressed_channels=32 (repeatable)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
-    parser.add_argument("--grids", action="store_true", help="also CARAFE's costs over ICCV Tables 8 and 9")
+    parser.add_argument("--grids", action="store_true", help="also CARAFE's costs over ICCV Tables 8, 9 and 10")
     parser.add_argument("--write", type=Path, metavar="PATH",
                         help="write the markdown report (with the grids and Table 2 beside ours) to PATH")
     args = parser.parse_args(argv)
@@ -209,12 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload: Any = rows
         if grids is not None:
-            payload = {"ops": rows, "table8": grids[0], "table9": grids[1]}
+            payload = {"ops": rows, **{f"table{name}": grid for name, grid in grids.items()}}
         print(json.dumps(payload, indent=2))
     else:
         text = markdown(rows, args.channels, args.scale, compare)
         if args.grids:
-            text += "\n" + grids_markdown(*grids, args.channels, args.scale)
+            text += "\n" + grids_markdown(grids, args.channels, args.scale)
         print(text, end="")
 
     if args.write:
@@ -226,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                   "Table 2 columns are the ICCV 2019 paper's, printed figures; ours are rounded to the same "
                   "precision, and exact beside.\n\n")
         report = (header + markdown(rows, args.channels, args.scale, compare) + "\n"
-                  + grids_markdown(*grids, args.channels, args.scale) + NOTES)
-        write_atomic(args.write, report)
+                  + grids_markdown(grids, args.channels, args.scale) + NOTES)
+        write_text_atomic(args.write, report)
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
 

@@ -39,8 +39,8 @@ def test_benchmark_script_writes_its_report(tmp_path):
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "op-cpu.md").read_text()
     for needle in ("fp32 matmul rate", "## up (2, 8, 5, 5)", "## down (2, 8, 6, 7)", "| fast |", "| naive unfold |",
-                   "| deconv 3x3 |", "| strided conv 3x3 |", "**commit**", "**threads**: 2"):
+                   "| deconv 3x3 |", "| dysample |", "| strided conv 3x3 |", "**commit**", "**threads**: 2"):
         assert needle in report, needle
     rows = (tmp_path / "op-cpu.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 6 + 2 * 6  # header, 2 sizes x 2 directions x 6 methods
+    assert len(rows) == 1 + 2 * 7 + 2 * 6  # header, 2 sizes x (7 up methods + 6 down methods)
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind

@@ -1,5 +1,6 @@
 """Cost accounting: analytic FLOPs per input pixel equal a count of the aten operations each module runs, the
-convolution part equals torch.utils.flop_counter's, and the Table 2 figures come out at the paper's precision."""
+convolution part equals torch.utils.flop_counter's, and CARAFE's equal the paper's formula. (Table 2's printed
+figures, declared in conf/table/2.yaml, are checked against these costs in tests/test_results.py.)"""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from carafe import DOWNSAMPLERS, UPSAMPLERS, build_downsampler, build_upsampler, reassembly_flops, use_backend
-from carafe.costs import (TABLE2_COSTS, carafe_paper_flops, count_flops, flops_per_pixel, num_params,
-                          paper_round)
+from carafe.costs import carafe_paper_flops, count_flops, flops_per_pixel, num_params, paper_round
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,14 +64,6 @@ def test_reassembly_term_matches_reassembly_flops(up: bool) -> None:
     assert elementwise == reassembly_flops(x.shape, 5, 2, up=up)
 
 
-def test_table2_figures_at_the_papers_precision() -> None:
-    for name, (paper_flops, paper_params) in TABLE2_COSTS.items():
-        with torch.device("meta"):
-            module = build_upsampler(name, 256, 2)
-        assert paper_round(flops_per_pixel(module), like=paper_flops) == paper_flops, name
-        assert paper_round(num_params(module), like=paper_params) == paper_params, name
-
-
 def test_carafe_exact_and_paper_formula() -> None:
     module = build_upsampler("carafe", 256, 2)
     assert flops_per_pixel(module) == 199_496 == carafe_paper_flops(256, 2, 64, 3, 5)
@@ -115,5 +107,12 @@ def test_script_json_and_options() -> None:
                   "--set", "down.lip.variant=bottleneck", "--grids")
     carafe = next(r for r in changed["ops"] if r["name"] == "carafe" and r["direction"] == "up")
     assert carafe["flops_per_pixel"] == carafe_paper_flops(128, 4, 32, 3, 5)
+    # the grids are the rows of conf/table/8.yaml, 9.yaml and 10.yaml, costed at the asked C and sigma
     assert [r["compressed_channels"] for r in changed["table8"]] == [16, 32, 64, 128, 256, None]
-    assert len(changed["table9"]) == 8
+    assert [(r["encoder_kernel"], r["up_kernel"]) for r in changed["table9"]] == [
+        (1, 3), (1, 5), (3, 3), (3, 5), (3, 7), (5, 5), (5, 7), (7, 7)]
+    assert [r["normalizer"] for r in changed["table10"]] == ["sigmoid", "sigmoid_normalized", "softmax"]
+    for r in changed["table8"][:-1] + changed["table9"]:
+        assert r["flops_per_pixel"] == carafe_paper_flops(128, 4, r["compressed_channels"], r["encoder_kernel"],
+                                                          r["up_kernel"])
+    assert [r["paper_ap"] for r in changed["table10"]] == [37.4, 37.8, 37.8]  # ICCV 2019 Table 10

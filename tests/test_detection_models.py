@@ -201,6 +201,8 @@ def test_initialisation_follows_the_papers_code() -> None:
         assert up.content_encoder.weight.std() < 0.0012
     for up in fpns["gum"].upsamplers:  # GUM keeps its zero offsets (it starts as bilinear upsampling)
         assert not up.offset.weight.any()
+    for up in UpsamplerFPN([256, 512, 1024, 2048], upsampler="dysample").upsamplers:  # DySample: N(0, 0.001)
+        assert up.offset.weight.std() < 0.0012 and not up.offset.bias.any()
     deconv = MaskPredictor(256, NUM_CLASSES).upsample.deconv.weight  # kaiming fan_out: 2 / (256 * 4)
     assert abs(deconv.std().item() - math.sqrt(2 / 1024)) < 0.003
 
