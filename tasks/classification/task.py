@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,26 +19,27 @@ from tasks.common.task import Task
 
 
 class ClassificationTask(Task):
+    """ImageNet classification (CARAFE++ Tables II, XII). The template for a new task: a ``Task`` subclass named by
+    ``_target_`` in ``conf/task/<name>.yaml``, which turns the config into plain keyword arguments for its model
+    (``model.py``) and datasets (``data.py``), says what a batch's loss is and what the metrics are."""
+
     primary_metric = "top1"
+    dataset_name = "ImageNet"
 
-    def dataset_description(self) -> str:
-        data = self.cfg.data
-        if data.root is not None:
-            return f"ImageNet at {data.root}"
-        e = data.embedded
-        return (f"embedded ImageNet-layout default ({len(CLASS_NAMES)} classes, {e.image_size} px, "
-                f"{e.train_per_class}/{e.val_per_class} train/val images per class, seed {e.seed})")
+    def check_dataset(self, root: Path) -> None:
+        check_imagenet_layout(root)
 
-    def prepare_data(self) -> None:
-        data = self.cfg.data
-        if data.root is not None:
-            check_imagenet_layout(data.root)
-            return
-        e = data.embedded
-        if data.num_classes != len(CLASS_NAMES):
+    def write_embedded_dataset(self, embedded: Any) -> None:
+        if self.cfg.data.num_classes != len(CLASS_NAMES):
             raise ValueError(f"the embedded dataset has {len(CLASS_NAMES)} classes but data.num_classes="
-                             f"{data.num_classes}")
-        ensure_synthetic_imagenet(e.dir, e.seed, e.train_per_class, e.val_per_class, e.image_size)
+                             f"{self.cfg.data.num_classes}")
+        ensure_synthetic_imagenet(embedded.dir, embedded.seed, embedded.train_per_class, embedded.val_per_class,
+                                  embedded.image_size)
+
+    def describe_embedded_dataset(self, embedded: Any) -> str:
+        return (f"embedded ImageNet-layout default ({len(CLASS_NAMES)} classes, {embedded.image_size} px, "
+                f"{embedded.train_per_class}/{embedded.val_per_class} train/val images per class, "
+                f"seed {embedded.seed})")
 
     def build_model(self) -> nn.Module:
         downsampler = self.cfg.get("downsampler")

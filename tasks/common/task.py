@@ -20,7 +20,8 @@ from tasks.common.speed import noise_image
 
 
 class Task:
-    """Base class; subclasses implement the four methods that raise ``NotImplementedError`` below."""
+    """Base class; subclasses implement the methods that raise ``NotImplementedError`` below.
+    ``tasks.classification.task.ClassificationTask`` is the template a new task copies."""
 
     #: the metric a table row reports first and the progress bar shows, e.g. ``"top1"``
     primary_metric: str = ""
@@ -47,16 +48,40 @@ class Task:
         raise NotImplementedError
 
     def prepare_data(self) -> None:
-        """Rank 0 only, before ``build_datasets``: check the dataset exists or write the embedded default."""
+        """Rank 0 only, before ``build_datasets``: check the real dataset's layout (``data.root``) or write the
+        embedded default (``data.embedded``) if it is not there yet."""
+        data = self.cfg.data
+        if data.root is not None:
+            self.check_dataset(Path(data.root))
+        else:
+            self.write_embedded_dataset(data.embedded)
+
+    def dataset_description(self) -> str:
+        """One line for provenance: which dataset, embedded or real, and where."""
+        data = self.cfg.data
+        if data.root is not None:
+            return f"{self.dataset_name} at {data.root}"
+        return self.describe_embedded_dataset(data.embedded)
+
+    #: the real dataset's name, for provenance, e.g. ``"ImageNet"``
+    dataset_name: str = ""
+
+    def check_dataset(self, root: Path) -> None:
+        """Raise ``FileNotFoundError`` saying what is expected when ``root`` does not hold the real dataset's layout."""
+        raise NotImplementedError
+
+    def write_embedded_dataset(self, embedded: Any) -> None:
+        """Write the embedded default described by the ``data.embedded`` node unless it is already there."""
+        raise NotImplementedError
+
+    def describe_embedded_dataset(self, embedded: Any) -> str:
+        """One line saying what the embedded default described by ``data.embedded`` is."""
+        raise NotImplementedError
 
     def image_files(self, dataset: Dataset) -> list[Path]:
         """Every image file ``dataset`` reads, for ``data.verify=true``."""
         raise NotImplementedError(f"{type(self).__name__} does not list its image files, so data.verify is not "
                                   "available for it")
-
-    def dataset_description(self) -> str:
-        """One line for provenance: which dataset, embedded or real, and where."""
-        return ""
 
     def collate_fn(self) -> Callable | None:
         return None

@@ -32,6 +32,7 @@ from tasks.detection.synthetic import CATEGORIES, ensure_synthetic_coco
 
 class DetectionTask(Task):
     primary_metric = "bbox_AP"
+    dataset_name = "COCO 2017"
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -62,25 +63,19 @@ class DetectionTask(Task):
     def iou_types(self) -> tuple[str, ...]:
         return ("bbox", "segm") if self.with_masks else ("bbox",)
 
-    def dataset_description(self) -> str:
-        data = self.cfg.data
-        if data.root is not None:
-            return f"COCO 2017 at {data.root} (train2017 / val2017)"
-        e = data.embedded
-        return (f"embedded COCO-format default ({len(CATEGORIES)} categories, {e.image_size} px, "
-                f"{e.num_train}/{e.num_val} train/val images, seed {e.seed})")
+    def check_dataset(self, root: Path) -> None:
+        for split in ("train", "val"):
+            coco_paths(root, split)
 
-    def prepare_data(self) -> None:
-        data = self.cfg.data
-        if data.root is not None:
-            for split in ("train", "val"):
-                coco_paths(data.root, split)
-            return
-        e = data.embedded
-        if data.num_classes != len(CATEGORIES) + 1:
+    def write_embedded_dataset(self, embedded: Any) -> None:
+        if self.cfg.data.num_classes != len(CATEGORIES) + 1:
             raise ValueError(f"the embedded dataset has {len(CATEGORIES)} categories (+ background = "
-                             f"{len(CATEGORIES) + 1}) but data.num_classes={data.num_classes}")
-        ensure_synthetic_coco(e.dir, e.seed, e.num_train, e.num_val, e.image_size)
+                             f"{len(CATEGORIES) + 1}) but data.num_classes={self.cfg.data.num_classes}")
+        ensure_synthetic_coco(embedded.dir, embedded.seed, embedded.num_train, embedded.num_val, embedded.image_size)
+
+    def describe_embedded_dataset(self, embedded: Any) -> str:
+        return (f"embedded COCO-format default ({len(CATEGORIES)} categories, {embedded.image_size} px, "
+                f"{embedded.num_train}/{embedded.num_val} train/val images, seed {embedded.seed})")
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
