@@ -25,12 +25,10 @@ import datetime
 import io
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,6 +40,8 @@ from torch import nn
 
 import carafe
 from carafe.naive import carafe_down_unfold, carafe_unfold
+from tasks.common.io import write_text_atomic
+from tasks.common.provenance import device_name, git_commit
 
 REPO = Path(__file__).resolve().parent.parent
 REASSEMBLY_METHODS = ("reference", "fast", "naive unfold")
@@ -238,41 +238,10 @@ def measure_memory(args: argparse.Namespace, device: torch.device) -> dict[str, 
     return peaks
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("+uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def report_stem(device: torch.device) -> str:
     if device.type == "cpu":
         return "op-cpu"
     return "op-" + re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -395,14 +364,14 @@ def main() -> None:
         "wall time": f"{time.time() - started:.0f} s",
     }
     stem = report_stem(device)
-    write_atomic(args.out_dir / f"{stem}.md", render_markdown(rows, header, matmul, copy, headline))
+    write_text_atomic(args.out_dir / f"{stem}.md", render_markdown(rows, header, matmul, copy, headline))
     buf = io.StringIO()
     fields = list(asdict(rows[0]))
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow(asdict(row))
-    write_atomic(args.out_dir / f"{stem}.csv", buf.getvalue())
+    write_text_atomic(args.out_dir / f"{stem}.csv", buf.getvalue())
     for line in headline:
         print(line)
     print(f"wrote {args.out_dir / stem}.md and .csv")

@@ -373,7 +373,7 @@ def test_a_table_json_round_trips_through_index_runs(tmp_path: Path) -> None:
     results.write_table(spec, {"scale": "tiny"}, tmp_path)
     found = index_runs(tmp_path / "table-demo.json")
     assert found["h1"].record["metrics"] == {"val": {"acc": 41.0}} and found["h0"].run_dir is None
-    assert found["h0"].source == f"<outside the repository>/table-demo.json at commit not committed"
+    assert found["h0"].source == "<outside the repository>/table-demo.json at commit not committed"
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(TableSpecError, match="not a rendered table JSON"):
         index_runs(tmp_path / "broken.json")
