@@ -21,6 +21,8 @@ def check_int(name: str, value: object, minimum: int) -> int:
 def _check_tensor(name: str, t: object) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with .to_dense()")
     if t.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor (N, C, H, W), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
@@ -43,6 +45,12 @@ def check_inputs(features: object, masks: object, kernel_size: object, group_siz
     if masks.device != features.device:
         raise ValueError(f"masks are on {masks.device} but features are on {features.device}")
     n, c, h, w = features.shape
+    if c < 1 or h < 1 or w < 1:
+        raise ValueError(f"features must have C, H, W >= 1, got shape (N, C, H, W) = {tuple(features.shape)}: "
+                         "an empty feature map has nothing to reassemble (N = 0, an empty batch, is allowed)")
+    if masks.shape[0] != n:
+        raise ValueError(f"masks must have the batch size N = {n} of features, got N = {masks.shape[0]} "
+                         f"(masks of shape {tuple(masks.shape)}, features of shape {tuple(features.shape)})")
     if c % g != 0:
         raise ValueError(f"the number of channels ({c}) must be divisible by group_size ({g})")
     out_hw = (h * s, w * s) if up else (-(-h // s), -(-w // s))

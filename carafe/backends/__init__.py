@@ -28,6 +28,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from carafe.backends.function import storage_problem
+
 _MODULES = {"reference": "carafe.backends.reference", "cpu": "carafe.backends.cpu", "cuda": "carafe.backends.cuda"}
 BACKENDS = tuple(_MODULES)
 
@@ -77,6 +79,8 @@ def current_backend() -> str:
 
 
 def _auto_name(features: Tensor) -> str:
+    if storage_problem(features) is not None:
+        return "reference"  # a traced call (fake / meta / functional tensors): no compiled kernel may run on it
     if features.device.type == "cuda":
         return "cuda"
     if features.device.type == "cpu" and features.dtype in (torch.float32, torch.float64):

@@ -27,7 +27,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from carafe.backends.function import is_channels_last, reassemble_function
+from carafe.backends.function import (check_storage, is_channels_last, kernel_operand,
+                                     kernel_unavailable_reason, reassemble_function)
 
 CUDA_SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda"
 KERNEL_SOURCE = CUDA_SOURCE_DIR / "carafe_kernels.cu"
@@ -165,6 +166,8 @@ def launch(kernel: str, a: Tensor, b: Tensor, out: Tensor, geometry: tuple[int, 
     groups, sigma, up)."""
     import numpy
 
+    for name, t in (("a", a), ("b", b), ("out", out)):
+        check_storage(t, f"{kernel}'s operand {name}")
     items = work_items(kernel, geometry)
     if items == 0:
         return out
@@ -178,7 +181,8 @@ def launch(kernel: str, a: Tensor, b: Tensor, out: Tensor, geometry: tuple[int, 
 
 def _run(kernel: str, a: Tensor, b: Tensor, shape: tuple, layout_of: Tensor, geometry: tuple) -> Tensor:
     """Run ``kernel`` on NCHW-contiguous copies of a, b (no copy if already so); channels_last in, channels_last out."""
-    out = launch(kernel, a.contiguous(), b.contiguous(), new_output(shape, a), geometry)
+    a, b = kernel_operand(a).contiguous(), kernel_operand(b).contiguous()
+    out = launch(kernel, a, b, new_output(shape, a), geometry)
     return out.contiguous(memory_format=torch.channels_last) if is_channels_last(layout_of) else out
 
 
@@ -203,7 +207,7 @@ class CUDABackend:
             return "CuPy sees no CUDA device"
         if not KERNEL_SOURCE.is_file():
             return f"the kernel sources are missing: {KERNEL_SOURCE} does not exist (use a source checkout)"
-        return None
+        return kernel_unavailable_reason(features)
 
     def reassemble(self, features, masks, kernel_size, group_size, scale_factor, up):
         return _Reassemble.apply(features, masks, kernel_size, group_size, scale_factor, up)

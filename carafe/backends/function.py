@@ -12,9 +12,47 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 KernelRunner = Callable[[str, Tensor, Tensor, tuple, Tensor, tuple], Tensor]
+
+
+def storage_problem(t: Tensor) -> str | None:
+    """None if ``t`` owns real memory a compiled kernel may read through ``data_ptr()``, else what it is instead.
+
+    Fake tensors (FakeTensorMode, torch.compile / export tracing), meta tensors, functional tensors and functorch
+    wrappers (vmap, grad) have no memory behind ``data_ptr()``; a kernel given one would read or write address 0.
+    """
+    if is_fake(t):
+        return "a FakeTensor (tracing under FakeTensorMode, torch.compile or torch.export)"
+    if t.device.type == "meta":
+        return "a meta tensor"
+    if torch._is_functional_tensor(t):
+        return "a functional tensor (functionalization)"
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return "a functorch-wrapped tensor (torch.func.vmap / grad)"
+    return None
+
+
+def kernel_unavailable_reason(t: Tensor) -> str | None:
+    """A compiled backend's ``unavailable_reason`` for a tensor without real storage, None for one with it."""
+    problem = storage_problem(t)
+    return None if problem is None else f"its compiled kernels need tensors with real memory, got {problem}"
+
+
+def check_storage(t: Tensor, what: str) -> None:
+    """Raise instead of handing a tensor without real storage (see ``storage_problem``) to a compiled kernel."""
+    problem = storage_problem(t)
+    if problem is not None:
+        raise RuntimeError(f"the compiled CARAFE kernels need tensors with real memory, but {what} is {problem}; "
+                           "call carafe.carafe / carafe.carafe_down, which trace such tensors without a kernel")
+
+
+def kernel_operand(t: Tensor) -> Tensor:
+    """``t`` with its negative / conjugate bits applied: kernels read raw memory and would ignore a lazy sign flip
+    (``torch._neg_view``, views that ``torch.neg`` / ``torch.conj`` produce)."""
+    return t.resolve_neg().resolve_conj()
 
 
 def is_channels_last(t: Tensor) -> bool:

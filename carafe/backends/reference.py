@@ -21,7 +21,7 @@ def centre_indices(out_size: int, scale_factor: int, up: bool, device: torch.dev
 
 def reassemble(features: Tensor, masks: Tensor, kernel_size: int, group_size: int, scale_factor: int,
                up: bool) -> Tensor:
-    n, c, _, _ = features.shape
+    n, c, h, w = features.shape
     out_h, out_w = masks.shape[-2:]
     r = kernel_size // 2
     padded = F.pad(features, (r, r, r, r))
@@ -32,9 +32,12 @@ def reassemble(features: Tensor, masks: Tensor, kernel_size: int, group_size: in
     for ky in range(kernel_size):
         # Padding shifts every index by r, so input row `centre + ky - r` is padded row `centre + ky`.
         tap_rows = padded.index_select(2, rows + ky)
+        row_inside = (rows + ky - r >= 0) & (rows + ky - r < h)
         for kx in range(kernel_size):
             taps = tap_rows.index_select(3, cols + kx).reshape(n, group_size, c // group_size, out_h, out_w)
-            out = out + taps * masks[:, :, :, ky * kernel_size + kx]
+            inside = row_inside[:, None] & ((cols + kx - r >= 0) & (cols + kx - r < w))[None, :]
+            # A tap outside the map contributes exactly zero, even where its mask weight is NaN or infinite.
+            out = out + torch.where(inside, taps * masks[:, :, :, ky * kernel_size + kx], 0)
     return out.reshape(n, c, out_h, out_w)
 
 
