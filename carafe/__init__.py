@@ -6,7 +6,8 @@
 
 from carafe.backends import BACKENDS, BackendUnavailableError, current_backend, use_backend
 from carafe.modules import CARAFEDownPack, CARAFEPack, normalize_kernels
-from carafe.ops import carafe, carafe_down, reassembly_flops
+from carafe.library import reassembly_flops
+from carafe.ops import carafe, carafe_down
 from carafe.downsamplers import DOWNSAMPLERS, build_downsampler
 from carafe.upsamplers import UPSAMPLERS, build_upsampler
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from carafe.backends.function import (check_storage, is_channels_last, kernel_operand,
-                                     kernel_unavailable_reason, reassemble_function)
+                                     kernel_unavailable_reason, run_kernel)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "reassemble_cpu.cpp"
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
@@ -185,9 +185,6 @@ def _run(kernel: str, a: Tensor, b: Tensor, shape: tuple, layout_of: Tensor, geo
     return out
 
 
-_Reassemble = reassemble_function(_run)
-
-
 class CPUBackend:
     def unavailable_reason(self, features: Tensor) -> str | None:
         if features.device.type != "cpu":
@@ -201,8 +198,9 @@ class CPUBackend:
             return str(err)
         return kernel_unavailable_reason(features)
 
-    def reassemble(self, features, masks, kernel_size, group_size, scale_factor, up):
-        return _Reassemble.apply(features, masks, kernel_size, group_size, scale_factor, up)
+    def compute(self, kernel: str, features: Tensor, masks: Tensor, grad_out: Tensor | None, kernel_size: int,
+                group_size: int, scale_factor: int, up: bool) -> Tensor:
+        return run_kernel(_run, kernel, features, masks, grad_out, kernel_size, group_size, scale_factor, up)
 
 
 BACKEND = CPUBackend()

@@ -27,12 +27,11 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from carafe.backends.function import (check_storage, is_channels_last, kernel_operand,
-                                     kernel_unavailable_reason, reassemble_function)
+from carafe.backends.function import (KERNELS, check_storage, is_channels_last, kernel_operand,
+                                     kernel_unavailable_reason, run_kernel)
 
 CUDA_SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda"
 KERNEL_SOURCE = CUDA_SOURCE_DIR / "carafe_kernels.cu"
-KERNELS = ("forward", "backward_features", "backward_masks")
 SUFFIXES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 THREADS_PER_BLOCK = 256
 # Work split of the kernels; must equal kChannelsPerThread and kTapsPerThread in cuda/carafe_reassemble.cuh.
@@ -186,9 +185,6 @@ def _run(kernel: str, a: Tensor, b: Tensor, shape: tuple, layout_of: Tensor, geo
     return out.contiguous(memory_format=torch.channels_last) if is_channels_last(layout_of) else out
 
 
-_Reassemble = reassemble_function(_run)
-
-
 class CUDABackend:
     def unavailable_reason(self, features: Tensor) -> str | None:
         if features.device.type != "cuda":
@@ -209,8 +205,9 @@ class CUDABackend:
             return f"the kernel sources are missing: {KERNEL_SOURCE} does not exist (use a source checkout)"
         return kernel_unavailable_reason(features)
 
-    def reassemble(self, features, masks, kernel_size, group_size, scale_factor, up):
-        return _Reassemble.apply(features, masks, kernel_size, group_size, scale_factor, up)
+    def compute(self, kernel: str, features: Tensor, masks: Tensor, grad_out: Tensor | None, kernel_size: int,
+                group_size: int, scale_factor: int, up: bool) -> Tensor:
+        return run_kernel(_run, kernel, features, masks, grad_out, kernel_size, group_size, scale_factor, up)
 
 
 BACKEND = CUDABackend()

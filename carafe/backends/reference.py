@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from carafe.backends.function import memory_format_of, result_layout
+
 
 def centre_indices(out_size: int, scale_factor: int, up: bool, device: torch.device) -> Tensor:
     """Input index of the reassembly centre of each output index along one axis."""
@@ -45,7 +47,20 @@ class ReferenceBackend:
     def unavailable_reason(self, features: Tensor) -> str | None:
         return None
 
-    reassemble = staticmethod(reassemble)
+    def compute(self, kernel: str, features: Tensor, masks: Tensor, grad_out: Tensor | None, kernel_size: int,
+                group_size: int, scale_factor: int, up: bool) -> Tensor:
+        """``reassemble``, or one of its gradients as autograd's vector-Jacobian product of it."""
+        shape, layout_of = result_layout(kernel, features, masks, grad_out)
+        if kernel == "forward":
+            result = reassemble(features, masks, kernel_size, group_size, scale_factor, up)
+        else:
+            wrt = 0 if kernel == "backward_features" else 1
+            inputs = [features.detach(), masks.detach()]
+            inputs[wrt].requires_grad_()
+            with torch.enable_grad():
+                out = reassemble(*inputs, kernel_size, group_size, scale_factor, up)
+                (result,) = torch.autograd.grad(out, inputs[wrt], grad_out)
+        return result.contiguous(memory_format=memory_format_of(layout_of))
 
 
 BACKEND = ReferenceBackend()
