@@ -53,12 +53,12 @@ def test_the_compiled_kernels_refuse_fake_tensors():
     with FakeTensorMode():
         x, m = torch.randn(1, 4, 3, 3), torch.randn(1, 9, 6, 6)
         with pytest.raises(RuntimeError, match="need tensors with real memory, but .* is a FakeTensor"):
-            cpu_backend.BACKEND.reassemble(x, m, 3, 1, 2, True)
+            cpu_backend.BACKEND.compute("forward", x, m, None, 3, 1, 2, True)
         with use_backend("cpu"), pytest.raises(BackendUnavailableError, match="real memory, got a FakeTensor"):
             carafe.carafe(x, m, 3, 1, 2)
     with pytest.raises(RuntimeError, match="is a meta tensor"):
         meta_x, meta_m = torch.empty(1, 4, 3, 3, device="meta"), torch.empty(1, 9, 6, 6, device="meta")
-        cpu_backend.BACKEND.reassemble(meta_x, meta_m, 3, 1, 2, True)
+        cpu_backend.BACKEND.compute("forward", meta_x, meta_m, None, 3, 1, 2, True)
 
 
 # --- the build cache ---------------------------------------------------------------------------------------------
