@@ -30,7 +30,9 @@ from torch import Tensor
 from carafe.backends.function import (KERNELS, check_storage, is_channels_last, kernel_operand,
                                      kernel_unavailable_reason, run_kernel)
 
-CUDA_SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda"
+# An installed wheel carries the sources as carafe/cuda (mapped from cuda/ at build time); a checkout has cuda/.
+_PACKAGED_SOURCES = Path(__file__).resolve().parents[1] / "cuda"
+CUDA_SOURCE_DIR = _PACKAGED_SOURCES if _PACKAGED_SOURCES.is_dir() else Path(__file__).resolve().parents[2] / "cuda"
 KERNEL_SOURCE = CUDA_SOURCE_DIR / "carafe_kernels.cu"
 SUFFIXES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 THREADS_PER_BLOCK = 256
@@ -58,7 +60,7 @@ def kernel_source() -> str:
     if not KERNEL_SOURCE.is_file():
         raise FileNotFoundError(
             f"CUDA kernel sources not found at {KERNEL_SOURCE}: the CUDA backend reads them from the repository's "
-            "top-level cuda/ folder, so run from a source checkout (an editable install: pip install -e '.[cuda]')")
+            "top-level cuda/ folder (or the carafe/cuda folder of an installed wheel); reinstall the package")
 
     def expand(path: Path, seen: frozenset[Path]) -> str:
         def include(match: re.Match[str]) -> str:
