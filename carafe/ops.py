@@ -16,11 +16,21 @@ from carafe.library import OPS
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int; ``TypeError`` if it is not an integer (bools are not), ``ValueError`` if below
+    ``minimum``; both messages name ``name`` and the value."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_odd(name: str, value: object) -> int:
+    """``value`` as an int if it is an odd integer >= 1 (a kernel size with a centre), else a named error."""
+    value = check_int(name, value, 1)
+    if value % 2 == 0:
+        raise ValueError(f"{name} must be odd, got {value}")
+    return value
 
 
 def _check_tensor(name: str, t: object) -> Tensor:
@@ -40,9 +50,7 @@ def check_inputs(features: object, masks: object, kernel_size: object, group_siz
     """Validate the arguments of carafe / carafe_down; return (kernel_size, group_size, scale_factor) as ints."""
     features = _check_tensor("features", features)
     masks = _check_tensor("masks", masks)
-    k = check_int("kernel_size", kernel_size, 1)
-    if k % 2 == 0:
-        raise ValueError(f"kernel_size must be odd, got {k}")
+    k = check_odd("kernel_size", kernel_size)
     g = check_int("group_size", group_size, 1)
     s = check_int("scale_factor", scale_factor, 1)
     if masks.dtype != features.dtype:
