@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
-EXTRAS ?= cuda,dev
+EXTRAS ?= repro,onnx,cuda,dev
 # reproduce-table-*: SCALE=tiny (embedded data) or paper (DATA_ROOT=/path/to/dataset); NPROC processes per run;
 # OVERRIDES="key=value ..." Hydra overrides for every row (e.g. model.backbone_weights=... for detection);
 # SEEDS=N runs seeds 0..N-1 of every row (default: the table spec's `seeds`).

@@ -6,7 +6,8 @@
 
 from carafe.backends import BACKENDS, BackendUnavailableError, current_backend, use_backend
 from carafe.modules import CARAFEDownPack, CARAFEPack, normalize_kernels
-from carafe.ops import carafe, carafe_down, reassembly_flops
+from carafe.library import reassembly_flops
+from carafe.ops import carafe, carafe_down, check_int, check_odd
 from carafe.downsamplers import DOWNSAMPLERS, build_downsampler
 from carafe.upsamplers import UPSAMPLERS, build_upsampler
 
@@ -21,6 +22,8 @@ __all__ = [
     "build_upsampler",
     "carafe",
     "carafe_down",
+    "check_int",
+    "check_odd",
     "current_backend",
     "normalize_kernels",
     "reassembly_flops",

@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from carafe.modules import CARAFEDownPack, CARAFEPack
 
@@ -193,6 +194,8 @@ class FlopCount(TorchDispatchMode):
             self._add(func, out.numel())
         elif func is _aten.sum.dim_IntList:
             self._add(func, args[0].numel() - out.numel())
+        elif func.namespace == "carafe":  # the registered reassembly ops count with their own formula (2 k^2 C)
+            self._add(func, flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
         return out
 
 

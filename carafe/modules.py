@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carafe.ops import check_int, carafe, carafe_down
+from carafe.ops import carafe, carafe_down, check_int, check_odd
 
 NORMALIZERS = ("softmax", "sigmoid", "sigmoid_normalized")
 
@@ -51,13 +51,6 @@ def pixel_shuffle(x: Tensor, scale_factor: int) -> Tensor:
     return x.reshape(n, channels // (s * s), h * s, w * s)
 
 
-def _check_odd(name: str, value: object) -> int:
-    value = check_int(name, value, 1)
-    if value % 2 == 0:
-        raise ValueError(f"{name} must be odd, got {value}")
-    return value
-
-
 class _KernelPrediction(nn.Module):
     """Shared settings, validation and initialisation of the up and down modules."""
 
@@ -69,11 +62,11 @@ class _KernelPrediction(nn.Module):
         super().__init__()
         self.channels = check_int("channels", channels, 1)
         self.scale_factor = check_int("scale_factor", scale_factor, 1)
-        self.kernel_size = _check_odd("kernel_size", kernel_size)
+        self.kernel_size = check_odd("kernel_size", kernel_size)
         self.group_size = check_int("group_size", group_size, 1)
         if channels % group_size != 0:
             raise ValueError(f"channels ({channels}) must be divisible by the group size ({group_size})")
-        self.encoder_kernel = _check_odd("encoder_kernel", encoder_kernel)
+        self.encoder_kernel = check_odd("encoder_kernel", encoder_kernel)
         self.encoder_dilation = check_int("encoder_dilation", encoder_dilation, 1)
         if compressed_channels is not None:
             compressed_channels = check_int("compressed_channels", compressed_channels, 1)

@@ -1,4 +1,5 @@
-"""``carafe`` (upsampling) and ``carafe_down`` (CARAFE++ downsampling): input checks, then the selected backend."""
+"""``carafe`` (upsampling) and ``carafe_down`` (CARAFE++ downsampling): input checks, then the registered operator
+(``torch.ops.carafe.carafe`` / ``carafe_down``, see ``carafe.library``), which runs the selected backend."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import numbers
 import torch
 from torch import Tensor
 
-from carafe.backends import select
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+from carafe.decomposition import reassemble_standard_ops
+from carafe.library import OPS
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int; ``TypeError`` if it is not an integer (bools are not), ``ValueError`` if below
+    ``minimum``; both messages name ``name`` and the value."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
@@ -18,9 +25,19 @@ def check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def check_odd(name: str, value: object) -> int:
+    """``value`` as an int if it is an odd integer >= 1 (a kernel size with a centre), else a named error."""
+    value = check_int(name, value, 1)
+    if value % 2 == 0:
+        raise ValueError(f"{name} must be odd, got {value}")
+    return value
+
+
 def _check_tensor(name: str, t: object) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with .to_dense()")
     if t.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor (N, C, H, W), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
@@ -33,9 +50,7 @@ def check_inputs(features: object, masks: object, kernel_size: object, group_siz
     """Validate the arguments of carafe / carafe_down; return (kernel_size, group_size, scale_factor) as ints."""
     features = _check_tensor("features", features)
     masks = _check_tensor("masks", masks)
-    k = check_int("kernel_size", kernel_size, 1)
-    if k % 2 == 0:
-        raise ValueError(f"kernel_size must be odd, got {k}")
+    k = check_odd("kernel_size", kernel_size)
     g = check_int("group_size", group_size, 1)
     s = check_int("scale_factor", scale_factor, 1)
     if masks.dtype != features.dtype:
@@ -43,9 +58,16 @@ def check_inputs(features: object, masks: object, kernel_size: object, group_siz
     if masks.device != features.device:
         raise ValueError(f"masks are on {masks.device} but features are on {features.device}")
     n, c, h, w = features.shape
+    if c < 1 or h < 1 or w < 1:
+        raise ValueError(f"features must have C, H, W >= 1, got shape (N, C, H, W) = {tuple(features.shape)}: "
+                         "an empty feature map has nothing to reassemble (N = 0, an empty batch, is allowed)")
+    if masks.shape[0] != n:
+        raise ValueError(f"masks must have the batch size N = {n} of features, got N = {masks.shape[0]} "
+                         f"(masks of shape {tuple(masks.shape)}, features of shape {tuple(features.shape)})")
     if c % g != 0:
         raise ValueError(f"the number of channels ({c}) must be divisible by group_size ({g})")
-    out_hw = (h * s, w * s) if up else (-(-h // s), -(-w // s))
+    # (h - 1) // s + 1 is ceil(h / s) written as a stride-s convolution computes it, so traced shapes match.
+    out_hw = (h * s, w * s) if up else ((h - 1) // s + 1, (w - 1) // s + 1)
     expected = (n, g * k * k, *out_hw)
     if tuple(masks.shape) != expected:
         what = "group_size * kernel_size**2" if masks.shape[1] != expected[1] else (
@@ -53,6 +75,27 @@ def check_inputs(features: object, masks: object, kernel_size: object, group_siz
         raise ValueError(f"masks must have shape (N, {what}) = {expected} for features of shape {tuple(features.shape)}"
                          f", kernel_size={k}, group_size={g}, scale_factor={s}; got {tuple(masks.shape)}")
     return k, g, s
+
+
+def _reassemble(features: Tensor, masks: Tensor, kernel_size: int, group_size: int, scale_factor: int,
+                up: bool) -> Tensor:
+    """The registered operator, or its standard-op decomposition while ``torch.onnx.export`` traces the call."""
+    if torch.onnx.is_in_onnx_export():
+        return reassemble_standard_ops(features, masks, kernel_size, group_size, scale_factor, up)
+    if not torch.compiler.is_compiling():
+        _refuse_functorch_differentiation()
+    return OPS["carafe" if up else "carafe_down"]["forward"](features, masks, kernel_size, group_size, scale_factor)
+
+
+def _refuse_functorch_differentiation() -> None:
+    # torch.library's autograd registration is not visible to torch.func's differentiation transforms; without this
+    # check they fail with a message about autograd.Function internals.
+    for interpreter in retrieve_all_functorch_interpreters():
+        if interpreter.key() in (TransformType.Grad, TransformType.Jvp):
+            raise RuntimeError(
+                "carafe / carafe_down do not support torch.func.grad, vjp, jacrev, jvp or jacfwd (its gradients are "
+                "registered for torch.autograd); use torch.autograd.grad or .backward() instead. torch.func.vmap "
+                "works.")
 
 
 def carafe(features: Tensor, masks: Tensor, kernel_size: int, group_size: int, scale_factor: int) -> Tensor:
@@ -73,7 +116,7 @@ def carafe(features: Tensor, masks: Tensor, kernel_size: int, group_size: int, s
         Tensor[N, C, H * scale_factor, W * scale_factor], differentiable w.r.t. ``features`` and ``masks``.
     """
     k, g, s = check_inputs(features, masks, kernel_size, group_size, scale_factor, up=True)
-    return select(features).reassemble(features, masks, k, g, s, True)
+    return _reassemble(features, masks, k, g, s, up=True)
 
 
 def carafe_down(features: Tensor, masks: Tensor, kernel_size: int, group_size: int, scale_factor: int) -> Tensor:
@@ -93,13 +136,4 @@ def carafe_down(features: Tensor, masks: Tensor, kernel_size: int, group_size: i
         Tensor[N, C, ceil(H / scale_factor), ceil(W / scale_factor)], differentiable w.r.t. both inputs.
     """
     k, g, s = check_inputs(features, masks, kernel_size, group_size, scale_factor, up=False)
-    return select(features).reassemble(features, masks, k, g, s, False)
-
-
-def reassembly_flops(features_shape: tuple[int, ...] | torch.Size, kernel_size: int, scale_factor: int,
-                     up: bool) -> int:
-    """FLOPs of one reassembly forward with the papers' convention (a multiply-add counts 2): 2 * k^2 * C per output
-    pixel, for every output pixel."""
-    n, c, h, w = features_shape
-    out_h, out_w = (h * scale_factor, w * scale_factor) if up else (-(-h // scale_factor), -(-w // scale_factor))
-    return 2 * kernel_size * kernel_size * c * n * out_h * out_w
+    return _reassemble(features, masks, k, g, s, up=False)

@@ -28,6 +28,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from carafe.backends.function import storage_problem
+
 _MODULES = {"reference": "carafe.backends.reference", "cpu": "carafe.backends.cpu", "cuda": "carafe.backends.cuda"}
 BACKENDS = tuple(_MODULES)
 
@@ -43,9 +45,11 @@ class Backend(Protocol):
     def unavailable_reason(self, features: Tensor) -> str | None:
         """None if this backend can run on ``features``' device and dtype, else why not and how to fix it."""
 
-    def reassemble(self, features: Tensor, masks: Tensor, kernel_size: int, group_size: int, scale_factor: int,
-                   up: bool) -> Tensor:
-        """The op on validated inputs; ``up`` selects CARAFE (True) or CARAFE++ downsampling (False)."""
+    def compute(self, kernel: str, features: Tensor, masks: Tensor, grad_out: Tensor | None, kernel_size: int,
+                group_size: int, scale_factor: int, up: bool) -> Tensor:
+        """One of the op's three kernels on validated inputs: ``forward`` (the reassembly of ``features`` with
+        ``masks``), ``backward_features`` or ``backward_masks`` (the gradient of a loss w.r.t. that input, given its
+        gradient ``grad_out`` w.r.t. the output). ``up`` selects CARAFE (True) or CARAFE++ downsampling (False)."""
 
 
 def _load(name: str) -> Backend:
@@ -77,6 +81,8 @@ def current_backend() -> str:
 
 
 def _auto_name(features: Tensor) -> str:
+    if storage_problem(features) is not None:
+        return "reference"  # a traced call (fake / meta / functional tensors): no compiled kernel may run on it
     if features.device.type == "cuda":
         return "cuda"
     if features.device.type == "cpu" and features.dtype in (torch.float32, torch.float64):

@@ -2,8 +2,8 @@
 
 The library is plain C++ with a C ABI (no libtorch headers), so building it takes a couple of seconds; it is cached
 under ``$CARAFE_BUILD_DIR`` (default ``~/.cache/carafe``) in a file whose name hashes the source, the compiler and
-its flags and this CPU's instruction-set flags, so an edit or a different machine triggers a fresh build. The build
-writes to a temporary file and renames it, so concurrent processes (DDP workers, pytest-xdist) are safe.
+its flags and this CPU's instruction-set flags, so an edit or a different machine triggers a fresh build. Beside it
+lies the library's SHA-256, recorded at build time; a cached library that does not match it is rebuilt, not loaded.
 
 The kernels read and write both NCHW and channels_last tensors in place (other strides are made contiguous first);
 results take the layout of the input they belong to. Threads: ``torch.get_num_threads()``.
@@ -18,13 +18,14 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from carafe.backends.function import is_channels_last, reassemble_function
+from carafe.backends.function import (check_storage, is_channels_last, kernel_operand,
+                                     kernel_unavailable_reason, run_kernel)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "reassemble_cpu.cpp"
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
@@ -52,26 +53,85 @@ def _compiler() -> str:
     return cxx
 
 
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_path(library: Path) -> Path:
+    """Where the SHA-256 of ``library``, recorded when it was built, is kept."""
+    return library.with_name(library.name + ".sha256")
+
+
+def is_valid_build(library: Path) -> bool:
+    """True if ``library`` exists and its bytes hash to the digest recorded at build time (a truncated or otherwise
+    damaged file would crash the process when called, so it is rebuilt instead of loaded)."""
+    try:
+        return _digest_path(library).read_text().strip() == _file_digest(library)
+    except OSError:
+        return False
+
+
+def _temp_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
+
+
+def _remove_stale_temp_files(build_dir: Path) -> None:
+    """Delete the temporary files of builds whose process is gone (killed mid-build); live builds keep theirs."""
+    for tmp in build_dir.glob(".reassemble_cpu-*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = _temp_path(path)
+    try:
+        tmp.write_bytes(b"")  # fails here, with the folder named, if the cache is not writable
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _compile(cxx: str, output: Path) -> None:
+    result = subprocess.run([cxx, *CXX_FLAGS, str(SOURCE), "-o", str(output)], capture_output=True, text=True)
+    if result.returncode != 0:
+        log = result.stderr.strip() or result.stdout.strip() or "(the compiler printed nothing)"
+        raise BuildError(f"the C++ compiler {cxx!r} failed on {SOURCE} with exit status {result.returncode}: {log}\n"
+                         "Set CXX to a working C++17 compiler (for example CXX=g++) or install g++.")
+
+
 def build_library() -> Path:
-    """Compile the kernels if no up-to-date build is cached; return the shared library's path."""
+    """Compile the kernels unless a valid build is cached; return the shared library's path.
+
+    The library and its recorded SHA-256 are each written to a temporary file and renamed, so concurrent builds
+    (DDP workers, pytest-xdist) are safe and a killed build leaves no half-written library under the final name.
+    """
     cxx = _compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, *CXX_FLAGS, _cpu_flags()]).encode())
     build_dir = Path(os.environ.get("CARAFE_BUILD_DIR", Path.home() / ".cache" / "carafe"))
     target = build_dir / f"reassemble_cpu-{key.hexdigest()[:16]}.so"
-    if target.exists():
+    if is_valid_build(target):
         return target
-    build_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=build_dir)
-    os.close(fd)
     try:
-        result = subprocess.run([cxx, *CXX_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise BuildError(f"compiling {SOURCE} failed:\n{result.stderr.strip()}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(build_dir)
+        _write_atomically(target, lambda tmp: _compile(cxx, tmp))
+        _write_atomically(_digest_path(target), lambda tmp: tmp.write_text(_file_digest(target) + "\n"))
+    except OSError as err:
+        raise BuildError(f"writing the compiled kernels to {build_dir} failed ({err}); set CARAFE_BUILD_DIR to a "
+                         "writable folder") from None
     return target
 
 
@@ -115,15 +175,14 @@ def _run(kernel: str, a: Tensor, b: Tensor, shape: tuple, layout_of: Tensor, geo
     tensor's layout (NCHW or channels_last) from a flag, so nothing is transposed here."""
     out_channels_first = not is_channels_last(layout_of)
     memory_format = torch.contiguous_format if out_channels_first else torch.channels_last
+    check_storage(a, f"the first operand of {kernel}")
+    check_storage(b, f"the second operand of {kernel}")
     out = torch.empty(shape, dtype=a.dtype, memory_format=memory_format)
-    (a, a_cf), (b, b_cf) = _dense(a), _dense(b)
+    (a, a_cf), (b, b_cf) = _dense(kernel_operand(a)), _dense(kernel_operand(b))
     fn = getattr(_library(), f"carafe_{kernel}_{_SUFFIX[out.dtype]}")
     fn(a.data_ptr(), b.data_ptr(), out.data_ptr(), *geometry, a_cf, b_cf, out_channels_first,
        torch.get_num_threads())
     return out
-
-
-_Reassemble = reassemble_function(_run)
 
 
 class CPUBackend:
@@ -137,10 +196,11 @@ class CPUBackend:
             _library()
         except BuildError as err:
             return str(err)
-        return None
+        return kernel_unavailable_reason(features)
 
-    def reassemble(self, features, masks, kernel_size, group_size, scale_factor, up):
-        return _Reassemble.apply(features, masks, kernel_size, group_size, scale_factor, up)
+    def compute(self, kernel: str, features: Tensor, masks: Tensor, grad_out: Tensor | None, kernel_size: int,
+                group_size: int, scale_factor: int, up: bool) -> Tensor:
+        return run_kernel(_run, kernel, features, masks, grad_out, kernel_size, group_size, scale_factor, up)
 
 
 BACKEND = CPUBackend()

@@ -27,11 +27,13 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from carafe.backends.function import is_channels_last, reassemble_function
+from carafe.backends.function import (KERNELS, check_storage, is_channels_last, kernel_operand,
+                                     kernel_unavailable_reason, run_kernel)
 
-CUDA_SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda"
+# An installed wheel carries the sources as carafe/cuda (mapped from cuda/ at build time); a checkout has cuda/.
+_PACKAGED_SOURCES = Path(__file__).resolve().parents[1] / "cuda"
+CUDA_SOURCE_DIR = _PACKAGED_SOURCES if _PACKAGED_SOURCES.is_dir() else Path(__file__).resolve().parents[2] / "cuda"
 KERNEL_SOURCE = CUDA_SOURCE_DIR / "carafe_kernels.cu"
-KERNELS = ("forward", "backward_features", "backward_masks")
 SUFFIXES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 THREADS_PER_BLOCK = 256
 # Work split of the kernels; must equal kChannelsPerThread and kTapsPerThread in cuda/carafe_reassemble.cuh.
@@ -58,7 +60,7 @@ def kernel_source() -> str:
     if not KERNEL_SOURCE.is_file():
         raise FileNotFoundError(
             f"CUDA kernel sources not found at {KERNEL_SOURCE}: the CUDA backend reads them from the repository's "
-            "top-level cuda/ folder, so run from a source checkout (an editable install: pip install -e '.[cuda]')")
+            "top-level cuda/ folder (or the carafe/cuda folder of an installed wheel); reinstall the package")
 
     def expand(path: Path, seen: frozenset[Path]) -> str:
         def include(match: re.Match[str]) -> str:
@@ -165,6 +167,8 @@ def launch(kernel: str, a: Tensor, b: Tensor, out: Tensor, geometry: tuple[int, 
     groups, sigma, up)."""
     import numpy
 
+    for name, t in (("a", a), ("b", b), ("out", out)):
+        check_storage(t, f"{kernel}'s operand {name}")
     items = work_items(kernel, geometry)
     if items == 0:
         return out
@@ -178,11 +182,9 @@ def launch(kernel: str, a: Tensor, b: Tensor, out: Tensor, geometry: tuple[int, 
 
 def _run(kernel: str, a: Tensor, b: Tensor, shape: tuple, layout_of: Tensor, geometry: tuple) -> Tensor:
     """Run ``kernel`` on NCHW-contiguous copies of a, b (no copy if already so); channels_last in, channels_last out."""
-    out = launch(kernel, a.contiguous(), b.contiguous(), new_output(shape, a), geometry)
+    a, b = kernel_operand(a).contiguous(), kernel_operand(b).contiguous()
+    out = launch(kernel, a, b, new_output(shape, a), geometry)
     return out.contiguous(memory_format=torch.channels_last) if is_channels_last(layout_of) else out
-
-
-_Reassemble = reassemble_function(_run)
 
 
 class CUDABackend:
@@ -203,10 +205,11 @@ class CUDABackend:
             return "CuPy sees no CUDA device"
         if not KERNEL_SOURCE.is_file():
             return f"the kernel sources are missing: {KERNEL_SOURCE} does not exist (use a source checkout)"
-        return None
+        return kernel_unavailable_reason(features)
 
-    def reassemble(self, features, masks, kernel_size, group_size, scale_factor, up):
-        return _Reassemble.apply(features, masks, kernel_size, group_size, scale_factor, up)
+    def compute(self, kernel: str, features: Tensor, masks: Tensor, grad_out: Tensor | None, kernel_size: int,
+                group_size: int, scale_factor: int, up: bool) -> Tensor:
+        return run_kernel(_run, kernel, features, masks, grad_out, kernel_size, group_size, scale_factor, up)
 
 
 BACKEND = CUDABackend()
