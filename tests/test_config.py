@@ -85,18 +85,32 @@ def test_invalid_values_raise_a_config_error_naming_them(overrides: list[str], w
         assert word in str(info.value), (word, str(info.value))
 
 
-@pytest.mark.parametrize("override, words", [
-    ("downsampler.compressed_channels=0", ["config error", "compressed_channels"]),
-    ("schedule.lr=abc", ["config error", "schedule.lr", "abc"]),
-    ("run.num_workers=abc", ["run.num_workers", "abc"]),  # refused by Hydra itself: run is a structured config
-])
-def test_train_script_fails_fast_on_a_bad_value(override: str, words: list[str], tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "scripts/train.py", "downsampler=carafe", override,
+def test_train_script_fails_fast_on_a_bad_value(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "scripts/train.py", "downsampler=carafe", "schedule.lr=abc",
                              f"hydra.run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    for word in words:
-        assert word in result.stderr, (word, result.stderr[-2000:])
+    assert "config error: schedule.lr" in result.stderr and "abc" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "checkpoint.pt").exists() and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override, words", [
+    ("downsampler.compressed_channels=0", ["compressed_channels"]),
+    ("schedule.lr=abc", ["schedule.lr", "abc", "Float"]),
+    ("schedule.epochs=2.5", ["schedule.epochs", "2.5", "Integer"]),
+])
+def test_wrong_values_and_types_are_config_errors_naming_the_key(override: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["downsampler=carafe", override]))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_a_run_value_of_the_wrong_type_is_refused_when_composing() -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:  # run=default is the RunSettings dataclass
+        compose(["run.num_workers=abc"])
+    assert "run.num_workers=abc" in str(info.value) and "Integer" in str(info.value.__cause__)
 
 
 def test_every_task_names_its_class_and_a_wrong_target_is_a_config_error() -> None:

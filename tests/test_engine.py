@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiment_helpers import smoke_overrides
+from experiment_helpers import load_script, smoke_overrides
 from tasks.common.data import ShardedSampler
 from tasks.common.distributed import World
 from tasks.common.experiment import compose, config_hash, run_experiment
@@ -93,11 +93,14 @@ def test_two_process_ddp_with_gloo(data_dir: Path, tmp_path: Path) -> None:
     assert f"run {record['config_hash']}" in log and "epoch 1/1" in log and "finished" in log
 
 
-def test_torchrun_without_a_shared_run_dir_is_refused(tmp_path: Path) -> None:
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
-    result = subprocess.run([sys.executable, "scripts/train.py"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode != 0 and "hydra.run.dir" in result.stderr
+def test_torchrun_without_a_shared_run_dir_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    train = load_script("train")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", ["scripts/train.py", "downsampler=carafe"])
+    with pytest.raises(SystemExit, match="hydra.run.dir"):
+        train._check_shared_run_dir()
+    monkeypatch.setattr(sys, "argv", ["scripts/train.py", "hydra.run.dir=runs/x"])
+    train._check_shared_run_dir()  # every rank names the same folder: accepted
 
 
 @pytest.mark.parametrize("length, world_size", [(10, 1), (10, 3), (7, 2), (2, 4)])

@@ -19,6 +19,7 @@ import pytest
 
 from tasks.common import results
 from tasks.common.experiment import compose, resolved
+from experiment_helpers import load_script
 from tasks.common.results import (Column, Row, SeedRun, TableSpec, TableSpecError, attach_run, compose_rows,
                                   index_runs, load_table_spec, render_markdown, table_names)
 
@@ -27,10 +28,7 @@ COMMITTED_TABLES = sorted((REPO / "results").glob("table-*.json"))
 
 
 def load_reproduce():
-    module_spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
-    reproduce = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(reproduce)
-    return reproduce
+    return load_script("reproduce")
 
 
 def row_with_runs(label: str, paper: dict, *hashes: str, overrides: list[str] = (), problem: str = "") -> Row:
