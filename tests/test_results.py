@@ -3,7 +3,6 @@ seeds, figures, reuse of finished runs from sweep folders and rendered table JSO
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
