@@ -32,7 +32,7 @@ from carafe.costs import as_number, carafe_paper_flops, flops_per_pixel, num_par
 from tasks.common.io import write_text_atomic
 from tasks.common.provenance import git_commit
 from tasks.common.experiment import compose
-from tasks.common.results import load_table_spec, measure_costs, row_overrides
+from tasks.common.results import SeedRun, load_table_spec, measure_costs, row_overrides
 
 UP_LABELS = {"dysample": "DySample (ICCV 2023)"}  # upsamplers beyond Table 2; its rows name the others
 DOWN_LABELS = {"strided_conv": "Strided Conv", "max_pool": "Max Pool", "avg_pool": "Avg Pool", "dpp": "DPP",
@@ -94,7 +94,8 @@ def grid_rows(channels: int, scale: int) -> dict[str, list[dict[str, Any]]]:
         spec = load_table_spec(name)
         spec.costs = {**spec.costs, "channels": channels, "scale_factor": scale}
         for row in spec.rows:  # composed, not validated: validation would import the detection task for nothing
-            row.config = compose(row_overrides(spec, row, "tiny"))
+            row.runs = [SeedRun(0)]
+            row.runs[0].config = compose(row_overrides(spec, row, "tiny"))
         measure_costs(spec)
         rows = []
         for row in spec.rows:
