@@ -308,6 +308,14 @@ class ReassemblyTester:
             x = torch.randn(shape)
             torch.testing.assert_close(program.module()(x), module(x), rtol=1e-6, atol=1e-6)
 
+    def test_fx_symbolic_trace_keeps_the_reassembly_as_one_call(self):
+        module = self.module()
+        traced = torch.fx.symbolic_trace(module)
+        calls = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+        assert calls.count(self.fn) == 1
+        x = torch.randn(2, 16, 9, 7)
+        torch.testing.assert_close(traced(x), module(x), rtol=0, atol=0)
+
     def test_flop_counter_counts_the_backward_ops(self):
         x, m, _ = self.inputs(2, 4, 3, 4, 5, 1, 2)
         x.requires_grad_()
