@@ -5,27 +5,39 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 EXTRAS ?= repro,onnx,cuda,dev
+# The lock file: exact versions and hashes for every platform, written by `make lock` (uv pip compile; it records no
+# index URLs, unlike uv.lock).
+LOCK   := requirements.lock
 # reproduce-table-*: SCALE=tiny (embedded data) or paper (DATA_ROOT=/path/to/dataset); NPROC processes per run;
 # OVERRIDES="key=value ..." Hydra overrides for every row (e.g. model.backbone_weights=... for detection);
 # SEEDS=N runs seeds 0..N-1 of every row (default: the table spec's `seeds`).
+comma := ,
 SCALE     ?= tiny
 DATA_ROOT ?=
 NPROC     ?= 1
 OVERRIDES ?=
 SEEDS     ?=
 
-.PHONY: setup test test-fast bench op-costs clean reproduce-tables
+.PHONY: setup lock test test-fast bench op-costs clean reproduce-tables
 
 setup: $(STAMP)
 
-# uv resolves from the package index only (it never reads pip's config), so torch and torchvision arrive as the
-# matched pair pinned in pyproject.toml rather than a locally cached CPU-only torch that torchvision cannot load.
-$(STAMP): pyproject.toml
+# The environment is the exact versions in $(LOCK) (every package of the extras in EXTRAS, with their hashes), then
+# this checkout installed editable without touching them. uv resolves from the package index only (it never reads
+# pip's config), so torch and torchvision arrive as the matched pair pinned there rather than a locally cached CPU-only
+# torch that torchvision cannot load. After editing the dependencies in pyproject.toml, run `make lock`.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check uv
-	$(UV) pip install --python $(PY) --config-settings editable_mode=compat -e '.[$(EXTRAS)]'
+	$(UV) pip install --python $(PY) --require-hashes -r $(LOCK)
+	$(UV) pip install --python $(PY) --no-deps --config-settings editable_mode=compat -e .
 	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	@touch $@
+
+lock:
+	@test -x $(UV) || { test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PY) -m pip install --quiet uv; }
+	$(UV) pip compile pyproject.toml $(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra)) --universal \
+		--generate-hashes --quiet -o $(LOCK)
 
 test: $(STAMP)
 	$(PY) -m pytest

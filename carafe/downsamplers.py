@@ -20,15 +20,8 @@ from torch import Tensor, nn
 
 from carafe.costs import conv_flops
 from carafe.modules import CARAFEDownPack
-from carafe.ops import check_int
+from carafe.ops import check_int, check_odd
 from carafe.zoo import Registry
-
-
-def _check_window(kernel_size: int) -> int:
-    kernel_size = check_int("kernel_size", kernel_size, 1)
-    if kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd (a window centred on the sampled pixel), got {kernel_size}")
-    return kernel_size
 
 
 class _Downsampler(nn.Module):
@@ -36,7 +29,7 @@ class _Downsampler(nn.Module):
         super().__init__()
         self.channels = check_int("channels", channels, 1)
         self.scale_factor = check_int("scale_factor", scale_factor, 1)
-        self.kernel_size = _check_window(kernel_size)
+        self.kernel_size = check_odd("kernel_size", kernel_size)  # odd: a window centred on the sampled pixel
 
     def _per_input(self, per_output_pixel: int) -> Fraction:
         return Fraction(per_output_pixel, self.scale_factor ** 2)

@@ -17,6 +17,10 @@ from carafe.ops import carafe, carafe_down, check_int, check_odd
 
 NORMALIZERS = ("softmax", "sigmoid", "sigmoid_normalized")
 
+# torch.fx.symbolic_trace records the reassembly as one call (a leaf) instead of tracing into its input checks.
+torch.fx.wrap("carafe")
+torch.fx.wrap("carafe_down")
+
 
 def normalize_kernels(logits: Tensor, kernel_size: int, normalizer: str = "softmax") -> Tensor:
     """Normalise raw kernels Tensor[N, G * k^2, H, W] over the k^2 taps of each group.

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from carafe.costs import conv_flops
 from carafe.modules import CARAFEPack, pixel_shuffle
-from carafe.ops import check_int
+from carafe.ops import check_int, check_odd
 from carafe.zoo import Registry
 
 INTERPOLATIONS = ("nearest", "bilinear")
@@ -95,9 +95,7 @@ class InterpolateConvUpsample(_Upsampler):
     def __init__(self, channels: int, scale_factor: int, mode: str = "nearest", kernel_size: int = 3) -> None:
         super().__init__(channels, scale_factor)
         self.mode = _check_mode(mode)
-        self.kernel_size = check_int("kernel_size", kernel_size, 1)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd to keep the size, got {kernel_size}")
+        self.kernel_size = check_odd("kernel_size", kernel_size)  # odd: "same" padding keeps the size
         self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -153,9 +151,7 @@ class PixelShuffleUpsample(_Upsampler):
 
     def __init__(self, channels: int, scale_factor: int, kernel_size: int = 3) -> None:
         super().__init__(channels, scale_factor)
-        self.kernel_size = check_int("kernel_size", kernel_size, 1)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd to keep the size, got {kernel_size}")
+        self.kernel_size = check_odd("kernel_size", kernel_size)  # odd: "same" padding keeps the size
         self.conv = nn.Conv2d(channels, channels * scale_factor ** 2, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -243,9 +239,7 @@ class SpatialAttentionUpsample(_Upsampler):
     def __init__(self, channels: int, scale_factor: int, mode: str = "bilinear", kernel_size: int = 3) -> None:
         super().__init__(channels, scale_factor)
         self.mode = _check_mode(mode)
-        self.kernel_size = check_int("kernel_size", kernel_size, 1)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd to keep the size, got {kernel_size}")
+        self.kernel_size = check_odd("kernel_size", kernel_size)  # odd: "same" padding keeps the size
         self.attention = nn.Conv2d(channels, 1, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:

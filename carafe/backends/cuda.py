@@ -147,11 +147,6 @@ def _cupy_stream(device: torch.device):
     return cupy.cuda.ExternalStream(stream.cuda_stream, device.index)
 
 
-def new_output(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Allocates every buffer the kernels write (a hook for the tests, which fill it with NaN)."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-
 def work_items(kernel: str, geometry: tuple[int, ...]) -> int:
     """Threads a kernel needs (one per work item, as numbered in cuda/carafe_reassemble.cuh)."""
     n, c, h, w, out_h, out_w, k, groups, _, _ = geometry
@@ -183,7 +178,7 @@ def launch(kernel: str, a: Tensor, b: Tensor, out: Tensor, geometry: tuple[int, 
 def _run(kernel: str, a: Tensor, b: Tensor, shape: tuple, layout_of: Tensor, geometry: tuple) -> Tensor:
     """Run ``kernel`` on NCHW-contiguous copies of a, b (no copy if already so); channels_last in, channels_last out."""
     a, b = kernel_operand(a).contiguous(), kernel_operand(b).contiguous()
-    out = launch(kernel, a, b, new_output(shape, a), geometry)
+    out = launch(kernel, a, b, torch.empty(shape, dtype=a.dtype, device=a.device), geometry)
     return out.contiguous(memory_format=torch.channels_last) if is_channels_last(layout_of) else out
 
 
