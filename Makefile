@@ -40,7 +40,7 @@ lock:
 		--generate-hashes --quiet -o $(LOCK)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
