@@ -1,0 +1,265 @@
+"""UperNet (Xiao et al. 2018) as the official CSAIL code builds it, and PSPNet (Zhao et al. 2017), with the CARAFE
+papers' upsampler slots (ICCV 2019 section 4.3, CARAFE++ section 4.4).
+
+UperNet on a torchvision ResNet (C2..C5 at strides 4, 8, 16, 32; the backbone's seven downsamplers swappable as in
+``tasks.common.resnet``):
+
+    PPM:   C5 -> for s in (1, 2, 3, 6): avg-pool to s x s -> upsample to C5's size -> conv1x1 2048->512 + BN + ReLU;
+           concat [C5, the four] -> conv3x3 -> fpn_dim + BN + ReLU                                 = F5
+    FPN:   F = F5; for C4, C3, C2: lateral conv1x1 + BN + ReLU -> fpn_dim; F = lateral + upsample(F);
+           P_i = conv3x3 + BN + ReLU (F)                                                    P5 = F5
+    FUSE:  [P2, P3, P4, P5] at P2's size, concatenated (4 fpn_dim) -> conv3x3 -> fpn_dim + BN + ReLU -> conv1x1 to
+           the class logits at 1/4 of the input; ``SegmentationModel`` resizes them bilinearly to the label's size.
+
+Three upsampler slots; ``None`` in a slot is CSAIL's bilinear resize (``align_corners=False``) straight to the
+target size, so ``build_segmenter()`` is CSAIL's UperNet. A zoo operator (``carafe.build_upsampler`` spec) goes in
+as the papers put CARAFE there:
+
+- ``ppm_upsampler``: each pooled map is resized bilinearly to *half* of C5's size, (ceil(H5 / 2), ceil(W5 / 2)),
+  then upsampled x2 by the operator; with an odd H5 the 2 ceil(H5 / 2) rows are cropped to H5 keeping the top-left
+  part (``crop_to``: the same ceil-division rule the ResNet's own downsampling follows). One module per pool scale.
+- ``fpn_upsampler``: the top-down x2 step (one module per step, ``fpn_dim`` channels), cropped to the lateral's size.
+- ``fuse_upsampler``: FUSE becomes the papers' sequential chain: X = P5; for P4, P3, P2: X = concat[P_i,
+  crop(up(X))], so the operator works on fpn_dim, 2 fpn_dim and 3 fpn_dim channels. The result lists the levels in
+  the same order as CSAIL's concat. Note that the chain of three bilinear x2 steps is *not* a direct bilinear x8
+  resize (each step interpolates the previous step's samples; the nearest-neighbour chain is exact), which is why
+  the baseline keeps CSAIL's direct resize rather than a bilinear chain (``tests/test_segmentation.py``).
+
+PPM placement (open in both papers): ``ppm_placement="before_conv"`` (default) upsamples the pooled 2048-channel
+maps and then applies the 1x1 conv, which is CSAIL's order, the code both papers built on, and the literal reading of
+"the pooled maps are upsampled to half the conv5 size, then CARAFE"; with ``None`` in the slot it is exactly CSAIL's
+PPM. ``"after_conv"`` (mmsegmentation's order) reduces to 512 channels first, a quarter of the operator's
+channels and of its reassembly cost; ``ppm_operator_costs`` gives the FLOPs and parameters of both.
+
+PSPNet: the same ResNet with layer3 / layer4 dilated (output stride 8, Zhao et al.'s setting) and a PPM head
+(pool scales 1, 2, 3, 6; conv3x3 -> 512 + BN + ReLU, dropout 0.1, conv1x1 to the logits); the logits are resized
+bilinearly to the label's size. Simplified from the original: torchvision's ResNet stem (not the deep stem) and no
+auxiliary loss. A dilated ResNet has no stride-2 places in layer3 / layer4, so PSPNet takes no backbone downsampler.
+
+Not built: PSANet (Zhao et al. 2018, point-wise spatial attention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from carafe import build_upsampler
+from carafe.ops import check_int
+from tasks.common.resnet import RESNET_LAYERS, build_resnet
+from tasks.common.upsampling import crop_to, init_upsampler_convs
+
+ARCHS = ("upernet", "pspnet")
+PPM_PLACEMENTS = ("before_conv", "after_conv")
+POOL_SCALES = (1, 2, 3, 6)
+PPM_CHANNELS = 512                       # CSAIL's per-scale 1x1 conv width
+RESNET_CHANNELS = (256, 512, 1024, 2048)  # C2..C5 of a bottleneck ResNet
+RETURN_LAYERS = {"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    """CSAIL's ``conv3x3_bn_relu`` (and its 1x1 variant): a bias-free conv, BatchNorm, ReLU."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+def resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize (``align_corners=False``), CSAIL's resize everywhere."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _build_slot(spec: object, channels: int) -> nn.Module | None:
+    """A x2 upsampler for a slot (None: the slot keeps CSAIL's direct bilinear resize), initialised like the
+    host's convs (kaiming normal, as PyTorch's conv default would otherwise leave to chance)."""
+    if spec is None:
+        return None
+    upsampler = build_upsampler(spec, channels=channels, scale_factor=2)
+    init_upsampler_convs(upsampler, lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"))
+    return upsampler
+
+
+def upsample_to(x: Tensor, like: Tensor, upsampler: nn.Module | None) -> Tensor:
+    """``x`` brought to ``like``'s spatial size: bilinear resize when ``upsampler`` is None, else the x2 operator
+    followed by ``crop_to`` (``x`` must then be ceil(H / 2) x ceil(W / 2) of ``like``'s H x W)."""
+    if upsampler is None:
+        return resize(x, like.shape[-2:])
+    return crop_to(upsampler(x), like)
+
+
+class PyramidPooling(nn.Module):
+    """CSAIL's PPM with an optional upsampler per pool scale (see the module doc for ``placement``).
+
+    Shape: Tensor[N, C, H, W] -> Tensor[N, C + len(pool_scales) * branch_channels, H, W] (the input first).
+    """
+
+    def __init__(self, in_channels: int = 2048, branch_channels: int = PPM_CHANNELS,
+                 pool_scales: Sequence[int] = POOL_SCALES, upsampler: object = None,
+                 placement: str = "before_conv") -> None:
+        super().__init__()
+        if placement not in PPM_PLACEMENTS:
+            raise ValueError(f"ppm_placement must be one of {', '.join(PPM_PLACEMENTS)}, got {placement!r}")
+        self.pool_scales = [check_int("pool scale", s, 1) for s in pool_scales]
+        self.placement = placement
+        self.convs = nn.ModuleList(conv_bn_relu(in_channels, branch_channels, 1) for _ in self.pool_scales)
+        upsampler_channels = in_channels if placement == "before_conv" else branch_channels
+        self.upsamplers = nn.ModuleList(_build_slot(upsampler, upsampler_channels) for _ in self.pool_scales) \
+            if upsampler is not None else None
+        self.out_channels = in_channels + len(self.pool_scales) * branch_channels
+
+    def _upsample(self, pooled: Tensor, like: Tensor, index: int) -> Tensor:
+        if self.upsamplers is None:
+            return resize(pooled, like.shape[-2:])
+        h, w = like.shape[-2:]
+        half = resize(pooled, (-(-h // 2), -(-w // 2)))
+        return upsample_to(half, like, self.upsamplers[index])
+
+    def forward(self, x: Tensor) -> Tensor:
+        branches = [x]
+        for index, (scale, conv) in enumerate(zip(self.pool_scales, self.convs)):
+            pooled = F.adaptive_avg_pool2d(x, scale)
+            if self.placement == "before_conv":
+                branches.append(conv(self._upsample(pooled, x, index)))
+            else:
+                branches.append(self._upsample(conv(pooled), x, index))
+        return torch.cat(branches, 1)
+
+    def extra_repr(self) -> str:
+        return f"pool_scales={self.pool_scales}, placement={self.placement}"
+
+
+class UperNetHead(nn.Module):
+    """PPM + FPN + FUSE over C2..C5 (see the module doc).
+
+    Shape: [Tensor[N, 256, H/4, W/4], ..., Tensor[N, 2048, H/32, W/32]] (sizes by ceil division) ->
+    Tensor[N, num_classes, H/4, W/4].
+    """
+
+    def __init__(self, num_classes: int, in_channels: Sequence[int] = RESNET_CHANNELS, fpn_dim: int = 512,
+                 pool_scales: Sequence[int] = POOL_SCALES, ppm_upsampler: object = None, fpn_upsampler: object = None,
+                 fuse_upsampler: object = None, ppm_placement: str = "before_conv") -> None:
+        super().__init__()
+        num_classes = check_int("num_classes", num_classes, 1)
+        fpn_dim = check_int("fpn_dim", fpn_dim, 1)
+        self.ppm = PyramidPooling(in_channels[-1], PPM_CHANNELS, pool_scales, ppm_upsampler, ppm_placement)
+        self.ppm_last_conv = conv_bn_relu(self.ppm.out_channels, fpn_dim, 3)
+        self.fpn_in = nn.ModuleList(conv_bn_relu(c, fpn_dim, 1) for c in in_channels[:-1])
+        self.fpn_out = nn.ModuleList(conv_bn_relu(fpn_dim, fpn_dim, 3) for _ in in_channels[:-1])
+        levels = len(in_channels)
+        # fpn_upsamplers[i] brings the top-down map to lateral i's size; fuse_upsamplers[i] the chain to level i's.
+        self.fpn_upsamplers = nn.ModuleList(_build_slot(fpn_upsampler, fpn_dim) for _ in range(levels - 1)) \
+            if fpn_upsampler is not None else None
+        self.fuse_upsamplers = nn.ModuleList(_build_slot(fuse_upsampler, fpn_dim * (levels - 1 - i))
+                                             for i in range(levels - 1)) if fuse_upsampler is not None else None
+        self.conv_fusion = conv_bn_relu(levels * fpn_dim, fpn_dim, 3)
+        self.classifier = nn.Conv2d(fpn_dim, num_classes, 1)
+
+    def fuse(self, pyramid: list[Tensor]) -> Tensor:
+        """[P2, ..., P5] -> Tensor[N, 4 fpn_dim, H2, W2], levels in that order (direct resize or the chain)."""
+        if self.fuse_upsamplers is None:
+            return torch.cat([pyramid[0], *(resize(p, pyramid[0].shape[-2:]) for p in pyramid[1:])], 1)
+        chained = pyramid[-1]
+        for i in range(len(pyramid) - 2, -1, -1):
+            chained = torch.cat([pyramid[i], upsample_to(chained, pyramid[i], self.fuse_upsamplers[i])], 1)
+        return chained
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        top = self.ppm_last_conv(self.ppm(features[-1]))
+        pyramid = [top]
+        for i in range(len(features) - 2, -1, -1):
+            lateral = self.fpn_in[i](features[i])
+            up = self.fpn_upsamplers[i] if self.fpn_upsamplers is not None else None
+            top = lateral + upsample_to(top, lateral, up)
+            pyramid.insert(0, self.fpn_out[i](top))
+        return self.classifier(self.conv_fusion(self.fuse(pyramid)))
+
+
+class PSPHead(nn.Module):
+    """PSPNet's head: PPM -> conv3x3 -> 512 + BN + ReLU -> dropout 0.1 -> conv1x1 to the logits.
+
+    Shape: [..., Tensor[N, 2048, h, w]] -> Tensor[N, num_classes, h, w] (only the last map is used).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 2048, pool_scales: Sequence[int] = POOL_SCALES,
+                 ppm_upsampler: object = None, ppm_placement: str = "before_conv") -> None:
+        super().__init__()
+        self.ppm = PyramidPooling(in_channels, PPM_CHANNELS, pool_scales, ppm_upsampler, ppm_placement)
+        self.conv = conv_bn_relu(self.ppm.out_channels, PPM_CHANNELS, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(PPM_CHANNELS, check_int("num_classes", num_classes, 1), 1)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        return self.classifier(self.dropout(self.conv(self.ppm(features[-1]))))
+
+
+class SegmentationModel(nn.Module):
+    """ResNet body (C2..C5) + a head; logits at the head's resolution, or resized to ``output_size``.
+
+    Shape: Tensor[N, 3, H, W] -> Tensor[N, num_classes, h, w] (UperNet h = ceil(H / 4); PSPNet ceil(H / 8)), or
+    Tensor[N, num_classes, *output_size] when it is given.
+    """
+
+    def __init__(self, resnet: ResNet, head: nn.Module) -> None:
+        super().__init__()
+        self.body = IntermediateLayerGetter(resnet, return_layers=dict(RETURN_LAYERS))
+        self.head = head
+
+    def forward(self, images: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
+        logits = self.head(list(self.body(images).values()))
+        return logits if output_size is None else resize(logits, output_size)
+
+
+def build_segmenter(arch: str = "upernet", depth: int = 50, num_classes: int = 150, fpn_dim: int = 512,
+                    pool_scales: Sequence[int] = POOL_SCALES, ppm_upsampler: object = None,
+                    fpn_upsampler: object = None, fuse_upsampler: object = None, backbone_downsampler: object = None,
+                    ppm_placement: str = "before_conv") -> SegmentationModel:
+    """UperNet or PSPNet on ResNet-``depth`` (no pretrained weights) for ``num_classes`` classes.
+
+    Args:
+        ppm_upsampler, fpn_upsampler, fuse_upsampler: ``carafe.build_upsampler`` specs, or None for CSAIL's direct
+            bilinear resize (see the module doc). PSPNet has only the PPM slot.
+        backbone_downsampler: a ``carafe.build_downsampler`` spec for the ResNet's seven downsampling places (CARAFE++
+            Table IX "backbone"), or None for torchvision's strided convs. UperNet only.
+        ppm_placement: ``"before_conv"`` (CSAIL's order) or ``"after_conv"``.
+    """
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ValueError(f"unknown segmentation arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if depth not in RESNET_LAYERS:
+        raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYERS)}, got {depth!r}")
+    if arch == "upernet":
+        resnet = build_resnet(depth, 1000, backbone_downsampler)
+        head: nn.Module = UperNetHead(num_classes, RESNET_CHANNELS, fpn_dim, pool_scales, ppm_upsampler,
+                                      fpn_upsampler, fuse_upsampler, ppm_placement)
+    else:
+        unused = {k: v for k, v in (("fpn_upsampler", fpn_upsampler), ("fuse_upsampler", fuse_upsampler),
+                                    ("backbone_downsampler", backbone_downsampler)) if v is not None}
+        if unused:
+            raise ValueError(f"PSPNet has no {', '.join(unused)} slot (a dilated ResNet has no stride-2 places in "
+                             "layer3 / layer4, and no FPN); leave them null")
+        resnet = ResNet(Bottleneck, list(RESNET_LAYERS[depth]), replace_stride_with_dilation=[False, True, True])
+        head = PSPHead(num_classes, RESNET_CHANNELS[-1], pool_scales, ppm_upsampler, ppm_placement)
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d) and not _inside_upsampler(m, head):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return SegmentationModel(resnet, head)
+
+
+def _inside_upsampler(conv: nn.Conv2d, head: nn.Module) -> bool:
+    slots = [getattr(head, name, None) for name in ("fpn_upsamplers", "fuse_upsamplers")] + [head.ppm.upsamplers]
+    return any(conv is m for slot in slots if slot is not None for m in slot.modules())
+
+
+def ppm_operator_costs(upsampler: object, in_channels: int = 2048) -> dict[str, dict[str, int]]:
+    """FLOPs per input pixel and parameters of one PPM operator in each placement (``carafe.costs`` conventions):
+    ``{"before_conv": {"flops": ..., "params": ...}, "after_conv": {...}}``; the PPM holds one per pool scale."""
+    from carafe.costs import flops_per_pixel, num_params
+
+    costs = {}
+    for placement, channels in (("before_conv", in_channels), ("after_conv", PPM_CHANNELS)):
+        module = build_upsampler(upsampler, channels=channels, scale_factor=2)
+        costs[placement] = {"flops": int(flops_per_pixel(module)), "params": int(num_params(module))}
+    return costs
