@@ -1,0 +1,147 @@
+"""The segmentation task for the shared engine: config -> UperNet / PSPNet + ADE20k folders, per-pixel cross-entropy
+(label 0 ignored), pixel accuracy and mIoU (ICCV 2019 Tables 5, 6; CARAFE++ Tables VIII, IX).
+
+Metrics (``metrics.json``): ``mIoU``, ``pixel_acc``, ``IoU/<class>`` for each class with a non-empty union, ``loss``
+(mean per-pixel cross-entropy at label resolution) and ``pixels`` (labelled pixels scored); see
+``tasks.segmentation.metrics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.common.distributed import all_reduce_sum
+from tasks.common.resnet import RESNET_LAYERS
+from tasks.common.task import Task
+from tasks.segmentation.data import (ADE20kSegmentation, ade_class_names, ade_split_folders,
+                                     collate_segmentation)
+from tasks.segmentation.metrics import confusion_matrix, segmentation_scores
+from tasks.segmentation.model import ARCHS, PPM_PLACEMENTS, build_segmenter
+from tasks.segmentation.synthetic import CLASS_NAMES, ensure_synthetic_ade
+
+LOSS_RESOLUTIONS = ("quarter", "full")
+
+
+class SegmentationTask(Task):
+    primary_metric = "mIoU"
+    dataset_name = "ADE20k (ADEChallengeData2016)"
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        m, data, task = cfg.model, cfg.data, cfg.task
+        if m.arch not in ARCHS:
+            raise ValueError(f"model.arch={m.arch!r} is not one of {', '.join(ARCHS)}")
+        if m.depth not in RESNET_LAYERS:
+            raise ValueError(f"model.depth={m.depth!r} is not one of {sorted(RESNET_LAYERS)}")
+        if m.ppm_placement not in PPM_PLACEMENTS:
+            raise ValueError(f"model.ppm_placement={m.ppm_placement!r} is not one of {', '.join(PPM_PLACEMENTS)}")
+        if not isinstance(m.fpn_dim, int) or m.fpn_dim < 1:
+            raise ValueError(f"model.fpn_dim must be an integer >= 1, got {m.fpn_dim!r}")
+        if m.arch == "pspnet":
+            used = [k for k in ("fpn_upsampler", "fuse_upsampler", "downsampler") if cfg.get(k) is not None]
+            if used:
+                raise ValueError(f"model.arch=pspnet has no {', '.join(used)} slot; set them to null")
+        scales = list(data.train_scales)
+        if not scales or any(not isinstance(s, int) or s < 1 for s in scales):
+            raise ValueError(f"data.train_scales must be a non-empty list of integers >= 1, got {scales}")
+        for key in ("test_size", "max_size", "pad_to"):
+            if not isinstance(data[key], int) or data[key] < 1:
+                raise ValueError(f"data.{key} must be an integer >= 1, got {data[key]!r}")
+        if data.pad_to % 32:
+            raise ValueError(f"data.pad_to={data.pad_to} must be a multiple of 32 (the ResNet's output stride), "
+                             "so that the padded batch maps onto C5 without a remainder")
+        if task.loss_resolution not in LOSS_RESOLUTIONS:
+            raise ValueError(f"task.loss_resolution={task.loss_resolution!r} is not one of "
+                             f"{', '.join(LOSS_RESOLUTIONS)}")
+
+    def check_dataset(self, root: Path) -> None:
+        for split in ("train", "val"):
+            ade_split_folders(root, split)
+
+    def write_embedded_dataset(self, embedded: Any) -> None:
+        if self.cfg.data.num_classes != len(CLASS_NAMES):
+            raise ValueError(f"the embedded dataset has {len(CLASS_NAMES)} classes but data.num_classes="
+                             f"{self.cfg.data.num_classes}")
+        ensure_synthetic_ade(embedded.dir, embedded.seed, embedded.num_train, embedded.num_val, embedded.image_size)
+
+    def describe_embedded_dataset(self, embedded: Any) -> str:
+        return (f"embedded ADE20k-layout default ({len(CLASS_NAMES)} classes, {embedded.image_size} px scenes, "
+                f"{embedded.num_train}/{embedded.num_val} train/val images, seed {embedded.seed})")
+
+    def class_names(self) -> list[str]:
+        if self.cfg.data.root is None:
+            return list(CLASS_NAMES)
+        return ade_class_names(self.root, self.cfg.data.num_classes)
+
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+
+        def slot(key: str) -> object:
+            node = self.cfg.get(key)
+            return instantiate(node) if node is not None else None
+
+        return build_segmenter(arch=m.arch, depth=m.depth, num_classes=self.cfg.data.num_classes,
+                               fpn_dim=m.fpn_dim, pool_scales=tuple(m.pool_scales),
+                               ppm_upsampler=slot("ppm_upsampler"), fpn_upsampler=slot("fpn_upsampler"),
+                               fuse_upsampler=slot("fuse_upsampler"), backbone_downsampler=slot("downsampler"),
+                               ppm_placement=m.ppm_placement)
+
+    def build_datasets(self) -> tuple[Dataset, Dataset]:
+        data = self.cfg.data
+        common = {"num_classes": data.num_classes, "train_scales": tuple(data.train_scales),
+                  "test_size": data.test_size, "max_size": data.max_size}
+        return (ADE20kSegmentation(self.root, "train", train=True, flip=data.flip, **common),
+                ADE20kSegmentation(self.root, "val", train=False, **common))
+
+    def image_files(self, dataset: Dataset) -> list[Path]:
+        return dataset.image_paths()
+
+    def collate_fn(self) -> Callable | None:
+        return partial(collate_segmentation, pad_to=self.cfg.data.pad_to)
+
+    def train_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Cross-entropy over labelled pixels; ``task.loss_resolution``: ``quarter`` compares the 1/4 logits with
+        the labels nearest-subsampled to that size (CSAIL's ``segm_downsampling_rate`` 4), ``full`` resizes the
+        logits bilinearly to the labels' size."""
+        images, labels = batch["images"], batch["labels"]
+        logits = model(images)
+        if self.cfg.task.loss_resolution == "full":
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        else:
+            labels = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+        return {"loss": F.cross_entropy(logits.float(), labels - 1, ignore_index=-1)}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """Each image's logits, cropped to the image (before padding) and resized bilinearly to its label's size;
+        the confusion matrix summed over images and ranks."""
+        num_classes = self.cfg.data.num_classes
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=self.world.device)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=self.world.device)  # loss sum, labelled pixels
+        for batch in loader:
+            batch = self.to_device(batch)
+            logits = model(batch["images"])
+            padded = batch["images"].shape[-2:]
+            logits = F.interpolate(logits.float(), size=padded, mode="bilinear", align_corners=False)
+            for index in range(len(logits)):
+                (h, w), (lh, lw) = batch["image_sizes"][index].tolist(), batch["label_sizes"][index].tolist()
+                scores = F.interpolate(logits[index:index + 1, :, :h, :w], size=(lh, lw), mode="bilinear",
+                                       align_corners=False)
+                label = batch["labels"][index, :lh, :lw]
+                confusion += confusion_matrix(scores[0].argmax(0), label, num_classes)
+                loss_sum += torch.stack([F.cross_entropy(scores, label[None] - 1, ignore_index=-1, reduction="sum"),
+                                         (label > 0).sum()]).double()
+        confusion = all_reduce_sum(confusion)
+        loss, pixels = all_reduce_sum(loss_sum).tolist()
+        metrics = segmentation_scores(confusion, self.class_names())
+        metrics["loss"] = loss / max(pixels, 1.0)
+        return metrics

@@ -1,0 +1,200 @@
+"""The segmentation task: UperNet / PSPNet shapes with every slot on odd sizes, FUSE's chain against the direct
+resize, the metrics against brute-force loops, the embedded ADE20k-layout data, and runs through the engine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from experiment_helpers import segmentation_smoke
+from tasks.common.experiment import ConfigError, compose, config_hash, run_experiment, validate
+from tasks.segmentation.data import ADE20kSegmentation, ade_split_folders, collate_segmentation
+from tasks.segmentation.metrics import confusion_matrix, segmentation_scores
+from tasks.segmentation.model import UperNetHead, build_segmenter
+from tasks.segmentation.synthetic import CLASS_NAMES, POLE, WIRE, ensure_synthetic_ade
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf/experiment/segmentation").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"ppm_upsampler": "carafe", "fpn_upsampler": "carafe", "fuse_upsampler": "carafe"},
+    {"ppm_upsampler": "carafe", "ppm_placement": "after_conv", "backbone_downsampler": "carafe"},
+    {"fpn_upsampler": "deconv", "fuse_upsampler": "nearest"},
+], ids=["csail", "carafe-all", "carafe-ppm-after-conv+backbone", "deconv-fpn+nearest-fuse"])
+def test_upernet_gives_quarter_resolution_logits_on_odd_sizes(kwargs: dict) -> None:
+    model = build_segmenter(num_classes=5, fpn_dim=16, **kwargs).eval()
+    for height, width in ((64, 64), (71, 45), (33, 97)):
+        with torch.no_grad():
+            logits = model(torch.randn(1, 3, height, width))
+        assert logits.shape == (1, 5, -(-height // 4), -(-width // 4))
+        assert model(torch.randn(1, 3, height, width), output_size=(height, width)).shape == (1, 5, height, width)
+
+
+def test_pspnet_is_output_stride_8_and_has_only_the_ppm_slot() -> None:
+    model = build_segmenter("pspnet", num_classes=4, ppm_upsampler="carafe").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 65, 40)).shape == (1, 4, 9, 5)
+    with pytest.raises(ValueError, match="fpn_upsampler"):
+        build_segmenter("pspnet", fpn_upsampler="carafe")
+
+
+def _head(fuse_upsampler: object, channels: int = 2) -> UperNetHead:
+    return UperNetHead(3, in_channels=(channels,) * 4, fpn_dim=channels, fuse_upsampler=fuse_upsampler).double()
+
+
+def _pyramid(widths: tuple[int, ...], channels: int = 2) -> list[torch.Tensor]:
+    """P2..P5, each constant along the height, so resizing acts on the width alone."""
+    return [torch.randn(1, channels, 1, w, dtype=torch.float64).expand(1, channels, w, w).contiguous()
+            for w in widths]
+
+
+def test_fuse_chain_with_nearest_equals_the_direct_resize() -> None:
+    pyramid = _pyramid((16, 8, 4, 2))
+    direct = torch.cat([pyramid[0], *(F.interpolate(p, size=(16, 16), mode="nearest") for p in pyramid[1:])], 1)
+    torch.testing.assert_close(_head("nearest").fuse(pyramid), direct, rtol=0, atol=0)
+
+
+def test_fuse_chain_with_bilinear_is_not_the_direct_bilinear_resize() -> None:
+    """Two bilinear x2 steps interpolate the first step's samples, not the source: at P2 column 5 the P4 level (3
+    columns f0, f1, f2) becomes 3/16 f0 + 3/4 f1 + 1/16 f2 by the chain but 1/8 f0 + 7/8 f1 by a direct x4 resize
+    (source coordinate (5 + 0.5) / 4 - 0.5 = 0.875). Hence the CSAIL baseline keeps the direct resize (slot null)."""
+    pyramid = _pyramid((12, 6, 3, 2))
+    fused = _head("bilinear").fuse(pyramid)
+    p4 = fused[0, 4:6, 0, 5]  # channels 2 fpn_dim..3 fpn_dim hold P4
+    f0, f1, f2 = pyramid[2][0, :, 0, 0], pyramid[2][0, :, 0, 1], pyramid[2][0, :, 0, 2]
+    torch.testing.assert_close(p4, 3 / 16 * f0 + 3 / 4 * f1 + 1 / 16 * f2)
+    direct = _head(None).fuse(pyramid)[0, 4:6, 0, 5]
+    torch.testing.assert_close(direct, 1 / 8 * f0 + 7 / 8 * f1)
+    # one x2 step is the direct resize: P3 agrees everywhere
+    torch.testing.assert_close(fused[:, 2:4], _head(None).fuse(pyramid)[:, 2:4])
+
+
+def _brute_force_scores(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> tuple[float, float, dict]:
+    """(mIoU, pixel accuracy, {class: IoU}) in percent by loops over pixels; predictions are 1..num_classes here."""
+    inter, union = [0] * (num_classes + 1), [0] * (num_classes + 1)
+    correct = labelled = 0
+    for prediction, label in pairs:
+        for p, t in zip(prediction.ravel().tolist(), label.ravel().tolist()):
+            if t == 0:
+                continue
+            labelled += 1
+            correct += p == t
+            for c in range(1, num_classes + 1):
+                inter[c] += p == c and t == c
+                union[c] += p == c or t == c
+    ious = {c: 100.0 * inter[c] / union[c] for c in range(1, num_classes + 1) if union[c]}
+    return sum(ious.values()) / len(ious), 100.0 * correct / labelled, ious
+
+
+def test_metrics_match_brute_force_loops_over_hand_made_maps() -> None:
+    # classes 1..4; 0 is ignored; class 3 is absent from the ground truth but predicted; class 4 absent from both
+    label_a = np.array([[1, 1, 2], [0, 2, 2], [1, 0, 2]])
+    pred_a = np.array([[1, 2, 2], [3, 2, 1], [1, 3, 3]])
+    label_b = np.array([[2, 2], [1, 1]])
+    pred_b = np.array([[2, 2], [1, 2]])
+    pairs = [(pred_a, label_a), (pred_b, label_b)]
+    confusion = sum(confusion_matrix(torch.from_numpy(p) - 1, torch.from_numpy(t), 4) for p, t in pairs)
+    scores = segmentation_scores(confusion, ["a", "b", "c", "d"])
+    miou, accuracy, ious = _brute_force_scores(pairs, 4)
+    assert scores["mIoU"] == pytest.approx(miou) and scores["pixel_acc"] == pytest.approx(accuracy)
+    assert {k: v for k, v in scores.items() if k.startswith("IoU/")} == pytest.approx(
+        {f"IoU/{'abcd'[c - 1]}": v for c, v in ious.items()})
+    assert "IoU/d" not in scores and scores["IoU/c"] == 0.0 and scores["pixels"] == 11
+    # summed over the set, not averaged per image: image a alone and b alone average to something else
+    per_image = [segmentation_scores(confusion_matrix(torch.from_numpy(p) - 1, torch.from_numpy(t), 4))["mIoU"]
+                 for p, t in pairs]
+    assert sum(per_image) / 2 != pytest.approx(scores["mIoU"])
+
+
+def test_metrics_match_brute_force_on_random_maps() -> None:
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(1, 6, size=(7, 5)), rng.integers(0, 6, size=(7, 5))) for _ in range(3)]
+    confusion = sum(confusion_matrix(torch.from_numpy(p) - 1, torch.from_numpy(t), 5) for p, t in pairs)
+    scores = segmentation_scores(confusion)
+    miou, accuracy, _ = _brute_force_scores(pairs, 5)
+    assert scores["mIoU"] == pytest.approx(miou) and scores["pixel_acc"] == pytest.approx(accuracy)
+    with pytest.raises(ValueError, match="label is 7"):
+        confusion_matrix(torch.zeros(2, dtype=torch.long), torch.tensor([1, 7]), 5)
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_embedded_dataset_is_deterministic_and_read_by_the_ade_loader(tmp_path: Path) -> None:
+    a = ensure_synthetic_ade(tmp_path / "a", seed=1, num_train=4, num_val=2, image_size=48)
+    b = ensure_synthetic_ade(tmp_path / "b", seed=1, num_train=4, num_val=2, image_size=48)
+    c = ensure_synthetic_ade(tmp_path / "c", seed=2, num_train=4, num_val=2, image_size=48)
+    assert _tree_digest(a) == _tree_digest(b) != _tree_digest(c)
+    images, annotations = ade_split_folders(a, "val")
+    assert images == a / "ADEChallengeData2016/images/validation"
+    assert sorted(p.name for p in annotations.iterdir()) == ["ADE_val_00000001.png", "ADE_val_00000002.png"]
+
+    train = ADE20kSegmentation(a, "train", train=True, num_classes=len(CLASS_NAMES), train_scales=(32, 64),
+                               max_size=96)
+    for index in range(len(train)):
+        image, label = train[index]
+        assert image.shape[1:] == label.shape and label.shape in ((32, 32), (64, 64))
+        assert 0 <= int(label.min()) and int(label.max()) <= len(CLASS_NAMES)
+    val = ADE20kSegmentation(a, "val", train=False, num_classes=len(CLASS_NAMES), test_size=40)
+    image, label = val[0]
+    assert image.shape == (3, 40, 40) and label.shape == (48, 48)  # labels stay at their own size for scoring
+    batch = collate_segmentation([val[0], train[0]], pad_to=32)
+    assert batch["images"].shape[-2:] == (64, 64) and batch["image_sizes"].tolist()[0] == [40, 40]
+    assert batch["labels"][0, 48:].eq(0).all() and batch["label_sizes"].tolist()[0] == [48, 48]
+    # thin structures are there: every scene has a pole and a wire
+    from PIL import Image
+    for path in sorted((a / "ADEChallengeData2016/annotations/training").glob("*.png")):
+        values = set(np.unique(np.asarray(Image.open(path))).tolist())
+        assert {POLE, WIRE} <= values
+    with pytest.raises(FileNotFoundError, match="ADEChallengeData2016/images/training"):
+        ADE20kSegmentation(tmp_path / "nothing", "train", train=True, num_classes=8)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data") / "ade-tiny"
+
+
+@pytest.mark.parametrize("overrides", [
+    *([f"experiment=segmentation/{name}"] for name in EXPERIMENTS),
+    ["model=pspnet_r50", "upsampler@ppm_upsampler=carafe", "task.loss_resolution=full"],
+], ids=lambda o: "+".join(v.split("=")[1] for v in o[:2]))
+def test_one_training_step_and_evaluation(overrides: list[str], data_dir: Path, tmp_path: Path) -> None:
+    cfg = compose([*segmentation_smoke(data_dir), "data.num_classes=8", *overrides])
+    record = run_experiment(cfg, tmp_path)
+    assert record is not None and record["config_hash"] == config_hash(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["mIoU"] <= 100 and 0 <= metrics["pixel_acc"] <= 100
+    assert any(k.startswith("IoU/") for k in metrics)
+    assert metrics["pixels"] > 0.9 * 2 * 64 * 64  # both val images scored at label size (a few pixels are "other")
+    assert record["history"][0]["train"]["loss"] > 0
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model.arch=segformer"], ["model.arch", "segformer"]),
+    (["model.ppm_placement=inside"], ["model.ppm_placement"]),
+    (["data.pad_to=48"], ["data.pad_to", "multiple of 32"]),
+    (["data.train_scales=[]"], ["data.train_scales"]),
+    (["task.loss_resolution=half"], ["task.loss_resolution"]),
+    (["model=pspnet_r50", "upsampler@fpn_upsampler=carafe"], ["pspnet", "fpn_upsampler"]),
+    (["upsampler@fuse_upsampler=carafe", "fuse_upsampler.up_kernel=4"], ["fuse_upsampler", "up_kernel"]),
+])
+def test_bad_values_fail_before_any_work(overrides: list[str], words: list[str], tmp_path: Path) -> None:
+    cfg = compose([*segmentation_smoke(tmp_path / "never-written"), *overrides])
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert all(word in str(error.value) for word in words), str(error.value)
+    assert not (tmp_path / "never-written").exists()
