@@ -18,6 +18,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from carafe import CARAFEDownPack, CARAFEPack
 from carafe.upsamplers import DeconvUpsample, InterpolateUpsample
+from tasks.common.deformable import ModulatedDeformConv2d
 from tasks.common.resnet import count_downsamplers
 from tasks.common.fpn import UpsamplerFPN
 from tasks.common.upsampling import crop_to
@@ -336,6 +337,23 @@ def test_backbone_downsampler_reaches_the_resnet() -> None:
     assert all(p.grad is not None for p in body["maxpool"].parameters())
     plain = build_detector("faster_rcnn", num_classes=NUM_CLASSES)
     assert isinstance(plain.backbone.body["maxpool"], nn.MaxPool2d)
+
+
+def test_resnet101_dcnv2_with_carafe_everywhere_trains_one_step() -> None:
+    """CARAFE++ Table I's strongest row: ResNet-101-DCNv2 (c3-c5), CARAFE++ downsamplers, CARAFE in FPN and mask head."""
+    torch.manual_seed(0)
+    model = build_detector("mask_rcnn", depth=101, num_classes=NUM_CLASSES, backbone_downsampler="carafe",
+                           fpn_upsampler="carafe", mask_upsampler="carafe", dcn_stages=("c3", "c4", "c5"), **SMALL)
+    body = model.backbone.body
+    deformable = [m for m in body.modules() if isinstance(m, ModulatedDeformConv2d)]
+    assert len(deformable) == 4 + 23 + 3 and all(m.stride == 1 for m in deformable)  # strides went to CARAFE++
+    assert isinstance(body["layer1"][0].conv2, nn.Conv2d)
+    images, targets = _batch()
+    _train_step(model, images, targets)
+    for module in (body["layer2"][0].conv2[1], body["layer4"][2].conv2):
+        assert module.offset_mask.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="dcn stage"):
+        build_detector("faster_rcnn", dcn_stages=("c6",))
 
 
 def test_trainable_layers_and_norm() -> None:

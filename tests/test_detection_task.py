@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from experiment_helpers import detection_smoke
 from tasks.common.experiment import ConfigError, compose, config_hash, run_experiment, validate
@@ -76,6 +77,28 @@ def test_backbone_weights_from_a_classification_checkpoint(tmp_path: Path) -> No
         load_backbone_weights(backbone.body, tmp_path / "nothing.pt")
 
 
+def test_imagenet_weights_load_into_a_dcnv2_backbone_whose_offset_predictors_stay_zero(tmp_path: Path) -> None:
+    from tasks.common.io import save_checkpoint
+    from tasks.common.resnet import build_resnet
+    from tasks.detection.model import build_backbone
+
+    plain = build_resnet(50, num_classes=10)
+    save_checkpoint(tmp_path / "imagenet.pth", plain.state_dict())
+    backbone = build_backbone(50, dcn_stages=("c3", "c4", "c5"))
+    load_backbone_weights(backbone.body, tmp_path / "imagenet.pth")
+    dcn = backbone.body.layer3[1].conv2
+    assert torch.equal(dcn.weight, plain.layer3[1].conv2.weight)
+    assert not dcn.offset_mask.weight.any() and not dcn.offset_mask.bias.any()
+
+
+def test_dcn_stages_default_leaves_config_hashes_unchanged() -> None:
+    cfg = compose(["task=detection"])
+    without_key = OmegaConf.to_container(cfg, resolve=True)
+    del without_key["model"]["dcn_stages"]
+    assert config_hash(cfg) == config_hash(without_key)  # runs recorded before the option keep their identity
+    assert config_hash(compose(["task=detection", "model.dcn_stages=[c3,c4,c5]"])) != config_hash(cfg)
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["upsampler@fpn_upsampler=carafe", "fpn_upsampler.up_kernel=4"], ["fpn_upsampler", "up_kernel"]),
     (["model=mask_rcnn_r50", "upsampler@mask_upsampler=carafe", "mask_upsampler.normalizer=tanh"],
@@ -84,6 +107,7 @@ def test_backbone_weights_from_a_classification_checkpoint(tmp_path: Path) -> No
     (["model.norm=frozen_bn"], ["frozen_bn", "model.backbone_weights"]),
     (["model.backbone_weights=/nonexistent.pth"], ["model.backbone_weights=/nonexistent.pth", "not a file"]),
     (["scale=paper", f"data.root={REPO}"], ["model.backbone_weights"]),
+    (["model.dcn_stages=[c3,res4]"], ["model.dcn_stages", "res4", "c5"]),
 ])
 def test_invalid_detection_values_fail_before_any_work(overrides: list[str], words: list[str]) -> None:
     with pytest.raises(ConfigError) as info:

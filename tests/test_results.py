@@ -176,6 +176,32 @@ def test_a_table_that_extends_another_reuses_its_runs_with_its_own_figures() -> 
     assert table4.notes["tiny"].startswith(load_table_spec("3").notes["tiny"])  # shared detection note first
 
 
+def test_the_journal_tables_share_the_runs_of_the_same_experiments() -> None:
+    """CARAFE++ XI / XIII / XIV are ICCV 8 / 9 / 10 with one row's figures reprinted; III, V and VII reuse the runs of
+    Tables 2, IV and 4 wherever a row is the same experiment."""
+    def composed(name: str) -> dict[str, tuple[str, dict]]:
+        spec = load_table_spec(name)
+        compose_rows(spec, "tiny", seeds=1)
+        return {row.label: (row.config_hash, row.paper) for row in spec.rows}
+
+    changed = {"pp-11": ("8", "C_m = 64"), "pp-13": ("9", "k_enc = 3, k_up = 5"), "pp-14": ("10", "Softmax")}
+    for journal, (iccv, default_row) in changed.items():
+        theirs, ours = composed(iccv), composed(journal)
+        assert {k: h for k, (h, _) in theirs.items()} == {k: h for k, (h, _) in ours.items()}
+        for label, (_, paper) in ours.items():
+            expected = ({**theirs[label][1], "APS": 23.2, "APM": 41.2, "APL": 48.2} if label == default_row
+                        else theirs[label][1])  # the journal's CARAFE++ default row: Table IV's figures
+            assert paper == expected, (journal, label)
+    table2, table3, table5 = composed("2"), composed("pp-3"), composed("pp-5")
+    assert table3["Conv"][0] == table5["none"][0] == table2["Nearest"][0]
+    assert table5["FPN"][0] == table2["CARAFE"][0] and table5["Backbone"][0] == table3["CARAFE++"][0]
+    table4, table7 = composed("4"), composed("pp-7")
+    assert all(table7[label][0] == table4[label][0] for label in table4)
+    assert table7["FPN + M.H."][1] != table4["FPN + M.H."][1]  # the journal prints other figures for that row
+    hashes = [h for h, _ in composed("pp-1").values()]
+    assert len(set(hashes)) == 8 and not set(hashes) & {h for h, _ in table2.values()}
+
+
 def test_speed_cost_and_not_applicable_cells_render() -> None:
     spec = TableSpec("demo", "Demo", "paper", [], [
         Column("AP", "AP", "bbox_AP", 1), Column("mAP", "mask AP", "segm_AP", 1),

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 NOT_HASHED = ("run.device", "run.amp", "run.num_workers", "run.eval_every", "run.log_every", "run.progress",
               "run.find_unused_parameters", "run.stop_after_epochs", "data.embedded.dir", "data.verify",
               "task.speed_image_size", "task._target_")
+#: Keys added after runs were recorded, hashed only when they differ from the default that reproduces those runs,
+#: so that a new option does not rename every finished experiment (and the committed tables' rows).
+HASHED_ONLY_IF_NOT_DEFAULT = {"model.dcn_stages": []}
 CONF_DIR = REPO_ROOT / "conf"
 METRICS_NAME = "metrics.json"
 CONFIG_NAME = "config.yaml"
@@ -70,15 +73,18 @@ def compose(overrides: list[str]) -> DictConfig:
 
 
 def config_hash(cfg: DictConfig | dict) -> str:
-    """12 hex digits identifying the experiment a config describes (see ``NOT_HASHED``)."""
+    """12 hex digits identifying the experiment a config describes (see ``NOT_HASHED`` and
+    ``HASHED_ONLY_IF_NOT_DEFAULT``)."""
     data = resolved(cfg) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
-    for dotted in NOT_HASHED:
+    left_out = [(dotted, None) for dotted in NOT_HASHED] + [(dotted, [default])
+                                                            for dotted, default in HASHED_ONLY_IF_NOT_DEFAULT.items()]
+    for dotted, only_if in left_out:
         *parents, leaf = dotted.split(".")
         node = data
         for key in parents:
             node = node.get(key, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+        if isinstance(node, dict) and leaf in node and (only_if is None or node[leaf] in only_if):
+            node.pop(leaf)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 

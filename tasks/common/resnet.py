@@ -11,28 +11,36 @@ bottleneck of Res-3, Res-4 and Res-5 both the strided 3x3 conv and the strided 1
 ``downsampler=None`` keeps torchvision's network unchanged: the baseline ("strided conv" in CARAFE++ Table III,
 "ResNet-50" in Table II). Every operator of ``carafe.build_downsampler`` maps H to ceil(H / 2), as the strided
 convolutions and the max pool it replaces do, so feature-map sizes are the same for every choice.
+
+``deformable_stages`` (detection's ResNet-DCNv2, CARAFE++ Table I) makes every bottleneck's 3x3 conv in those
+stages a modulated deformable convolution (``tasks.common.deformable``). Where a downsampler took over a strided
+3x3, the stride-1 3x3 after it is the deformable one: ``down(width) -> DCNv2 3x3/1``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from carafe import build_downsampler
+from tasks.common.deformable import ModulatedDeformConv2d
 
 RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+STAGES = ("layer1", "layer2", "layer3", "layer4")       # Res-2 .. Res-5 in the papers' naming
 STAGES_WITH_STRIDE = ("layer2", "layer3", "layer4")  # Res-3, Res-4 and Res-5 in the papers' naming
 
 
 def build_resnet(depth: int = 50, num_classes: int = 1000, downsampler: object = None,
-                 zero_init_residual: bool = False, norm_layer: Callable[[int], nn.Module] | None = None) -> ResNet:
+                 zero_init_residual: bool = False, norm_layer: Callable[[int], nn.Module] | None = None,
+                 deformable_stages: Sequence[str] = ()) -> ResNet:
     """A torchvision bottleneck ResNet (no pretrained weights) with ``downsampler`` at its seven downsampling places.
 
     ``downsampler``: None (torchvision's strided convs and max pool) or anything ``carafe.build_downsampler``
     takes (a name such as ``"carafe"``, a mapping with ``type``, a class or a ``functools.partial``).
     ``zero_init_residual`` starts each block's last BN at zero (Goyal et al., the CARAFE++ ImageNet setup).
+    ``deformable_stages``: names among ``STAGES`` whose bottleneck 3x3 convs become DCNv2 (``make_deformable``).
     """
     if depth not in RESNET_LAYERS:
         raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYERS)}, got {depth!r}")
@@ -40,6 +48,7 @@ def build_resnet(depth: int = 50, num_classes: int = 1000, downsampler: object =
                    zero_init_residual=zero_init_residual, norm_layer=norm_layer)
     if downsampler is not None:
         swap_downsamplers(model, downsampler)
+    make_deformable(model, deformable_stages)  # after the swap: the stride-1 3x3 behind a downsampler deforms
     return model
 
 
@@ -59,6 +68,21 @@ def swap_downsamplers(model: ResNet, downsampler: object) -> ResNet:
         shortcut_conv, shortcut_norm = block.downsample
         shortcut_conv.stride = (1, 1)
         block.downsample = nn.Sequential(make(shortcut_conv.in_channels), shortcut_conv, shortcut_norm)
+    return model
+
+
+def make_deformable(model: ResNet, stages: Sequence[str]) -> ResNet:
+    """Replace every bottleneck's 3x3 conv (``conv2``, or the conv behind a downsampler) in ``stages`` by a
+    ``ModulatedDeformConv2d`` with the same weights, stride and padding."""
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown ResNet stage(s) {unknown} for deformable convolutions; choose from {STAGES}")
+    for stage_name in stages:
+        for block in getattr(model, stage_name):
+            if isinstance(block.conv2, nn.Sequential):  # down(width) -> conv3x3/1, from swap_downsamplers
+                block.conv2[-1] = ModulatedDeformConv2d.from_conv(block.conv2[-1])
+            else:
+                block.conv2 = ModulatedDeformConv2d.from_conv(block.conv2)
     return model
 
 

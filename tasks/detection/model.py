@@ -2,7 +2,7 @@
 
 torchvision supplies everything except three parts the papers change: the FPN (``tasks.common.fpn``, any
 top-down upsampler), the mask predictor's 2x upsampling (``MaskPredictor``, any upsampler) and the backbone's seven
-downsamplers (``tasks.common.resnet``). RPN, RoI heads, box / mask losses, ``MultiScaleRoIAlign`` and
+downsamplers (``tasks.common.resnet``, which also makes the 3x3 convs of chosen stages DCNv2 for ResNet-101-DCNv2). RPN, RoI heads, box / mask losses, ``MultiScaleRoIAlign`` and
 ``GeneralizedRCNNTransform`` (resize, normalise, pad) are torchvision's own.
 
     model = build_detector("mask_rcnn", fpn_upsampler="carafe", mask_upsampler="carafe", min_size=160, max_size=267)
@@ -33,6 +33,7 @@ from tasks.common.upsampling import init_upsampler_convs
 ARCHS = ("faster_rcnn", "mask_rcnn")
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
 RETURN_LAYERS = {"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
+LAYER_OF_STAGE = {stage: layer for layer, stage in RETURN_LAYERS.items()}
 # Backbone stages from input to output; trainable_backbone_layers = k trains the last k of them.
 STAGES = (("conv1", "bn1", "maxpool"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 ROI_LEVELS = ["p2", "p3", "p4", "p5"]  # P6 feeds only the RPN, as in the papers' configs
@@ -122,8 +123,12 @@ def _check_sizes(min_size: object, max_size: object, size_divisible: object) -> 
 
 
 def build_backbone(depth: int = 50, fpn_upsampler: object = "nearest", backbone_downsampler: object = None,
-                   trainable_layers: int = 5, norm: str = "bn", fpn_channels: int = 256) -> ResNetFPNBackbone:
+                   trainable_layers: int = 5, norm: str = "bn", fpn_channels: int = 256,
+                   dcn_stages: Sequence[str] = ()) -> ResNetFPNBackbone:
     """ResNet-``depth`` (``tasks.common.resnet.build_resnet``, no pretrained weights) + ``UpsamplerFPN``.
+
+    ``dcn_stages``: stages among ``c2``..``c5`` whose bottleneck 3x3 convs are modulated deformable (DCNv2; the
+    DCNv2 paper and mmdetection's R-101-DCNv2 use ``c3``, ``c4``, ``c5``).
 
     ``norm``: ``"bn"`` (``nn.BatchNorm2d``, trained; convertible to SyncBN) or ``"frozen_bn"`` (torchvision's
     ``FrozenBatchNorm2d``: statistics and affine fixed, the setting for a pretrained backbone). The default follows
@@ -133,7 +138,11 @@ def build_backbone(depth: int = 50, fpn_upsampler: object = "nearest", backbone_
     """
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-    resnet = build_resnet(depth, num_classes=1000, downsampler=backbone_downsampler, norm_layer=NORMS[norm])
+    unknown = sorted(set(dcn_stages) - set(LAYER_OF_STAGE))
+    if unknown:
+        raise ValueError(f"unknown dcn stage(s) {unknown}; choose from {sorted(LAYER_OF_STAGE)}")
+    resnet = build_resnet(depth, num_classes=1000, downsampler=backbone_downsampler, norm_layer=NORMS[norm],
+                          deformable_stages=[LAYER_OF_STAGE[stage] for stage in dcn_stages])
     in_channels = [getattr(resnet, name)[-1].conv3.out_channels for name in RETURN_LAYERS]
     fpn = UpsamplerFPN(in_channels, fpn_channels, upsampler=fpn_upsampler, extra_levels=1)
     return ResNetFPNBackbone(resnet, fpn, trainable_layers)
@@ -143,7 +152,7 @@ def build_detector(arch: str = "faster_rcnn", depth: int = 50, num_classes: int 
                    fpn_upsampler: object = "nearest", mask_upsampler: object = MASK_HEAD_DECONV,
                    backbone_downsampler: object = None, min_size: int | Sequence[int] = 800, max_size: int = 1333,
                    size_divisible: int = 64, trainable_backbone_layers: int = 5, norm: str = "bn",
-                   **options: object) -> FasterRCNN:
+                   dcn_stages: Sequence[str] = (), **options: object) -> FasterRCNN:
     """Faster R-CNN or Mask R-CNN, ResNet-``depth``-FPN, with the papers' three swappable operators.
 
     Args:
@@ -162,6 +171,9 @@ def build_detector(arch: str = "faster_rcnn", depth: int = 50, num_classes: int 
             forwarded to ``GeneralizedRCNNTransform(size_divisible=...)`` through ``FasterRCNN``'s ``**kwargs``.
         trainable_backbone_layers: how many of stem, layer1..layer4 train, counted from layer4 (0..5).
         norm: the backbone's normalisation, ``"frozen_bn"`` or ``"bn"`` (see ``build_backbone``).
+        dcn_stages: backbone stages (``c2``..``c5``) whose 3x3 convs are DCNv2; ``()`` for none (Table I's
+            ResNet-101-DCNv2: ``("c3", "c4", "c5")``). With ``backbone_downsampler``, a stride-2 DCNv2 becomes the
+            downsampler followed by a stride-1 DCNv2.
         **options: any other keyword of torchvision's ``FasterRCNN`` / ``MaskRCNN`` (``rpn_post_nms_top_n_test``,
             ``box_detections_per_img``, ``image_mean``, ``fixed_size``, ...).
 
@@ -179,7 +191,8 @@ def build_detector(arch: str = "faster_rcnn", depth: int = 50, num_classes: int 
     if unknown:
         raise TypeError(f"unknown {detector_cls.__name__} option(s) {unknown}; allowed: {sorted(allowed)}")
 
-    backbone = build_backbone(depth, fpn_upsampler, backbone_downsampler, trainable_backbone_layers, norm)
+    backbone = build_backbone(depth, fpn_upsampler, backbone_downsampler, trainable_backbone_layers, norm,
+                              dcn_stages=dcn_stages)
     box_head_size = 1024  # torchvision's TwoMLPHead width, the papers' 2 x 1024 shared FCs
     heads: dict[str, object] = {
         "box_roi_pool": MultiScaleRoIAlign(featmap_names=ROI_LEVELS, output_size=7, sampling_ratio=2),

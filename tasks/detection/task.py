@@ -20,13 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.distributed import broadcast_object, gather_objects
+from tasks.common.deformable import ModulatedDeformConv2d
 from tasks.common.io import load_checkpoint
 from tasks.common.resnet import RESNET_LAYERS
 from tasks.common.speed import noise_image
 from tasks.common.task import Task
 from tasks.detection.data import CocoDetection, coco_paths, collate_detection
 from tasks.detection.evaluation import collect_detections, summarize
-from tasks.detection.model import ARCHS, NORMS, build_detector
+from tasks.detection.model import ARCHS, LAYER_OF_STAGE, NORMS, build_detector
 from tasks.detection.synthetic import CATEGORIES, ensure_synthetic_coco
 
 
@@ -43,6 +44,10 @@ class DetectionTask(Task):
             raise ValueError(f"model.depth={m.depth!r} is not one of {sorted(RESNET_LAYERS)}")
         if m.norm not in NORMS:
             raise ValueError(f"model.norm={m.norm!r} is not one of {', '.join(NORMS)}")
+        unknown_stages = sorted(set(m.dcn_stages) - set(LAYER_OF_STAGE))
+        if unknown_stages:
+            raise ValueError(f"model.dcn_stages has {unknown_stages}; choose among {sorted(LAYER_OF_STAGE)}, "
+                             "e.g. model.dcn_stages=[c3,c4,c5]")
         if not 0 <= m.trainable_backbone_layers <= 5:
             raise ValueError(f"model.trainable_backbone_layers must be in [0, 5], got {m.trainable_backbone_layers}")
         if m.backbone_weights and not Path(m.backbone_weights).is_file():
@@ -86,7 +91,8 @@ class DetectionTask(Task):
             mask_upsampler=instantiate(self.cfg.mask_upsampler) if self.with_masks else None,
             backbone_downsampler=instantiate(downsampler) if downsampler is not None else None,
             min_size=m.min_size, max_size=m.max_size, size_divisible=m.size_divisible,
-            trainable_backbone_layers=m.trainable_backbone_layers, norm=m.norm, **(m.options or {}))
+            trainable_backbone_layers=m.trainable_backbone_layers, norm=m.norm, dcn_stages=list(m.dcn_stages),
+            **(m.options or {}))
         if m.backbone_weights:
             load_backbone_weights(model.backbone.body, m.backbone_weights)
         return model
@@ -138,7 +144,8 @@ class DetectionTask(Task):
 def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
     """Load ImageNet weights into the detector's ResNet body: torchvision's ``resnet50-*.pth`` state dict or a
     checkpoint of ``scripts/train.py task=classification`` (same ``downsampler`` as the detector). The classifier
-    (``fc.*``) is dropped; any other key that does not match is an error naming the keys."""
+    (``fc.*``) is dropped; the DCNv2 offset / modulation predictors, which an ImageNet ResNet has not, keep their
+    zero initialisation (the DCNv2 paper's recipe); any other key that does not match is an error naming the keys."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.backbone_weights={path} does not exist")
@@ -146,6 +153,9 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
     state = state.get("model", state)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = body.load_state_dict(state, strict=False)
+    predictors = {f"{name}.offset_mask.{param}" for name, module in body.named_modules()
+                  if isinstance(module, ModulatedDeformConv2d) for param in ("weight", "bias")}
+    missing = [key for key in missing if key not in predictors]
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the detector's backbone (same depth and downsampler?): "
                          f"missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
