@@ -28,6 +28,7 @@ downsampler passes the mask on by max pooling (a pixel is valid when any of its 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -153,10 +154,9 @@ class DownsampleLayer(nn.Module):
     def __init__(self, channels: int, out_channels: int, downsampler: object, partial: bool) -> None:
         super().__init__()
         self.partial = partial
+        # A downsampler keeps its own initialisation, as in the ResNet's downsampler slots (tasks.common.resnet).
         self.operator = None if downsampler is None else build_downsampler(downsampler, channels=channels,
                                                                            scale_factor=2)
-        if self.operator is not None:
-            init_upsampler_convs(self.operator, lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"))
         self.conv = ConvBlock(channels, out_channels, 3, stride=2 if self.operator is None else 1, partial=partial)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -179,7 +179,7 @@ class GlobalLocalGenerator(nn.Module):
         super().__init__()
         b = check_int("base_channels", base_channels, 2)
         self.partial = partial
-        block = lambda *args, **kwargs: ConvBlock(*args, partial=partial, **kwargs)  # noqa: E731
+        block = functools.partial(ConvBlock, partial=partial)
         self.encoder = nn.ModuleList([block(4, b, 5), DownsampleLayer(b, 2 * b, downsampler, partial),
                                       block(2 * b, 2 * b, 3), DownsampleLayer(2 * b, 4 * b, downsampler, partial),
                                       block(4 * b, 4 * b, 3), block(4 * b, 4 * b, 3)])
