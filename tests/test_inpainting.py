@@ -12,13 +12,16 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from carafe.modules import CARAFEPack
+
+from tasks.common.engine import Schedule, build_optimizers
 from tasks.common.experiment import ConfigError, compose, run_experiment
 from tasks.common.io import load_checkpoint
 from tasks.inpainting.data import ensure_embedded_places
 from tasks.inpainting.masks import box_mask, draw_mask, free_form_mask, validation_mask
 from tasks.inpainting.metrics import inpainting_scores
-from tasks.inpainting.model import PartialConv2d, carafe_with_mask
-from carafe.modules import CARAFEPack
+from tasks.inpainting.model import PartialConv2d, build_inpainting_model, carafe_with_mask
+from tasks.inpainting.task import InpaintingTask
 
 
 def inpainting_smoke(data_dir: Path, epochs: int = 1, iters: int = 1) -> list[str]:
@@ -200,3 +203,16 @@ def test_bad_config_values_fail_before_any_work(override: str, message: str, dat
     with pytest.raises(ConfigError, match=message):
         run_experiment(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_optimizer_parts_must_not_share_parameters() -> None:
+    class Overlapping(InpaintingTask):
+        def part_parameters(self, model: torch.nn.Module, part: str) -> list[torch.nn.Parameter]:
+            return list(model.parameters())  # both parts claim everything
+
+    model = build_inpainting_model(base_channels=4, discriminator_channels=(4,))
+    schedule = Schedule(epochs=1, batch_size=2, lr=1e-4, optimizer="adam")
+    with pytest.raises(ValueError, match="belongs to both parts"):
+        build_optimizers(Overlapping(None, None), model, schedule, iters_per_epoch=1)
+    optimizers, _ = build_optimizers(InpaintingTask(None, None), model, schedule, iters_per_epoch=1)
+    assert sum(len(g["params"]) for o in optimizers.values() for g in o.param_groups) == len(list(model.parameters()))

@@ -152,6 +152,13 @@ def build_optimizers(task: Task, model: nn.Module, schedule: Schedule, iters_per
     lr = scaled_lr(schedule.lr, schedule.batch_size, schedule.base_batch_size)
     parts = {part: task.part_parameters(model, part) for part in task.optimizer_parts} \
         if task.optimizer_parts else {SINGLE_PART: model.parameters()}
+    if task.optimizer_parts:
+        owners: dict[int, str] = {}
+        for part, params in parts.items():
+            for p in params:
+                if owners.setdefault(id(p), part) != part:
+                    raise ValueError(f"{type(task).__name__}: a parameter belongs to both parts {owners[id(p)]!r} "
+                                     f"and {part!r}; each parameter must have one optimizer")
     optimizers, schedulers = {}, {}
     for part, params in parts.items():
         optimizers[part] = build_optimizer(params, schedule.optimizer, lr, schedule.momentum, schedule.weight_decay,
