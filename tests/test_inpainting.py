@@ -13,7 +13,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from carafe.modules import CARAFEPack
-
+from experiment_helpers import inpainting_smoke
 from tasks.common.engine import Schedule, build_optimizers
 from tasks.common.experiment import ConfigError, compose, run_experiment
 from tasks.common.io import load_checkpoint
@@ -22,14 +22,6 @@ from tasks.inpainting.masks import box_mask, draw_mask, free_form_mask, validati
 from tasks.inpainting.metrics import inpainting_scores
 from tasks.inpainting.model import PartialConv2d, build_inpainting_model, carafe_with_mask
 from tasks.inpainting.task import InpaintingTask
-
-
-def inpainting_smoke(data_dir: Path, epochs: int = 1, iters: int = 1) -> list[str]:
-    """``epochs`` x ``iters`` GAN steps of batch 2 on 32 px crops, an 8-wide generator and a two-layer discriminator."""
-    return ["task=inpainting", f"schedule.epochs={epochs}", "schedule.batch_size=2",
-            f"run.max_iters_per_epoch={iters}", "run.max_eval_batches=1", "run.num_workers=0", "run.progress=false",
-            "data.image_size=32", "data.embedded.num_train=4", "data.embedded.num_val=2",
-            f"data.embedded.dir={data_dir}", "model.base_channels=8", "model.discriminator_channels=[8,16]"]
 
 
 @pytest.fixture(scope="module")
