@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from carafe.modules import CARAFEPack
-from experiment_helpers import inpainting_smoke
+from experiment_helpers import inpainting_smoke, load_script
 from tasks.common.engine import Schedule, build_optimizers
 from tasks.common.experiment import ConfigError, compose, run_experiment
 from tasks.common.io import load_checkpoint
-from tasks.inpainting.data import ensure_embedded_places
+from tasks.inpainting.data import PlacesInpainting, ensure_embedded_places
 from tasks.inpainting.masks import box_mask, draw_mask, free_form_mask, validation_mask
 from tasks.inpainting.metrics import inpainting_scores
 from tasks.inpainting.model import PartialConv2d, build_inpainting_model, carafe_with_mask
@@ -208,3 +209,27 @@ def test_optimizer_parts_must_not_share_parameters() -> None:
         build_optimizers(Overlapping(None, None), model, schedule, iters_per_epoch=1)
     optimizers, _ = build_optimizers(InpaintingTask(None, None), model, schedule, iters_per_epoch=1)
     assert sum(len(g["params"]) for o in optimizers.values() for g in o.param_groups) == len(list(model.parameters()))
+
+
+def test_figure_grid_of_two_runs_and_the_tensorboard_image(data_dir: Path, tmp_path: Path) -> None:
+    runs = [tmp_path / "baseline", tmp_path / "carafe"]
+    for experiment, run_dir in zip(["inpainting/global_local", "inpainting/global_local_carafe"], runs):
+        assert run_experiment(compose([f"experiment={experiment}", *inpainting_smoke(data_dir)]), run_dir)
+    events = b"".join(p.read_bytes() for p in (runs[0] / "tensorboard").iterdir())
+    assert b"val/inpainting" in events
+
+    out = load_script("inpainting_figure").figure(runs, count=2, out=tmp_path / "figure.png")
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 34 - 2, 4 * 34 - 2, 3)  # 2 rows; masked input, two runs, original; 2 px gaps
+    val_set = PlacesInpainting(ensure_embedded_places(data_dir, 0, 4, 2, 32), "val", image_size=32,
+                               val_mask_kind="free_form")
+    for row in range(2):
+        image, mask = val_set[row]
+        original = ((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        top = row * 34
+        assert np.array_equal(grid[top:top + 32, 3 * 34:], original)
+        hole = mask[0].numpy() > 0
+        assert (grid[top:top + 32, :32][hole] == 255).all()
+        for column in (1, 2):  # each run's composite keeps the original outside the hole
+            cell = grid[top:top + 32, column * 34:column * 34 + 32]
+            assert np.array_equal(cell[~hole], original[~hole])

@@ -264,6 +264,7 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
                 if writer is not None:  # on the training scalars' axis: iterations done
                     for name, value in metrics.items():
                         writer.add_scalar(f"val/{name}", value, (epoch + 1) * iters_per_epoch)
+                    task.log_images(unwrap(model), val_set, writer, (epoch + 1) * iters_per_epoch)
             history.append(record)
             if world.is_main:
                 summary = " ".join(f"{k} {v:.4f}" for k, v in {**losses, **record.get("val", {})}.items())

@@ -110,6 +110,11 @@ class Task:
         """Metrics over this rank's shard of ``loader``, combined over ranks: the same dict on every rank."""
         raise NotImplementedError
 
+    def log_images(self, model: nn.Module, val_set: Dataset, writer: Any, step: int) -> None:
+        """After each evaluation, on the main process: pictures for TensorBoard (``writer.add_image``). Tasks with
+        nothing to picture keep this default, which writes none. Must not draw from the global RNGs (a resumed run
+        would then train differently)."""
+
     def inference_input(self, height: int, width: int) -> Any:
         """What ``model(...)`` takes in eval mode for one image of ``height`` x ``width`` (speed measurements):
         here a Tensor[1, 3, H, W] of noise on the run's device; detectors take a list of images instead."""

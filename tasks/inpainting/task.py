@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tasks.common.distributed import all_reduce_sum
 from tasks.common.task import Task
 from tasks.inpainting.data import PHOTOGRAPHS, PlacesInpainting, ensure_embedded_places, places_split
+from tasks.inpainting.figures import first_validation_grid
 from tasks.inpainting.masks import MASK_KINDS
 from tasks.inpainting.metrics import inpainting_scores
 from tasks.inpainting.model import (DISCRIMINATOR_REGIONS, GENERATORS, build_inpainting_model, masked_mean,
@@ -62,6 +63,8 @@ class InpaintingTask(Task):
         if task.discriminator_region not in DISCRIMINATOR_REGIONS:
             raise ValueError(f"task.discriminator_region={task.discriminator_region!r} is not one of "
                              f"{', '.join(DISCRIMINATOR_REGIONS)}")
+        if not isinstance(task.tensorboard_images, int) or task.tensorboard_images < 0:
+            raise ValueError(f"task.tensorboard_images must be an integer >= 0, got {task.tensorboard_images!r}")
         for key in ("l1_hole_weight", "l1_valid_weight", "adversarial_weight"):
             if not isinstance(task[key], (int, float)) or task[key] < 0:
                 raise ValueError(f"task.{key} must be a number >= 0, got {task[key]!r}")
@@ -105,6 +108,14 @@ class InpaintingTask(Task):
 
     def image_files(self, dataset: Dataset) -> list[Path]:
         return dataset.image_paths()
+
+    def log_images(self, model: nn.Module, val_set: Dataset, writer: Any, step: int) -> None:
+        """The Figure 9 layout (masked input, output, original) for the first ``task.tensorboard_images``
+        validation images and their fixed masks."""
+        count = self.cfg.task.tensorboard_images
+        if count:
+            grid = first_validation_grid(model, val_set, count, self.world.device)
+            writer.add_image("val/inpainting", grid, step, dataformats="HWC")
 
     def part_parameters(self, model: nn.Module, part: str) -> list[nn.Parameter]:
         return list(getattr(model, part).parameters())
