@@ -19,8 +19,9 @@ Slots:
 - ``downsampler`` (CARAFE++ section 4.3: "each strided conv becomes CARAFE++ followed by a stride-1 conv"): None is
   the two 3x3 stride-2 convs; an operator replaces each by operator(C) -> 3x3 stride-1 conv C -> 2C + BN + ReLU.
 
-Partial Conv (``partial=True``): every conv (the upsampler's own deconv included when the slot is None) becomes a
-``PartialConv2d`` and the valid-pixel mask (1 - M) travels with the features. Through an UP layer the mask follows
+Partial Conv (``partial=True``): every conv becomes a ``PartialConv2d`` and the valid-pixel mask (1 - M) travels with
+the features (the input's mask channel is zeroed by the first partial conv's x * mask, so in effect the generator
+sees RGB only, as NVIDIA's PConv does). Through an UP layer the mask follows
 CARAFE's own kernels when the operator is CARAFE (ICCV: "the mask is reassembled with the same kernels"), and
 nearest-neighbour upsampling for every other operator (NVIDIA's PConv U-Net upsamples its masks that way); a
 downsampler passes the mask on by max pooling (a pixel is valid when any of its 2x2 inputs is).
