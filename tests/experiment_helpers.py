@@ -1,5 +1,5 @@
-"""Shared by the experiment tests: overrides that shrink any classification, detection or segmentation run to
-seconds, and the entry-point scripts as modules (calling them in-process costs no interpreter start)."""
+"""Shared by the experiment tests: overrides that shrink any classification, detection, segmentation or inpainting
+run to seconds, and the entry-point scripts as modules (calling them in-process costs no interpreter start)."""
 
 import importlib.util
 from pathlib import Path
@@ -40,3 +40,12 @@ def segmentation_smoke(data_dir: Path, iters: int = 1, num_val: int = 2) -> list
             "run.num_workers=0", "run.progress=false", "data.embedded.num_train=2",
             f"data.embedded.num_val={num_val}", "data.embedded.image_size=64", f"data.embedded.dir={data_dir}",
             "data.train_scales=[64]", "data.test_size=64", "data.max_size=64", "model.fpn_dim=32"]
+
+
+def inpainting_smoke(data_dir: Path, epochs: int = 1, iters: int = 1) -> list[str]:
+    """``epochs`` x ``iters`` GAN steps of batch 2 on 32 px crops of the embedded Places365-layout dataset in
+    ``data_dir``, an 8-wide generator and a two-layer discriminator."""
+    return ["task=inpainting", f"schedule.epochs={epochs}", "schedule.batch_size=2",
+            f"run.max_iters_per_epoch={iters}", "run.max_eval_batches=1", "run.num_workers=0", "run.progress=false",
+            "data.image_size=32", "data.embedded.num_train=4", "data.embedded.num_val=2",
+            f"data.embedded.dir={data_dir}", "model.base_channels=8", "model.discriminator_channels=[8,16]"]

@@ -29,6 +29,7 @@ from tasks.common.schedule import build_lr_scheduler, build_optimizer, scaled_lr
 from tasks.common.task import Task
 
 CHECKPOINT_NAME = "checkpoint.pt"
+SINGLE_PART = ""  # the one optimizer of a task without ``optimizer_parts``
 log = logging.getLogger(__name__)
 
 
@@ -86,11 +87,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def train_one_epoch(task: Task, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+def train_one_epoch(task: Task, model: nn.Module, loader: DataLoader, optimizers: dict[str, torch.optim.Optimizer],
+                    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler], scaler: torch.amp.GradScaler,
                     world: World, epoch: int, settings: RunSettings, clip_grad_norm: float | None,
                     writer: Any = None) -> dict[str, float]:
-    """One pass over this rank's shard; returns the losses averaged over iterations and ranks."""
+    """One pass over this rank's shard; returns the losses averaged over iterations and ranks.
+
+    ``optimizers`` has one entry per part the task optimises (``optimizer_parts``), stepped in that order on every
+    batch: ``{SINGLE_PART: ...}`` for a task with one optimizer (losses logged under their own names), e.g.
+    ``{"discriminator": ..., "generator": ...}`` for a GAN (losses logged as ``<part>/<name>``).
+    """
     model.train()
     batches = first_batches(loader, settings.max_iters_per_epoch)
     total = len(batches)
@@ -98,32 +104,90 @@ def train_one_epoch(task: Task, model: nn.Module, loader: DataLoader, optimizer:
     sums: dict[str, float] = defaultdict(float)
     for iteration, batch in enumerate(batches):
         batch = task.to_device(batch)
-        with torch.autocast(device_type=world.device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
-            losses = task.train_step(model, batch)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {iteration + 1}; "
-                                     f"losses: { {k: float(v) for k, v in losses.items()} }")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # a disabled scaler (no AMP) passes everything through unchanged
-        if clip_grad_norm:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        scaler.step(optimizer)
+        carry: dict[str, Any] = {}  # what one part's step hands to the next within the iteration
+        logged: dict[str, torch.Tensor] = {}
+        for part, optimizer in optimizers.items():
+            with torch.autocast(device_type=world.device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+                losses = (task.train_step(model, batch) if part == SINGLE_PART
+                          else task.train_part(model, batch, part, carry))
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{part or 'the'} loss is {loss.item()} at epoch {epoch + 1}, iteration "
+                                         f"{iteration + 1}; losses: { {k: float(v) for k, v in losses.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # a disabled scaler (no AMP) passes everything through unchanged
+            if clip_grad_norm:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(optimized_parameters(model, optimizer), clip_grad_norm)
+            scaler.step(optimizer)
+            logged.update(losses if part == SINGLE_PART else {f"{part}/{k}": v for k, v in losses.items()})
         scaler.update()
-        scheduler.step()
-        for name, value in losses.items():
+        for scheduler in schedulers.values():
+            scheduler.step()
+        for name, value in logged.items():
             sums[name] += float(value.detach())
         step = epoch * total + iteration
+        lr = next(iter(optimizers.values())).param_groups[0]["lr"]
         if writer is not None and (iteration % settings.log_every == 0 or iteration + 1 == total):
-            for name, value in losses.items():
+            for name, value in logged.items():
                 writer.add_scalar(f"train/{name}", float(value.detach()), step)
-            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-        progress.update(iteration + 1, f"loss {sums['loss'] / (iteration + 1):.4f} "
-                                       f"lr {optimizer.param_groups[0]['lr']:.4g}")
+            writer.add_scalar("train/lr", lr, step)
+        shown = " ".join(f"{name} {sums[name] / (iteration + 1):.4f}" for name in sums if name.endswith("loss"))
+        progress.update(iteration + 1, f"{shown} lr {lr:.4g}")
     names = sorted(sums)
     averaged = all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64, device=world.device))
     return {n: float(v) / (total * world.world_size) for n, v in zip(names, averaged.tolist())}
+
+
+def optimized_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """The parameters ``optimizer`` steps, in ``model.parameters()`` order (what gradient clipping sees)."""
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [p for p in model.parameters() if id(p) in stepped]
+
+
+def build_optimizers(task: Task, model: nn.Module, schedule: Schedule, iters_per_epoch: int
+                     ) -> tuple[dict[str, torch.optim.Optimizer], dict[str, torch.optim.lr_scheduler.LambdaLR]]:
+    """One optimizer and LR schedule per part of ``task.optimizer_parts`` (the same ``schedule`` for each), or a
+    single one over all parameters under ``SINGLE_PART`` when the task declares no parts."""
+    lr = scaled_lr(schedule.lr, schedule.batch_size, schedule.base_batch_size)
+    parts = {part: task.part_parameters(model, part) for part in task.optimizer_parts} \
+        if task.optimizer_parts else {SINGLE_PART: model.parameters()}
+    if task.optimizer_parts:
+        owners: dict[int, str] = {}
+        for part, params in parts.items():
+            for p in params:
+                if owners.setdefault(id(p), part) != part:
+                    raise ValueError(f"{type(task).__name__}: a parameter belongs to both parts {owners[id(p)]!r} "
+                                     f"and {part!r}; each parameter must have one optimizer")
+    optimizers, schedulers = {}, {}
+    for part, params in parts.items():
+        optimizers[part] = build_optimizer(params, schedule.optimizer, lr, schedule.momentum, schedule.weight_decay,
+                                           schedule.nesterov, schedule.betas)
+        schedulers[part] = build_lr_scheduler(optimizers[part], iters_per_epoch, schedule.epochs, schedule.policy,
+                                              schedule.milestones, schedule.gamma, schedule.power,
+                                              schedule.warmup_epochs, schedule.warmup_factor)
+    return optimizers, schedulers
+
+
+def optimizer_state(optimizers: dict[str, Any], key: str) -> dict[str, Any]:
+    """The checkpoint entry for the optimizers' (or the schedulers') states: ``{key: state}`` with one optimizer
+    (the layout every single-optimizer checkpoint has), ``{key + "s": {part: state}}`` with parts."""
+    if list(optimizers) == [SINGLE_PART]:
+        return {key: optimizers[SINGLE_PART].state_dict()}
+    return {f"{key}s": {part: o.state_dict() for part, o in optimizers.items()}}
+
+
+def load_optimizer_state(optimizers: dict[str, Any], state: dict[str, Any], key: str, path: Path) -> None:
+    """Restore what ``optimizer_state`` wrote under ``key`` (``optimizer`` or ``scheduler``) into ``optimizers``."""
+    if list(optimizers) == [SINGLE_PART]:
+        optimizers[SINGLE_PART].load_state_dict(state[key])
+        return
+    saved = state.get(f"{key}s", {})
+    if set(saved) != set(optimizers):
+        raise RuntimeError(f"{path} holds {key}s for parts {sorted(saved)} but this task optimises "
+                           f"{sorted(optimizers)}; use a new run folder or delete it")
+    for part, o in optimizers.items():
+        o.load_state_dict(saved[part])
 
 
 def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, world: World,
@@ -150,12 +214,7 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
         raise ValueError(f"the training set has {len(train_set)} samples, fewer than one batch of {per_rank} per "
                          f"process; lower schedule.batch_size or use more data")
 
-    lr = scaled_lr(schedule.lr, schedule.batch_size, schedule.base_batch_size)
-    optimizer = build_optimizer(model.parameters(), schedule.optimizer, lr, schedule.momentum,
-                                schedule.weight_decay, schedule.nesterov, schedule.betas)
-    scheduler = build_lr_scheduler(optimizer, iters_per_epoch, schedule.epochs, schedule.policy,
-                                   schedule.milestones, schedule.gamma, schedule.power, schedule.warmup_epochs,
-                                   schedule.warmup_factor)
+    optimizers, schedulers = build_optimizers(task, model, schedule, iters_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=settings.amp and world.device.type == "cuda")
 
     start_epoch, history, train_seconds = 0, [], 0.0
@@ -168,8 +227,8 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
             raise RuntimeError(f"{checkpoint_path} was written by a run with another config (hash "
                                f"{state.get('config_hash')} != {config_hash}); use a new run folder or delete it")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(optimizers, state, "optimizer", checkpoint_path)
+        load_optimizer_state(schedulers, state, "scheduler", checkpoint_path)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, history, train_seconds = state["epoch"], state["history"], state["train_seconds"]
@@ -195,7 +254,7 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
             seed_everything(derive_seed(settings.seed, epoch, world.rank))
             reseed_loader(train_loader, settings.seed, epoch, world.rank)
             started = time.perf_counter()
-            losses = train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, world, epoch,
+            losses = train_one_epoch(task, model, train_loader, optimizers, schedulers, scaler, world, epoch,
                                      settings, schedule.clip_grad_norm, writer)
             train_seconds += time.perf_counter() - started
             record: dict[str, Any] = {"epoch": epoch + 1, "train": losses}
@@ -205,13 +264,14 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
                 if writer is not None:  # on the training scalars' axis: iterations done
                     for name, value in metrics.items():
                         writer.add_scalar(f"val/{name}", value, (epoch + 1) * iters_per_epoch)
+                    task.log_images(unwrap(model), val_set, writer, (epoch + 1) * iters_per_epoch)
             history.append(record)
             if world.is_main:
                 summary = " ".join(f"{k} {v:.4f}" for k, v in {**losses, **record.get("val", {})}.items())
                 log.info("epoch %d/%d: %s", epoch + 1, schedule.epochs, summary)
                 save_checkpoint(checkpoint_path, {
-                    "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "model": unwrap(model).state_dict(), **optimizer_state(optimizers, "optimizer"),
+                    **optimizer_state(schedulers, "scheduler"), "scaler": scaler.state_dict(),
                     "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
                     "config_hash": config_hash})
             barrier()

@@ -30,11 +30,12 @@ from tasks.common.task import Task
 SCALES = ("tiny", "paper")
 log = logging.getLogger(__name__)
 #: Keys left out of the config hash: how to run, not what (every other ``run`` key, ``seed`` and ``deterministic``
-#: among them, is hashed), where the embedded data is cached, which image size speed columns time, and which class
-#: implements the task (``task.name`` says which task it is; moving the class does not change an experiment).
+#: among them, is hashed), where the embedded data is cached, which image size speed columns time, how many images
+#: TensorBoard shows, and which class implements the task (``task.name`` says which task it is; moving the class
+#: does not change an experiment).
 NOT_HASHED = ("run.device", "run.amp", "run.num_workers", "run.eval_every", "run.log_every", "run.progress",
               "run.find_unused_parameters", "run.stop_after_epochs", "data.embedded.dir", "data.verify",
-              "task.speed_image_size", "task._target_")
+              "task.speed_image_size", "task.tensorboard_images", "task._target_")
 #: Keys added after runs were recorded, hashed only when they differ from the default that reproduces those runs,
 #: so that a new option does not rename every finished experiment (and the committed tables' rows).
 HASHED_ONLY_IF_NOT_DEFAULT = {"model.dcn_stages": []}

@@ -90,10 +90,30 @@ class Task:
         """Losses for one batch; the key ``"loss"`` is what is minimised, the others are logged."""
         raise NotImplementedError
 
+    #: The parts of the model with an optimizer each, stepped in this order on every batch (a GAN:
+    #: ``("discriminator", "generator")``); empty: one optimizer over all parameters and ``train_step``.
+    optimizer_parts: tuple[str, ...] = ()
+
+    def part_parameters(self, model: nn.Module, part: str) -> list[nn.Parameter]:
+        """The parameters ``part`` (one of ``optimizer_parts``) optimises; the parts must not share any."""
+        raise NotImplementedError
+
+    def train_part(self, model: nn.Module, batch: Any, part: str, carry: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Losses of ``part``'s step on one batch (tasks with ``optimizer_parts``); ``"loss"`` is what that part's
+        optimizer minimises. The engine steps that optimizer before calling the next part, so a later part sees the
+        earlier parts' updated weights; ``carry`` (empty at each batch) hands values from one part to the next, e.g.
+        the generator's output, computed once per batch."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         """Metrics over this rank's shard of ``loader``, combined over ranks: the same dict on every rank."""
         raise NotImplementedError
+
+    def log_images(self, model: nn.Module, val_set: Dataset, writer: Any, step: int) -> None:
+        """After each evaluation, on the main process: pictures for TensorBoard (``writer.add_image``). Tasks with
+        nothing to picture keep this default, which writes none. Must not draw from the global RNGs (a resumed run
+        would then train differently)."""
 
     def inference_input(self, height: int, width: int) -> Any:
         """What ``model(...)`` takes in eval mode for one image of ``height`` x ``width`` (speed measurements):
