@@ -19,7 +19,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -172,12 +174,302 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t len) {
   return s;
 }
 
+// ---- Channels-first (NCHW) forward: vectorised over output columns, register-blocked over channels and outputs.
+//
+// When features, masks and output are all NCHW, the forward runs on image rows directly instead of transposing
+// them. Output column q of an up-sampled row is phase q % sigma of centre column j = q / sigma; all sigma x sigma
+// outputs of one centre read the same k x k features, so a register tile holds, for L consecutive centre columns,
+// the sigma rows x sigma phases x CB channels of accumulators, and each loaded feature vector serves sigma^2
+// kernel weights while each loaded weight vector serves CB channels. Down-sampling (one output per centre, centres
+// sigma apart) reads features through sigma de-interleaved copies of each row, so its loads are contiguous too.
+// Weights are copied per output row into a buffer with the phases de-interleaved and the weights of taps outside
+// the map set to zero (they must contribute zero even when they are NaN); feature rows are copied with zero
+// padding, so no load leaves its row.
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorBytes = 32;
+constexpr int kVectorRegisters = 16;
+#endif
+
+template <typename T>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  typedef float type __attribute__((vector_size(kVectorBytes)));
+};
+template <>
+struct VectorOf<double> {
+  typedef double type __attribute__((vector_size(kVectorBytes)));
+};
+template <typename T>
+using Vector = typename VectorOf<T>::type;
+template <typename T>
+constexpr int64_t kLanes = kVectorBytes / sizeof(T);
+
+template <typename T>
+inline Vector<T> load(const T* p) {
+  Vector<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, Vector<T> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// Lanes (a0, b0, a1, b1, ...) of two vectors: the first half in `low`, the second in `high`.
+template <typename V, std::size_t... I>
+inline void interleave(V a, V b, V& low, V& high, std::index_sequence<I...>) {
+  constexpr std::size_t n = sizeof...(I);
+  low = __builtin_shufflevector(a, b, ((I % 2) ? n + I / 2 : I / 2)...);
+  high = __builtin_shufflevector(a, b, ((I % 2) ? n + (n + I) / 2 : (n + I) / 2)...);
+}
+
+// Accumulators that fit in registers next to the weight and feature vectors a tap loads.
+constexpr int channel_block(int outputs_per_centre) {
+  const int free_registers = kVectorRegisters - outputs_per_centre - 2;
+  return std::max(1, std::min(16, free_registers / outputs_per_centre));
+}
+
+// One thread's view of the channels-first forward: the scratch rows and the per-tap addressing.
+template <typename T>
+struct ChannelsFirstPlan {
+  int64_t rows_per_centre, phases;  // output rows and columns per centre (sigma each when up, 1 when down)
+  int64_t centres, vectors, padded;  // centre columns per row, vectors of them, vectors * lanes
+  int64_t feature_phases, feature_stride, pad, row_len;  // de-interleaved copies of a feature row
+  std::vector<int64_t> tap_offset;  // for tap column kx: where lane 0 of vector 0 reads in a prepared row
+};
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a / b - (a % b != 0 && (a < 0) != (b < 0)); }
+
+template <typename T>
+ChannelsFirstPlan<T> plan_channels_first(const Geometry& g) {
+  ChannelsFirstPlan<T> plan;
+  const int64_t r = g.radius(), L = kLanes<T>;
+  plan.rows_per_centre = plan.phases = g.up ? g.sigma : 1;
+  plan.centres = g.up ? g.w : g.out_w;
+  plan.vectors = (plan.centres + L - 1) / L;
+  plan.padded = plan.vectors * L;
+  plan.feature_phases = plan.feature_stride = g.up ? 1 : g.sigma;
+  plan.pad = (r + plan.feature_stride - 1) / plan.feature_stride;
+  plan.row_len = plan.padded + 2 * plan.pad;
+  // Column cx * stride + d of x (cx the centre, d = kx - r) is element cx + floor(d / stride) + pad of
+  // de-interleaved copy (d mod stride).
+  for (int64_t kx = 0; kx < g.k; ++kx) {
+    const int64_t d = kx - r, s = plan.feature_stride;
+    const int64_t phase = ((d % s) + s) % s, shift = (d - phase) / s;
+    plan.tap_offset.push_back(phase * plan.row_len + shift + plan.pad);
+  }
+  return plan;
+}
+
+// The sigma (or 1) de-interleaved, zero-padded copies of one feature row of width w.
+template <typename T>
+void prepare_feature_row(const ChannelsFirstPlan<T>& plan, const T* __restrict__ src, int64_t w,
+                         T* __restrict__ dst) {
+  const int64_t s = plan.feature_stride;
+  for (int64_t phase = 0; phase < plan.feature_phases; ++phase) {
+    T* row = dst + phase * plan.row_len;
+    // Element t holds column (t - pad) * s + phase; those inside [0, w) are t in [lo, hi).
+    const int64_t lo = std::min(plan.row_len, plan.pad);
+    const int64_t hi = std::max(lo, std::min(plan.row_len, (w - phase + s - 1) / s + plan.pad));
+    std::fill(row, row + lo, T(0));
+    const T* from = src + phase - plan.pad * s;
+    if (s == 1) {
+      std::copy(from + lo, from + hi, row + lo);
+    } else if (s == 2) {  // the common case, with a constant stride the compiler vectorises
+      for (int64_t t = lo; t < hi; ++t) row[t] = from[t * 2];
+    } else {
+      for (int64_t t = lo; t < hi; ++t) row[t] = from[t * s];
+    }
+    std::fill(row + hi, row + plan.row_len, T(0));
+  }
+}
+
+template <typename T, int RB, int P, int CB>
+void channels_first_block(const Geometry& g, const ChannelsFirstPlan<T>& plan, const T* mask_rows,
+                          const T* const* feature_rows, int64_t feature_channel_stride, T* out_block,
+                          int64_t out_channel_stride) {
+  using V = Vector<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t k = g.k, taps = k * k, out_w = g.out_w;
+  for (int64_t v = 0; v < plan.vectors; ++v) {
+    V acc[RB][P][CB] = {};
+    for (int64_t ky = 0; ky < k; ++ky) {
+      if (feature_rows[ky] == nullptr) continue;
+      for (int64_t kx = 0; kx < k; ++kx) {
+        const int64_t tap = ky * k + kx;
+        V weight[RB][P];
+#pragma GCC unroll 16
+        for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 16
+          for (int ph = 0; ph < P; ++ph) weight[rb][ph] = load(mask_rows + ((rb * taps + tap) * P + ph) * plan.padded + v * L);
+        const T* column = feature_rows[ky] + plan.tap_offset[kx] + v * L;
+#pragma GCC unroll 16
+        for (int c = 0; c < CB; ++c) {
+          const V x = load(column + c * feature_channel_stride);
+#pragma GCC unroll 16
+          for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 16
+            for (int ph = 0; ph < P; ++ph) acc[rb][ph][c] += weight[rb][ph] * x;
+        }
+      }
+    }
+    // Output columns [v * L * P, (v + 1) * L * P) of each row, phases interleaved; the last vector may be partial.
+    const int64_t q0 = v * L * P, valid = std::min<int64_t>(L * P, out_w - q0);
+#pragma GCC unroll 16
+    for (int c = 0; c < CB; ++c) {
+#pragma GCC unroll 16
+      for (int rb = 0; rb < RB; ++rb) {
+        alignas(64) T lanes[L * P];
+        if constexpr (P == 1) {
+          store(lanes, acc[rb][0][c]);
+        } else if constexpr (P == 2) {
+          V low, high;
+          interleave(acc[rb][0][c], acc[rb][1][c], low, high, std::make_index_sequence<L>{});
+          store(lanes, low);
+          store(lanes + L, high);
+        } else {
+          for (int ph = 0; ph < P; ++ph)
+            for (int64_t i = 0; i < L; ++i) lanes[i * P + ph] = acc[rb][ph][c][i];
+        }
+        T* dst = out_block + c * out_channel_stride + rb * out_w + q0;
+        if (valid == L * P) {
+          for (int i = 0; i < P; ++i) store(dst + i * L, load(lanes + i * L));
+        } else {
+          std::copy(lanes, lanes + valid, dst);
+        }
+      }
+    }
+  }
+}
+
+// Fills the weight buffer of one centre row: [group][row][tap][phase][padded centres], zero where the tap falls
+// outside the map or the centre column is past the end.
+template <typename T>
+void prepare_weights(const Geometry& g, const ChannelsFirstPlan<T>& plan, const T* m_image, int64_t first_row,
+                     T* __restrict__ dst) {
+  const int64_t r = g.radius(), k = g.k, taps = k * k, plane = g.out_h * g.out_w;
+  const int64_t stride = plan.feature_stride;
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    for (int64_t rb = 0; rb < plan.rows_per_centre; ++rb) {
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const int64_t d = tap % k - r;
+        // Centre column j reads x column j * stride + d: inside for j in [j_lo, j_hi).
+        const int64_t j_lo = std::min(plan.centres, std::max<int64_t>(0, -floor_div(d, stride)));
+        const int64_t j_hi = std::max(j_lo, std::min(plan.centres, floor_div(g.w - 1 - d, stride) + 1));
+        const T* src = m_image + (grp * taps + tap) * plane + (first_row + rb) * g.out_w;
+        for (int64_t ph = 0; ph < plan.phases; ++ph) {
+          T* row = dst + (((grp * plan.rows_per_centre + rb) * taps + tap) * plan.phases + ph) * plan.padded;
+          std::fill(row, row + j_lo, T(0));
+          for (int64_t j = j_lo; j < j_hi; ++j) row[j] = src[j * plan.phases + ph];
+          std::fill(row + j_hi, row + plan.padded, T(0));
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int RB, int P>
+void forward_channels_first_tiled(const Geometry& g, const T* x, const T* m, T* out, int threads) {
+  constexpr int CB = channel_block(RB * P);
+  const int64_t k = g.k, r = g.radius(), taps = k * k, cg = g.group_channels();
+  const int64_t centre_rows = g.up ? g.h : g.out_h, in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
+  const ChannelsFirstPlan<T> plan = plan_channels_first<T>(g);
+  const int64_t row_stride = plan.feature_phases * plan.row_len, slot_stride = k * row_stride;
+  const int64_t row_step = g.up ? 1 : g.sigma;  // input rows between consecutive centre rows
+  // A work item is a tile of consecutive centre rows of one image: their weights are prepared once (about 256 KB),
+  // then each block of channels walks down the tile reading every feature row once, in order (reading the k rows
+  // of one centre row for every channel in turn touches a new page per row and is several times slower).
+  const int64_t weights_per_centre = g.groups * RB * taps * P * plan.padded;
+  const int64_t tile = std::clamp<int64_t>((int64_t{256} << 10) / (weights_per_centre * sizeof(T)), 1, centre_rows);
+  const int64_t tiles = (centre_rows + tile - 1) / tile;
+  parallel_for(g.n * tiles, threads, [&](int64_t begin, int64_t end) {
+    std::vector<T> weights(tile * weights_per_centre);
+    std::vector<T> ring(CB * slot_stride);  // [channel][slot = input row % k][prepared row]
+    std::vector<int64_t> ring_row(k);
+    const T* rows[64];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / tiles, first = item % tiles * tile, last = std::min(first + tile, centre_rows);
+      for (int64_t centre = first; centre < last; ++centre) {
+        prepare_weights(g, plan, m + n * g.mask_channels() * out_plane, g.up ? centre * g.sigma : centre,
+                        weights.data() + (centre - first) * weights_per_centre);
+      }
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        for (int64_t c0 = grp * cg; c0 < (grp + 1) * cg;) {
+          const int64_t block = (grp + 1) * cg - c0 >= CB ? CB : 1;
+          std::fill(ring_row.begin(), ring_row.end(), int64_t{-1});
+          for (int64_t centre = first; centre < last; ++centre) {
+            const int64_t cy = g.up ? centre : centre * g.sigma, first_row = g.up ? centre * g.sigma : centre;
+            for (int64_t ky = 0; ky < k; ++ky) {
+              const int64_t iy = cy + ky - r;
+              if (iy < 0 || iy >= g.h) {
+                rows[ky] = nullptr;
+                continue;
+              }
+              T* slot = ring.data() + iy % k * row_stride;
+              if (ring_row[iy % k] != iy) {
+                for (int64_t c = 0; c < block; ++c) {
+                  const T* src = x + (n * g.c + c0 + c) * in_plane + iy * g.w;
+                  prepare_feature_row(plan, src, g.w, slot + c * slot_stride);
+                  // The next centre row needs the rows below this one: start loading them now.
+                  const int64_t ahead = std::min(g.h - 1 - iy, row_step) * g.w;
+                  for (int64_t i = 0; i < g.w; i += 64 / sizeof(T)) __builtin_prefetch(src + ahead + i);
+                }
+                ring_row[iy % k] = iy;
+              }
+              rows[ky] = slot;
+            }
+            const T* centre_weights = weights.data() + (centre - first) * weights_per_centre +
+                                      grp * RB * taps * P * plan.padded;
+            T* out_block = out + (n * g.c + c0) * out_plane + first_row * g.out_w;
+            if (block == CB) {
+              channels_first_block<T, RB, P, CB>(g, plan, centre_weights, rows, slot_stride, out_block, out_plane);
+            } else {
+              channels_first_block<T, RB, P, 1>(g, plan, centre_weights, rows, slot_stride, out_block, out_plane);
+            }
+          }
+          c0 += block;
+        }
+      }
+    }
+  });
+}
+
+// Runs the channels-first forward if this geometry has an instantiation (k <= 64, sigma <= 4 when up).
+template <typename T>
+bool forward_channels_first(const Geometry& g, const T* x, const T* m, T* out, int threads) {
+  if (g.k > 64) return false;
+  if (!g.up) {
+    forward_channels_first_tiled<T, 1, 1>(g, x, m, out, threads);
+  } else if (g.sigma == 1) {
+    forward_channels_first_tiled<T, 1, 1>(g, x, m, out, threads);
+  } else if (g.sigma == 2) {
+    forward_channels_first_tiled<T, 2, 2>(g, x, m, out, threads);
+  } else if (g.sigma == 3) {
+    forward_channels_first_tiled<T, 3, 3>(g, x, m, out, threads);
+  } else if (g.sigma == 4) {
+    forward_channels_first_tiled<T, 4, 4>(g, x, m, out, threads);
+  } else {
+    return false;
+  }
+  return true;
+}
+
 struct Layouts {
   bool a_channels_first, b_channels_first, out_channels_first;
 };
 
 template <typename T>
 void forward(const Geometry& g, const T* x, const T* m, T* out, Layouts layout, int threads) {
+  if (layout.a_channels_first && layout.b_channels_first && layout.out_channels_first &&
+      forward_channels_first(g, x, m, out, threads)) {
+    return;
+  }
   const int64_t r = g.radius(), k = g.k, cg = g.group_channels(), mc = g.mask_channels();
   parallel_for(g.n * g.out_h, threads, [&](int64_t begin, int64_t end) {
     RowReader<T> xs(x, g.h, g.w, g.c, layout.a_channels_first, k);
