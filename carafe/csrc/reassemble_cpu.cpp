@@ -294,6 +294,31 @@ void prepare_feature_row(const ChannelsFirstPlan<T>& plan, const T* __restrict__
   }
 }
 
+// Stores phases[ph][c] (ph < P, lane j = centre column j) as P * L consecutive output columns, lane j of phase ph
+// at column j * P + ph; only the first `valid` columns are written.
+template <typename T, int P, int C>
+inline void store_phases(const Vector<T> (&phases)[P][C], int c, T* dst, int64_t valid) {
+  using V = Vector<T>;
+  constexpr int64_t L = kLanes<T>;
+  alignas(64) T lanes[L * P];
+  if constexpr (P == 1) {
+    store(lanes, phases[0][c]);
+  } else if constexpr (P == 2) {
+    V low, high;
+    interleave(phases[0][c], phases[1][c], low, high, std::make_index_sequence<L>{});
+    store(lanes, low);
+    store(lanes + L, high);
+  } else {
+    for (int ph = 0; ph < P; ++ph)
+      for (int64_t i = 0; i < L; ++i) lanes[i * P + ph] = phases[ph][c][i];
+  }
+  if (valid >= L * P) {
+    for (int i = 0; i < P; ++i) store(dst + i * L, load(lanes + i * L));
+  } else {
+    std::copy(lanes, lanes + valid, dst);
+  }
+}
+
 template <typename T, int RB, int P, int CB>
 void channels_first_block(const Geometry& g, const ChannelsFirstPlan<T>& plan, const T* mask_rows,
                           const T* const* feature_rows, int64_t feature_channel_stride, T* out_block,
@@ -324,29 +349,12 @@ void channels_first_block(const Geometry& g, const ChannelsFirstPlan<T>& plan, c
       }
     }
     // Output columns [v * L * P, (v + 1) * L * P) of each row, phases interleaved; the last vector may be partial.
-    const int64_t q0 = v * L * P, valid = std::min<int64_t>(L * P, out_w - q0);
+    const int64_t q0 = v * L * P;
 #pragma GCC unroll 16
     for (int c = 0; c < CB; ++c) {
 #pragma GCC unroll 16
       for (int rb = 0; rb < RB; ++rb) {
-        alignas(64) T lanes[L * P];
-        if constexpr (P == 1) {
-          store(lanes, acc[rb][0][c]);
-        } else if constexpr (P == 2) {
-          V low, high;
-          interleave(acc[rb][0][c], acc[rb][1][c], low, high, std::make_index_sequence<L>{});
-          store(lanes, low);
-          store(lanes + L, high);
-        } else {
-          for (int ph = 0; ph < P; ++ph)
-            for (int64_t i = 0; i < L; ++i) lanes[i * P + ph] = acc[rb][ph][c][i];
-        }
-        T* dst = out_block + c * out_channel_stride + rb * out_w + q0;
-        if (valid == L * P) {
-          for (int i = 0; i < P; ++i) store(dst + i * L, load(lanes + i * L));
-        } else {
-          std::copy(lanes, lanes + valid, dst);
-        }
+        store_phases<T, P>(acc[rb], c, out_block + c * out_channel_stride + rb * out_w + q0, out_w - q0);
       }
     }
   }
@@ -378,37 +386,34 @@ void prepare_weights(const Geometry& g, const ChannelsFirstPlan<T>& plan, const 
   }
 }
 
-template <typename T, int RB, int P>
-void forward_channels_first_tiled(const Geometry& g, const T* x, const T* m, T* out, int threads) {
-  constexpr int CB = channel_block(RB * P);
-  const int64_t k = g.k, r = g.radius(), taps = k * k, cg = g.group_channels();
-  const int64_t centre_rows = g.up ? g.h : g.out_h, in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
-  const ChannelsFirstPlan<T> plan = plan_channels_first<T>(g);
+// Walks the centre rows of every image in tiles for a channels-first kernel. A work item is a tile of consecutive
+// centre rows of one image, sized so that the State's per-tile buffers take about 256 KB; State (one copy per
+// thread) prepares what the whole tile shares in begin_tile, then for each block of channels the walk goes down the
+// tile and visit() gets each centre row with the block's prepared feature rows, each read once, in order (reading
+// the k rows of one centre for every channel in turn touches a new page per row and is several times slower).
+template <typename T, typename State>
+void walk_centre_tiles(const Geometry& g, const ChannelsFirstPlan<T>& plan, const T* x, int threads,
+                       const State& prototype) {
+  constexpr int64_t CB = State::kChannels;
+  const int64_t k = g.k, r = g.radius(), cg = g.group_channels(), in_plane = g.h * g.w;
+  const int64_t centre_rows = g.up ? g.h : g.out_h, row_step = g.up ? 1 : g.sigma;
   const int64_t row_stride = plan.feature_phases * plan.row_len, slot_stride = k * row_stride;
-  const int64_t row_step = g.up ? 1 : g.sigma;  // input rows between consecutive centre rows
-  // A work item is a tile of consecutive centre rows of one image: their weights are prepared once (about 256 KB),
-  // then each block of channels walks down the tile reading every feature row once, in order (reading the k rows
-  // of one centre row for every channel in turn touches a new page per row and is several times slower).
-  const int64_t weights_per_centre = g.groups * RB * taps * P * plan.padded;
-  const int64_t tile = std::clamp<int64_t>((int64_t{256} << 10) / (weights_per_centre * sizeof(T)), 1, centre_rows);
-  const int64_t tiles = (centre_rows + tile - 1) / tile;
+  const int64_t tiles = (centre_rows + prototype.tile - 1) / prototype.tile;
   parallel_for(g.n * tiles, threads, [&](int64_t begin, int64_t end) {
-    std::vector<T> weights(tile * weights_per_centre);
+    State state = prototype;
     std::vector<T> ring(CB * slot_stride);  // [channel][slot = input row % k][prepared row]
     std::vector<int64_t> ring_row(k);
     const T* rows[64];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / tiles, first = item % tiles * tile, last = std::min(first + tile, centre_rows);
-      for (int64_t centre = first; centre < last; ++centre) {
-        prepare_weights(g, plan, m + n * g.mask_channels() * out_plane, g.up ? centre * g.sigma : centre,
-                        weights.data() + (centre - first) * weights_per_centre);
-      }
+      const int64_t n = item / tiles, first = item % tiles * state.tile;
+      const int64_t last = std::min(first + state.tile, centre_rows);
+      state.begin_tile(n, first, last);
       for (int64_t grp = 0; grp < g.groups; ++grp) {
         for (int64_t c0 = grp * cg; c0 < (grp + 1) * cg;) {
-          const int64_t block = (grp + 1) * cg - c0 >= CB ? CB : 1;
+          const int64_t block = std::min(CB, (grp + 1) * cg - c0);
           std::fill(ring_row.begin(), ring_row.end(), int64_t{-1});
           for (int64_t centre = first; centre < last; ++centre) {
-            const int64_t cy = g.up ? centre : centre * g.sigma, first_row = g.up ? centre * g.sigma : centre;
+            const int64_t cy = g.up ? centre : centre * g.sigma;
             for (int64_t ky = 0; ky < k; ++ky) {
               const int64_t iy = cy + ky - r;
               if (iy < 0 || iy >= g.h) {
@@ -428,20 +433,69 @@ void forward_channels_first_tiled(const Geometry& g, const T* x, const T* m, T* 
               }
               rows[ky] = slot;
             }
-            const T* centre_weights = weights.data() + (centre - first) * weights_per_centre +
-                                      grp * RB * taps * P * plan.padded;
-            T* out_block = out + (n * g.c + c0) * out_plane + first_row * g.out_w;
-            if (block == CB) {
-              channels_first_block<T, RB, P, CB>(g, plan, centre_weights, rows, slot_stride, out_block, out_plane);
-            } else {
-              channels_first_block<T, RB, P, 1>(g, plan, centre_weights, rows, slot_stride, out_block, out_plane);
-            }
+            state.visit(n, centre - first, g.up ? centre * g.sigma : centre, grp, c0, block, rows, slot_stride);
           }
           c0 += block;
         }
       }
+      state.end_tile(n, first, last);
     }
   });
+}
+
+// Centre rows per tile for per-centre buffers of `bytes` each.
+inline int64_t tile_rows(const Geometry& g, int64_t bytes) {
+  return std::clamp<int64_t>((int64_t{256} << 10) / std::max<int64_t>(bytes, 1), 1, g.up ? g.h : g.out_h);
+}
+
+// The forward: per tile, the weights of its centre rows; per visit, one register-tiled block.
+template <typename T, int RB, int P>
+struct ForwardTiles {
+  static constexpr int64_t kChannels = channel_block(RB * P);
+  const Geometry* g;
+  const ChannelsFirstPlan<T>* plan;
+  const T* m;
+  T* out;
+  int64_t per_centre, tile;
+  std::vector<T> weights;
+
+  ForwardTiles(const Geometry& geometry, const ChannelsFirstPlan<T>& p, const T* masks, T* output)
+      : g(&geometry), plan(&p), m(masks), out(output),
+        per_centre(geometry.groups * RB * geometry.taps() * P * p.padded),
+        tile(tile_rows(geometry, per_centre * sizeof(T))) {}
+
+  void begin_tile(int64_t n, int64_t first, int64_t last) {
+    weights.resize(tile * per_centre);
+    for (int64_t centre = first; centre < last; ++centre) {
+      prepare_weights(*g, *plan, m + n * g->mask_channels() * g->out_h * g->out_w, g->up ? centre * g->sigma : centre,
+                      weights.data() + (centre - first) * per_centre);
+    }
+  }
+
+  void visit(int64_t n, int64_t index, int64_t first_row, int64_t grp, int64_t c0, int64_t block,
+             const T* const* rows, int64_t slot_stride) {
+    const int64_t out_plane = g->out_h * g->out_w;
+    const T* w = weights.data() + index * per_centre + grp * (per_centre / g->groups);
+    T* out_block = out + (n * g->c + c0) * out_plane + first_row * g->out_w;
+    if (block == kChannels) {
+      channels_first_block<T, RB, P, kChannels>(*g, *plan, w, rows, slot_stride, out_block, out_plane);
+    } else {
+      for (int64_t c = 0; c < block; ++c) {
+        const T* channel_rows[64];
+        for (int64_t ky = 0; ky < g->k; ++ky) channel_rows[ky] = rows[ky] ? rows[ky] + c * slot_stride : nullptr;
+        channels_first_block<T, RB, P, 1>(*g, *plan, w, channel_rows, slot_stride, out_block + c * out_plane,
+                                          out_plane);
+      }
+    }
+  }
+
+  void end_tile(int64_t, int64_t, int64_t) {}
+};
+
+template <typename T, int RB, int P>
+void forward_channels_first_tiled(const Geometry& g, const T* x, const T* m, T* out, int threads) {
+  const ChannelsFirstPlan<T> plan = plan_channels_first<T>(g);
+  walk_centre_tiles(g, plan, x, threads, ForwardTiles<T, RB, P>(g, plan, m, out));
 }
 
 // Runs the channels-first forward if this geometry has an instantiation (k <= 64, sigma <= 4 when up).
