@@ -492,31 +492,176 @@ struct ForwardTiles {
   void end_tile(int64_t, int64_t, int64_t) {}
 };
 
+// The mask gradient: for each tap, the sum over a group's channels of output gradient times feature. Per tile, a
+// buffer of sums laid out like the forward's weights ([centre][group][row][tap][phase][centre column]); per visit,
+// a block of channels sums its terms in registers and adds that to the buffer (a sum of block sums loses less
+// precision over many channels than one running sum), the output gradient de-interleaved into phases so that one
+// loaded vector serves several taps. The order of the additions is fixed, so the thread count does not change it.
+template <typename T, int RB, int P>
+struct MaskGradientTiles {
+  static constexpr int64_t kChannels = 16;
+  static constexpr int KX = std::max(1, (kVectorRegisters - RB * P - 2) / (RB * P));  // tap columns per pass
+  const Geometry* g;
+  const ChannelsFirstPlan<T>* plan;
+  const T* grad_out;
+  T* grad_m;
+  int64_t per_centre, tile;
+  std::vector<T> sums, grad_rows;
+
+  MaskGradientTiles(const Geometry& geometry, const ChannelsFirstPlan<T>& p, const T* go, T* gm)
+      : g(&geometry), plan(&p), grad_out(go), grad_m(gm),
+        per_centre(geometry.groups * RB * geometry.taps() * P * p.padded),
+        tile(tile_rows(geometry, per_centre * sizeof(T))) {}
+
+  void begin_tile(int64_t, int64_t, int64_t) {
+    sums.assign(tile * per_centre, T(0));
+    grad_rows.resize(kChannels * RB * P * plan->padded);
+  }
+
+  void visit(int64_t n, int64_t index, int64_t first_row, int64_t grp, int64_t c0, int64_t block,
+             const T* const* rows, int64_t slot_stride) {
+    using V = Vector<T>;
+    constexpr int64_t L = kLanes<T>;
+    const int64_t k = g->k, taps = k * k, padded = plan->padded, out_plane = g->out_h * g->out_w;
+    for (int64_t c = 0; c < block; ++c) {
+      for (int64_t rb = 0; rb < RB; ++rb) {
+        const T* src = grad_out + (n * g->c + c0 + c) * out_plane + (first_row + rb) * g->out_w;
+        for (int64_t ph = 0; ph < P; ++ph) {
+          T* dst = grad_rows.data() + ((c * RB + rb) * P + ph) * padded;
+          for (int64_t j = 0; j < plan->centres; ++j) dst[j] = src[j * P + ph];
+          std::fill(dst + plan->centres, dst + padded, T(0));
+        }
+      }
+    }
+    T* centre_sums = sums.data() + index * per_centre + grp * (per_centre / g->groups);
+    for (int64_t ky = 0; ky < k; ++ky) {
+      if (rows[ky] == nullptr) continue;
+      for (int64_t kx0 = 0; kx0 < k; kx0 += KX) {
+        const int64_t columns = std::min<int64_t>(KX, k - kx0);
+        for (int64_t v = 0; v < plan->vectors; ++v) {
+          V acc[RB][P][KX];
+          auto sum_at = [&](int rb, int ph, int i) {
+            return centre_sums + ((rb * taps + ky * k + kx0 + i) * P + ph) * padded + v * L;
+          };
+#pragma GCC unroll 16
+          for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 16
+            for (int ph = 0; ph < P; ++ph)
+#pragma GCC unroll 16
+              for (int i = 0; i < KX; ++i) acc[rb][ph][i] = V{};
+          for (int64_t c = 0; c < block; ++c) {
+            V grad[RB][P];
+#pragma GCC unroll 16
+            for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 16
+              for (int ph = 0; ph < P; ++ph) grad[rb][ph] = load(grad_rows.data() + ((c * RB + rb) * P + ph) * padded + v * L);
+            const T* feature_row = rows[ky] + c * slot_stride + v * L;
+#pragma GCC unroll 16
+            for (int i = 0; i < KX; ++i) {
+              if (i >= columns) break;
+              const V x = load(feature_row + plan->tap_offset[kx0 + i]);
+#pragma GCC unroll 16
+              for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 16
+                for (int ph = 0; ph < P; ++ph) acc[rb][ph][i] += grad[rb][ph] * x;
+            }
+          }
+#pragma GCC unroll 16
+          for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 16
+            for (int ph = 0; ph < P; ++ph)
+#pragma GCC unroll 16
+              for (int i = 0; i < KX; ++i)
+                if (i < columns) store(sum_at(rb, ph, i), load(sum_at(rb, ph, i)) + acc[rb][ph][i]);
+        }
+      }
+    }
+  }
+
+  // Writes the tile's sums to grad_m with the phases interleaved; taps outside the map get exactly zero.
+  void end_tile(int64_t n, int64_t first, int64_t last) {
+    using V = Vector<T>;
+    constexpr int64_t L = kLanes<T>;
+    const int64_t k = g->k, r = g->radius(), taps = k * k, padded = plan->padded, out_plane = g->out_h * g->out_w;
+    const int64_t stride = plan->feature_stride;
+    for (int64_t centre = first; centre < last; ++centre) {
+      const int64_t cy = g->up ? centre : centre * g->sigma, first_row = g->up ? centre * g->sigma : centre;
+      for (int64_t grp = 0; grp < g->groups; ++grp) {
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          const int64_t iy = cy + tap / k - r, d = tap % k - r;
+          const bool row_inside = iy >= 0 && iy < g->h;
+          const int64_t j_lo = std::min(plan->centres, std::max<int64_t>(0, -floor_div(d, stride)));
+          const int64_t j_hi = std::max(j_lo, std::min(plan->centres, floor_div(g->w - 1 - d, stride) + 1));
+          for (int64_t rb = 0; rb < RB; ++rb) {
+            T* s = sums.data() + (centre - first) * per_centre + ((grp * RB + rb) * taps + tap) * P * padded;
+            for (int64_t ph = 0; ph < P; ++ph) {
+              T* row = s + ph * padded;
+              if (!row_inside) {
+                std::fill(row, row + padded, T(0));
+              } else {
+                std::fill(row, row + j_lo, T(0));
+                std::fill(row + j_hi, row + padded, T(0));
+              }
+            }
+            T* dst = grad_m + (n * g->mask_channels() + grp * taps + tap) * out_plane + (first_row + rb) * g->out_w;
+            for (int64_t v = 0; v < plan->vectors; ++v) {
+              V phases[P][1];
+              for (int64_t ph = 0; ph < P; ++ph) phases[ph][0] = load(s + ph * padded + v * L);
+              store_phases<T, P>(phases, 0, dst + v * L * P, g->out_w - v * L * P);
+            }
+          }
+        }
+      }
+    }
+  }
+};
+
+template <typename T, int RB, int P>
+void backward_masks_channels_first_tiled(const Geometry& g, const T* grad_out, const T* x, T* grad_m, int threads) {
+  const ChannelsFirstPlan<T> plan = plan_channels_first<T>(g);
+  walk_centre_tiles(g, plan, x, threads, MaskGradientTiles<T, RB, P>(g, plan, grad_out, grad_m));
+}
+
 template <typename T, int RB, int P>
 void forward_channels_first_tiled(const Geometry& g, const T* x, const T* m, T* out, int threads) {
   const ChannelsFirstPlan<T> plan = plan_channels_first<T>(g);
   walk_centre_tiles(g, plan, x, threads, ForwardTiles<T, RB, P>(g, plan, m, out));
 }
 
-// Runs the channels-first forward if this geometry has an instantiation (k <= 64, sigma <= 4 when up).
-template <typename T>
-bool forward_channels_first(const Geometry& g, const T* x, const T* m, T* out, int threads) {
+// Calls Run<RB, P>::template call<T> with the row and phase blocking of this geometry's channels-first kernels;
+// false if there is none (sigma > 4 when up, or k > 64).
+template <template <int, int> class Run, typename T, typename... Args>
+bool dispatch_channels_first(const Geometry& g, Args... args) {
   if (g.k > 64) return false;
-  if (!g.up) {
-    forward_channels_first_tiled<T, 1, 1>(g, x, m, out, threads);
-  } else if (g.sigma == 1) {
-    forward_channels_first_tiled<T, 1, 1>(g, x, m, out, threads);
+  if (!g.up || g.sigma == 1) {
+    Run<1, 1>::template call<T>(g, args...);
   } else if (g.sigma == 2) {
-    forward_channels_first_tiled<T, 2, 2>(g, x, m, out, threads);
+    Run<2, 2>::template call<T>(g, args...);
   } else if (g.sigma == 3) {
-    forward_channels_first_tiled<T, 3, 3>(g, x, m, out, threads);
+    Run<3, 3>::template call<T>(g, args...);
   } else if (g.sigma == 4) {
-    forward_channels_first_tiled<T, 4, 4>(g, x, m, out, threads);
+    Run<4, 4>::template call<T>(g, args...);
   } else {
     return false;
   }
   return true;
 }
+
+template <int RB, int P>
+struct RunForward {
+  template <typename T>
+  static void call(const Geometry& g, const T* x, const T* m, T* out, int threads) {
+    forward_channels_first_tiled<T, RB, P>(g, x, m, out, threads);
+  }
+};
+
+template <int RB, int P>
+struct RunMaskGradient {
+  template <typename T>
+  static void call(const Geometry& g, const T* grad_out, const T* x, T* grad_m, int threads) {
+    backward_masks_channels_first_tiled<T, RB, P>(g, grad_out, x, grad_m, threads);
+  }
+};
 
 struct Layouts {
   bool a_channels_first, b_channels_first, out_channels_first;
@@ -525,7 +670,7 @@ struct Layouts {
 template <typename T>
 void forward(const Geometry& g, const T* x, const T* m, T* out, Layouts layout, int threads) {
   if (layout.a_channels_first && layout.b_channels_first && layout.out_channels_first &&
-      forward_channels_first(g, x, m, out, threads)) {
+      dispatch_channels_first<RunForward, T>(g, x, m, out, threads)) {
     return;
   }
   const int64_t r = g.radius(), k = g.k, cg = g.group_channels(), mc = g.mask_channels();
@@ -618,6 +763,10 @@ void backward_features(const Geometry& g, const T* grad_out, const T* m, T* grad
 
 template <typename T>
 void backward_masks(const Geometry& g, const T* grad_out, const T* x, T* grad_m, Layouts layout, int threads) {
+  if (layout.a_channels_first && layout.b_channels_first && layout.out_channels_first &&
+      dispatch_channels_first<RunMaskGradient, T>(g, grad_out, x, grad_m, threads)) {
+    return;
+  }
   const int64_t r = g.radius(), k = g.k, cg = g.group_channels(), mc = g.mask_channels();
   parallel_for(g.n * g.out_h, threads, [&](int64_t begin, int64_t end) {
     RowReader<T> gos(grad_out, g.out_h, g.out_w, g.c, layout.a_channels_first, 1);
