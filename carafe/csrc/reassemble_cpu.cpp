@@ -360,11 +360,11 @@ void channels_first_block(const Geometry& g, const ChannelsFirstPlan<T>& plan, c
   }
 }
 
-// Fills the weight buffer of one centre row: [group][row][tap][phase][padded centres], zero where the tap falls
-// outside the map or the centre column is past the end.
+// Fills the weight buffer of one centre row: [group][row][tap][phase][row_len], centre column j at element
+// left + j, zero where the tap falls outside the map, where the centre column is past the end, and in the padding.
 template <typename T>
 void prepare_weights(const Geometry& g, const ChannelsFirstPlan<T>& plan, const T* m_image, int64_t first_row,
-                     T* __restrict__ dst) {
+                     int64_t row_len, int64_t left, T* __restrict__ dst) {
   const int64_t r = g.radius(), k = g.k, taps = k * k, plane = g.out_h * g.out_w;
   const int64_t stride = plan.feature_stride;
   for (int64_t grp = 0; grp < g.groups; ++grp) {
@@ -376,12 +376,27 @@ void prepare_weights(const Geometry& g, const ChannelsFirstPlan<T>& plan, const 
         const int64_t j_hi = std::max(j_lo, std::min(plan.centres, floor_div(g.w - 1 - d, stride) + 1));
         const T* src = m_image + (grp * taps + tap) * plane + (first_row + rb) * g.out_w;
         for (int64_t ph = 0; ph < plan.phases; ++ph) {
-          T* row = dst + (((grp * plan.rows_per_centre + rb) * taps + tap) * plan.phases + ph) * plan.padded;
-          std::fill(row, row + j_lo, T(0));
-          for (int64_t j = j_lo; j < j_hi; ++j) row[j] = src[j * plan.phases + ph];
-          std::fill(row + j_hi, row + plan.padded, T(0));
+          T* row = dst + (((grp * plan.rows_per_centre + rb) * taps + tap) * plan.phases + ph) * row_len;
+          std::fill(row, row + left + j_lo, T(0));
+          for (int64_t j = j_lo; j < j_hi; ++j) row[left + j] = src[j * plan.phases + ph];
+          std::fill(row + left + j_hi, row + row_len, T(0));
         }
       }
+    }
+  }
+}
+
+// The rows [first_row, first_row + rows) of one channel of an output-sized map, de-interleaved into `phases` rows
+// each: dst[(row * phases + ph) * row_len + left + j] = src column j * phases + ph, zero elsewhere.
+template <typename T>
+void deinterleave_rows(const T* src, int64_t out_w, int64_t rows, int64_t phases, int64_t centres, int64_t row_len,
+                       int64_t left, T* __restrict__ dst) {
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t ph = 0; ph < phases; ++ph) {
+      T* d = dst + (row * phases + ph) * row_len;
+      std::fill(d, d + left, T(0));
+      for (int64_t j = 0; j < centres; ++j) d[left + j] = src[row * out_w + j * phases + ph];
+      std::fill(d + left + centres, d + row_len, T(0));
     }
   }
 }
@@ -468,7 +483,7 @@ struct ForwardTiles {
     weights.resize(tile * per_centre);
     for (int64_t centre = first; centre < last; ++centre) {
       prepare_weights(*g, *plan, m + n * g->mask_channels() * g->out_h * g->out_w, g->up ? centre * g->sigma : centre,
-                      weights.data() + (centre - first) * per_centre);
+                      plan->padded, 0, weights.data() + (centre - first) * per_centre);
     }
   }
 
@@ -524,14 +539,8 @@ struct MaskGradientTiles {
     constexpr int64_t L = kLanes<T>;
     const int64_t k = g->k, taps = k * k, padded = plan->padded, out_plane = g->out_h * g->out_w;
     for (int64_t c = 0; c < block; ++c) {
-      for (int64_t rb = 0; rb < RB; ++rb) {
-        const T* src = grad_out + (n * g->c + c0 + c) * out_plane + (first_row + rb) * g->out_w;
-        for (int64_t ph = 0; ph < P; ++ph) {
-          T* dst = grad_rows.data() + ((c * RB + rb) * P + ph) * padded;
-          for (int64_t j = 0; j < plan->centres; ++j) dst[j] = src[j * P + ph];
-          std::fill(dst + plan->centres, dst + padded, T(0));
-        }
-      }
+      deinterleave_rows(grad_out + (n * g->c + c0 + c) * out_plane + first_row * g->out_w, g->out_w, RB, P,
+                        plan->centres, padded, 0, grad_rows.data() + c * RB * P * padded);
     }
     T* centre_sums = sums.data() + index * per_centre + grp * (per_centre / g->groups);
     for (int64_t ky = 0; ky < k; ++ky) {
@@ -628,6 +637,113 @@ void forward_channels_first_tiled(const Geometry& g, const T* x, const T* m, T* 
   walk_centre_tiles(g, plan, x, threads, ForwardTiles<T, RB, P>(g, plan, m, out));
 }
 
+// The feature gradient of up-sampling, as a gather: input (iy, ix) is tap (ky, kx) of the sigma x sigma outputs
+// of centre (iy - ky + r, ix - kx + r), so with the weights and output gradient of each centre row de-interleaved
+// into phases (and padded by r columns on each side), lane ix of a vector sums weight * gradient over taps, rows and
+// phases in a fixed order, and each loaded weight vector serves a block of channels. Work items are tiles of input
+// rows; the weights of the centre rows a tile reads are prepared once, and each block of channels walks down the
+// tile keeping the output-gradient rows of the last k centre rows in a ring.
+template <typename T, int S>
+void backward_features_up_channels_first(const Geometry& g, const T* grad_out, const T* m, T* grad_x, int threads) {
+  using V = Vector<T>;
+  constexpr int64_t L = kLanes<T>, CB = 16;
+  const ChannelsFirstPlan<T> plan = plan_channels_first<T>(g);
+  const int64_t k = g.k, r = g.radius(), taps = k * k, cg = g.group_channels();
+  const int64_t row_len = plan.padded + 2 * r, out_plane = g.out_h * g.out_w, in_plane = g.h * g.w;
+  const int64_t per_centre = g.groups * S * taps * S * row_len, per_group = per_centre / g.groups;
+  const int64_t tile = tile_rows(g, per_centre * sizeof(T));
+  const int64_t tiles = (g.h + tile - 1) / tile, slot_stride = k * S * S * row_len;
+  parallel_for(g.n * tiles, threads, [&](int64_t begin, int64_t end) {
+    std::vector<T> weights((tile + k) * per_centre);
+    std::vector<T> ring(CB * slot_stride);  // [channel][slot = centre row % k][row][phase][row_len]
+    std::vector<int64_t> ring_row(k);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / tiles, first = item % tiles * tile, last = std::min(first + tile, g.h);
+      // Centre rows read by input rows [first, last): [lo, hi).
+      const int64_t lo = std::max<int64_t>(0, first - (k - 1 - r)), hi = std::min(g.h, last + r);
+      for (int64_t cy = lo; cy < hi; ++cy) {
+        prepare_weights(g, plan, m + n * g.mask_channels() * out_plane, cy * S, row_len, r,
+                        weights.data() + (cy - lo) * per_centre);
+      }
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        for (int64_t c0 = grp * cg; c0 < (grp + 1) * cg;) {
+          const int64_t block = std::min(CB, (grp + 1) * cg - c0);
+          std::fill(ring_row.begin(), ring_row.end(), int64_t{-1});
+          for (int64_t iy = first; iy < last; ++iy) {
+            const T* w_rows[64];
+            const T* g_rows[64];
+            for (int64_t ky = 0; ky < k; ++ky) {
+              const int64_t cy = iy - ky + r;
+              w_rows[ky] = g_rows[ky] = nullptr;
+              if (cy < 0 || cy >= g.h) continue;
+              T* slot = ring.data() + cy % k * S * S * row_len;
+              if (ring_row[cy % k] != cy) {
+                for (int64_t c = 0; c < block; ++c) {
+                  const T* src = grad_out + (n * g.c + c0 + c) * out_plane + cy * S * g.out_w;
+                  deinterleave_rows(src, g.out_w, S, S, plan.centres, row_len, r, slot + c * slot_stride);
+                  const int64_t ahead = (cy + 1 < g.h ? S : 0) * g.out_w;
+                  for (int64_t i = 0; i < S * g.out_w; i += 64 / sizeof(T)) __builtin_prefetch(src + ahead + i);
+                }
+                ring_row[cy % k] = cy;
+              }
+              w_rows[ky] = weights.data() + (cy - lo) * per_centre + grp * per_group;
+              g_rows[ky] = slot;
+            }
+            T* gx = grad_x + (n * g.c + c0) * in_plane + iy * g.w;
+            for (int64_t v = 0; v < plan.vectors; ++v) {
+              V acc[CB] = {};
+              for (int64_t ky = 0; ky < k; ++ky) {
+                if (w_rows[ky] == nullptr) continue;
+                for (int64_t kx = 0; kx < k; ++kx) {
+                  // Centre column ix - kx + r sits at element ix - kx + 2r of the padded rows.
+                  const int64_t offset = v * L + 2 * r - kx;
+#pragma GCC unroll 16
+                  for (int rb = 0; rb < S; ++rb) {
+#pragma GCC unroll 16
+                    for (int ph = 0; ph < S; ++ph) {
+                      const V weight = load(w_rows[ky] + ((rb * taps + ky * k + kx) * S + ph) * row_len + offset);
+                      const T* gr = g_rows[ky] + (rb * S + ph) * row_len + offset;
+                      if (block == CB) {
+#pragma GCC unroll 16
+                        for (int c = 0; c < CB; ++c) acc[c] += weight * load(gr + c * slot_stride);
+                      } else {
+                        for (int64_t c = 0; c < block; ++c) acc[c] += weight * load(gr + c * slot_stride);
+                      }
+                    }
+                  }
+                }
+              }
+              alignas(64) T lanes[L];
+              const int64_t valid = std::min<int64_t>(L, g.w - v * L);
+              for (int64_t c = 0; c < block; ++c) {
+                if (valid == L) {
+                  store(gx + c * in_plane + v * L, acc[c]);
+                } else {
+                  store(lanes, acc[c]);
+                  std::copy(lanes, lanes + valid, gx + c * in_plane + v * L);
+                }
+              }
+            }
+          }
+          c0 += block;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+bool backward_features_channels_first(const Geometry& g, const T* grad_out, const T* m, T* grad_x, int threads) {
+  if (!g.up || g.k > 64) return false;
+  switch (g.sigma) {
+    case 1: backward_features_up_channels_first<T, 1>(g, grad_out, m, grad_x, threads); return true;
+    case 2: backward_features_up_channels_first<T, 2>(g, grad_out, m, grad_x, threads); return true;
+    case 3: backward_features_up_channels_first<T, 3>(g, grad_out, m, grad_x, threads); return true;
+    case 4: backward_features_up_channels_first<T, 4>(g, grad_out, m, grad_x, threads); return true;
+    default: return false;
+  }
+}
+
 // Calls Run<RB, P>::template call<T> with the row and phase blocking of this geometry's channels-first kernels;
 // false if there is none (sigma > 4 when up, or k > 64).
 template <template <int, int> class Run, typename T, typename... Args>
@@ -710,6 +826,10 @@ void forward(const Geometry& g, const T* x, const T* m, T* out, Layouts layout, 
 
 template <typename T>
 void backward_features(const Geometry& g, const T* grad_out, const T* m, T* grad_x, Layouts layout, int threads) {
+  if (layout.a_channels_first && layout.b_channels_first && layout.out_channels_first &&
+      backward_features_channels_first(g, grad_out, m, grad_x, threads)) {
+    return;
+  }
   const int64_t r = g.radius(), k = g.k, cg = g.group_channels(), mc = g.mask_channels();
   const int64_t window = g.output_rows_per_input_row();
   parallel_for(g.n * g.h, threads, [&](int64_t begin, int64_t end) {
