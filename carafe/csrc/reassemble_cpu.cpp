@@ -458,9 +458,12 @@ void walk_centre_tiles(const Geometry& g, const ChannelsFirstPlan<T>& plan, cons
   });
 }
 
-// Centre rows per tile for per-centre buffers of `bytes` each.
-inline int64_t tile_rows(const Geometry& g, int64_t bytes) {
-  return std::clamp<int64_t>((int64_t{256} << 10) / std::max<int64_t>(bytes, 1), 1, g.up ? g.h : g.out_h);
+// Rows per tile for per-row buffers of `bytes` each: about 256 KB of them, and at least 4 tiles per thread where
+// the map allows, so that many threads share the work evenly.
+inline int64_t tile_rows(const Geometry& g, int64_t bytes, int threads) {
+  const int64_t rows = g.up ? g.h : g.out_h;
+  const int64_t even_split = std::max<int64_t>(1, g.n * rows / (4 * std::max(threads, 1)));
+  return std::clamp<int64_t>((int64_t{256} << 10) / std::max<int64_t>(bytes, 1), 1, std::min(rows, even_split));
 }
 
 // The forward: per tile, the weights of its centre rows; per visit, one register-tiled block.
@@ -474,10 +477,10 @@ struct ForwardTiles {
   int64_t per_centre, tile;
   std::vector<T> weights;
 
-  ForwardTiles(const Geometry& geometry, const ChannelsFirstPlan<T>& p, const T* masks, T* output)
+  ForwardTiles(const Geometry& geometry, const ChannelsFirstPlan<T>& p, const T* masks, T* output, int threads)
       : g(&geometry), plan(&p), m(masks), out(output),
         per_centre(geometry.groups * RB * geometry.taps() * P * p.padded),
-        tile(tile_rows(geometry, per_centre * sizeof(T))) {}
+        tile(tile_rows(geometry, per_centre * sizeof(T), threads)) {}
 
   void begin_tile(int64_t n, int64_t first, int64_t last) {
     weights.resize(tile * per_centre);
@@ -523,10 +526,10 @@ struct MaskGradientTiles {
   int64_t per_centre, tile;
   std::vector<T> sums, grad_rows;
 
-  MaskGradientTiles(const Geometry& geometry, const ChannelsFirstPlan<T>& p, const T* go, T* gm)
+  MaskGradientTiles(const Geometry& geometry, const ChannelsFirstPlan<T>& p, const T* go, T* gm, int threads)
       : g(&geometry), plan(&p), grad_out(go), grad_m(gm),
         per_centre(geometry.groups * RB * geometry.taps() * P * p.padded),
-        tile(tile_rows(geometry, per_centre * sizeof(T))) {}
+        tile(tile_rows(geometry, per_centre * sizeof(T), threads)) {}
 
   void begin_tile(int64_t, int64_t, int64_t) {
     sums.assign(tile * per_centre, T(0));
@@ -628,13 +631,13 @@ struct MaskGradientTiles {
 template <typename T, int RB, int P>
 void backward_masks_channels_first_tiled(const Geometry& g, const T* grad_out, const T* x, T* grad_m, int threads) {
   const ChannelsFirstPlan<T> plan = plan_channels_first<T>(g);
-  walk_centre_tiles(g, plan, x, threads, MaskGradientTiles<T, RB, P>(g, plan, grad_out, grad_m));
+  walk_centre_tiles(g, plan, x, threads, MaskGradientTiles<T, RB, P>(g, plan, grad_out, grad_m, threads));
 }
 
 template <typename T, int RB, int P>
 void forward_channels_first_tiled(const Geometry& g, const T* x, const T* m, T* out, int threads) {
   const ChannelsFirstPlan<T> plan = plan_channels_first<T>(g);
-  walk_centre_tiles(g, plan, x, threads, ForwardTiles<T, RB, P>(g, plan, m, out));
+  walk_centre_tiles(g, plan, x, threads, ForwardTiles<T, RB, P>(g, plan, m, out, threads));
 }
 
 // The feature gradient of up-sampling, as a gather: input (iy, ix) is tap (ky, kx) of the sigma x sigma outputs
@@ -651,7 +654,7 @@ void backward_features_up_channels_first(const Geometry& g, const T* grad_out, c
   const int64_t k = g.k, r = g.radius(), taps = k * k, cg = g.group_channels();
   const int64_t row_len = plan.padded + 2 * r, out_plane = g.out_h * g.out_w, in_plane = g.h * g.w;
   const int64_t per_centre = g.groups * S * taps * S * row_len, per_group = per_centre / g.groups;
-  const int64_t tile = tile_rows(g, per_centre * sizeof(T));
+  const int64_t tile = tile_rows(g, per_centre * sizeof(T), threads);
   const int64_t tiles = (g.h + tile - 1) / tile, slot_stride = k * S * S * row_len;
   parallel_for(g.n * tiles, threads, [&](int64_t begin, int64_t end) {
     std::vector<T> weights((tile + k) * per_centre);
