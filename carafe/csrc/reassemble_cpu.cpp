@@ -640,22 +640,26 @@ void forward_channels_first_tiled(const Geometry& g, const T* x, const T* m, T* 
   walk_centre_tiles(g, plan, x, threads, ForwardTiles<T, RB, P>(g, plan, m, out, threads));
 }
 
-// The feature gradient of up-sampling, as a gather: input (iy, ix) is tap (ky, kx) of the sigma x sigma outputs
-// of centre (iy - ky + r, ix - kx + r), so with the weights and output gradient of each centre row de-interleaved
-// into phases (and padded by r columns on each side), lane ix of a vector sums weight * gradient over taps, rows and
-// phases in a fixed order, and each loaded weight vector serves a block of channels. Work items are tiles of input
-// rows; the weights of the centre rows a tile reads are prepared once, and each block of channels walks down the
-// tile keeping the output-gradient rows of the last k centre rows in a ring.
-template <typename T, int S>
-void backward_features_up_channels_first(const Geometry& g, const T* grad_out, const T* m, T* grad_x, int threads) {
+// The feature gradient as a gather. Input (iy, ix) is tap (ky, kx) of the outputs of centre (iy - ky + r,
+// ix - kx + r) when up-sampling (sigma x sigma of them), and of output ((iy - ky + r) / sigma, (ix - kx + r) / sigma)
+// where those divide when down-sampling. With the weights and output gradient of each centre row de-interleaved into
+// phases and padded by r columns on each side, lane ix (up) or lane j of input phase ix = sigma j + phi (down) sums
+// weight * gradient over taps, rows and phases in a fixed order (deterministic, independent of the thread count),
+// and each loaded weight vector serves a block of channels. Work items are tiles of input rows; the weights of the
+// centre rows a tile reads are prepared once, and each block of channels walks down the tile keeping the
+// output-gradient rows of the last k centre rows in a ring.
+template <typename T, int S, bool UP>
+void backward_features_channels_first_tiled(const Geometry& g, const T* grad_out, const T* m, T* grad_x,
+                                            int threads) {
   using V = Vector<T>;
-  constexpr int64_t L = kLanes<T>, CB = 16;
+  constexpr int RB = UP ? S : 1, P = UP ? S : 1, PHI = UP ? 1 : S, STEP = UP ? 1 : S;
+  constexpr int64_t L = kLanes<T>, CB = 16 / PHI;
   const ChannelsFirstPlan<T> plan = plan_channels_first<T>(g);
-  const int64_t k = g.k, r = g.radius(), taps = k * k, cg = g.group_channels();
+  const int64_t k = g.k, r = g.radius(), taps = k * k, cg = g.group_channels(), centre_rows = UP ? g.h : g.out_h;
   const int64_t row_len = plan.padded + 2 * r, out_plane = g.out_h * g.out_w, in_plane = g.h * g.w;
-  const int64_t per_centre = g.groups * S * taps * S * row_len, per_group = per_centre / g.groups;
+  const int64_t per_centre = g.groups * RB * taps * P * row_len, per_group = per_centre / g.groups;
   const int64_t tile = tile_rows(g, per_centre * sizeof(T), threads);
-  const int64_t tiles = (g.h + tile - 1) / tile, slot_stride = k * S * S * row_len;
+  const int64_t tiles = (g.h + tile - 1) / tile, slot_stride = k * RB * P * row_len;
   parallel_for(g.n * tiles, threads, [&](int64_t begin, int64_t end) {
     std::vector<T> weights((tile + k) * per_centre);
     std::vector<T> ring(CB * slot_stride);  // [channel][slot = centre row % k][row][phase][row_len]
@@ -663,9 +667,10 @@ void backward_features_up_channels_first(const Geometry& g, const T* grad_out, c
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles, first = item % tiles * tile, last = std::min(first + tile, g.h);
       // Centre rows read by input rows [first, last): [lo, hi).
-      const int64_t lo = std::max<int64_t>(0, first - (k - 1 - r)), hi = std::min(g.h, last + r);
+      const int64_t lo = std::max<int64_t>(0, -floor_div(-(first - (k - 1 - r)), STEP));
+      const int64_t hi = std::min(centre_rows, floor_div(last - 1 + r, STEP) + 1);
       for (int64_t cy = lo; cy < hi; ++cy) {
-        prepare_weights(g, plan, m + n * g.mask_channels() * out_plane, cy * S, row_len, r,
+        prepare_weights(g, plan, m + n * g.mask_channels() * out_plane, cy * RB, row_len, r,
                         weights.data() + (cy - lo) * per_centre);
       }
       for (int64_t grp = 0; grp < g.groups; ++grp) {
@@ -676,16 +681,16 @@ void backward_features_up_channels_first(const Geometry& g, const T* grad_out, c
             const T* w_rows[64];
             const T* g_rows[64];
             for (int64_t ky = 0; ky < k; ++ky) {
-              const int64_t cy = iy - ky + r;
+              const int64_t d = iy - ky + r, cy = floor_div(d, STEP);
               w_rows[ky] = g_rows[ky] = nullptr;
-              if (cy < 0 || cy >= g.h) continue;
-              T* slot = ring.data() + cy % k * S * S * row_len;
+              if (d < 0 || d % STEP != 0 || cy >= centre_rows) continue;
+              T* slot = ring.data() + cy % k * RB * P * row_len;
               if (ring_row[cy % k] != cy) {
                 for (int64_t c = 0; c < block; ++c) {
-                  const T* src = grad_out + (n * g.c + c0 + c) * out_plane + cy * S * g.out_w;
-                  deinterleave_rows(src, g.out_w, S, S, plan.centres, row_len, r, slot + c * slot_stride);
-                  const int64_t ahead = (cy + 1 < g.h ? S : 0) * g.out_w;
-                  for (int64_t i = 0; i < S * g.out_w; i += 64 / sizeof(T)) __builtin_prefetch(src + ahead + i);
+                  const T* src = grad_out + (n * g.c + c0 + c) * out_plane + cy * RB * g.out_w;
+                  deinterleave_rows(src, g.out_w, RB, P, plan.centres, row_len, r, slot + c * slot_stride);
+                  const int64_t ahead = (cy + 1 < centre_rows ? RB : 0) * g.out_w;
+                  for (int64_t i = 0; i < RB * g.out_w; i += 64 / sizeof(T)) __builtin_prefetch(src + ahead + i);
                 }
                 ring_row[cy % k] = cy;
               }
@@ -694,37 +699,35 @@ void backward_features_up_channels_first(const Geometry& g, const T* grad_out, c
             }
             T* gx = grad_x + (n * g.c + c0) * in_plane + iy * g.w;
             for (int64_t v = 0; v < plan.vectors; ++v) {
-              V acc[CB] = {};
+              V acc[PHI][CB] = {};
               for (int64_t ky = 0; ky < k; ++ky) {
                 if (w_rows[ky] == nullptr) continue;
                 for (int64_t kx = 0; kx < k; ++kx) {
-                  // Centre column ix - kx + r sits at element ix - kx + 2r of the padded rows.
-                  const int64_t offset = v * L + 2 * r - kx;
 #pragma GCC unroll 16
-                  for (int rb = 0; rb < S; ++rb) {
+                  for (int phi = 0; phi < PHI; ++phi) {
+                    // The centre column of lane 0 is v * L + (phi - kx + r) / STEP, at element r past it.
+                    const int64_t d = phi - kx + r;
+                    if (d % STEP != 0) continue;
+                    const int64_t offset = v * L + r + d / STEP;
 #pragma GCC unroll 16
-                    for (int ph = 0; ph < S; ++ph) {
-                      const V weight = load(w_rows[ky] + ((rb * taps + ky * k + kx) * S + ph) * row_len + offset);
-                      const T* gr = g_rows[ky] + (rb * S + ph) * row_len + offset;
-                      if (block == CB) {
+                    for (int rb = 0; rb < RB; ++rb) {
 #pragma GCC unroll 16
-                        for (int c = 0; c < CB; ++c) acc[c] += weight * load(gr + c * slot_stride);
-                      } else {
-                        for (int64_t c = 0; c < block; ++c) acc[c] += weight * load(gr + c * slot_stride);
+                      for (int ph = 0; ph < P; ++ph) {
+                        const V weight = load(w_rows[ky] + ((rb * taps + ky * k + kx) * P + ph) * row_len + offset);
+                        const T* gr = g_rows[ky] + (rb * P + ph) * row_len + offset;
+                        if (block == CB) {
+#pragma GCC unroll 16
+                          for (int c = 0; c < CB; ++c) acc[phi][c] += weight * load(gr + c * slot_stride);
+                        } else {
+                          for (int64_t c = 0; c < block; ++c) acc[phi][c] += weight * load(gr + c * slot_stride);
+                        }
                       }
                     }
                   }
                 }
               }
-              alignas(64) T lanes[L];
-              const int64_t valid = std::min<int64_t>(L, g.w - v * L);
               for (int64_t c = 0; c < block; ++c) {
-                if (valid == L) {
-                  store(gx + c * in_plane + v * L, acc[c]);
-                } else {
-                  store(lanes, acc[c]);
-                  std::copy(lanes, lanes + valid, gx + c * in_plane + v * L);
-                }
+                store_phases<T, PHI>(acc, static_cast<int>(c), gx + c * in_plane + v * L * PHI, g.w - v * L * PHI);
               }
             }
           }
@@ -735,17 +738,23 @@ void backward_features_up_channels_first(const Geometry& g, const T* grad_out, c
   });
 }
 
-template <typename T>
-bool backward_features_channels_first(const Geometry& g, const T* grad_out, const T* m, T* grad_x, int threads) {
-  if (!g.up || g.k > 64) return false;
-  switch (g.sigma) {
-    case 1: backward_features_up_channels_first<T, 1>(g, grad_out, m, grad_x, threads); return true;
-    case 2: backward_features_up_channels_first<T, 2>(g, grad_out, m, grad_x, threads); return true;
-    case 3: backward_features_up_channels_first<T, 3>(g, grad_out, m, grad_x, threads); return true;
-    case 4: backward_features_up_channels_first<T, 4>(g, grad_out, m, grad_x, threads); return true;
-    default: return false;
+template <int RB, int P>
+struct RunFeatureGradient {
+  template <typename T>
+  static void call(const Geometry& g, const T* grad_out, const T* m, T* grad_x, int threads) {
+    if (g.up) {
+      backward_features_channels_first_tiled<T, RB, true>(g, grad_out, m, grad_x, threads);
+    } else if (g.sigma == 1) {
+      backward_features_channels_first_tiled<T, 1, false>(g, grad_out, m, grad_x, threads);
+    } else if (g.sigma == 2) {
+      backward_features_channels_first_tiled<T, 2, false>(g, grad_out, m, grad_x, threads);
+    } else if (g.sigma == 3) {
+      backward_features_channels_first_tiled<T, 3, false>(g, grad_out, m, grad_x, threads);
+    } else {
+      backward_features_channels_first_tiled<T, 4, false>(g, grad_out, m, grad_x, threads);
+    }
   }
-}
+};
 
 // Calls Run<RB, P>::template call<T> with the row and phase blocking of this geometry's channels-first kernels;
 // false if there is none (sigma > 4 when up, or k > 64).
@@ -830,7 +839,7 @@ void forward(const Geometry& g, const T* x, const T* m, T* out, Layouts layout, 
 template <typename T>
 void backward_features(const Geometry& g, const T* grad_out, const T* m, T* grad_x, Layouts layout, int threads) {
   if (layout.a_channels_first && layout.b_channels_first && layout.out_channels_first &&
-      backward_features_channels_first(g, grad_out, m, grad_x, threads)) {
+      (g.up || g.sigma <= 4) && dispatch_channels_first<RunFeatureGradient, T>(g, grad_out, m, grad_x, threads)) {
     return;
   }
   const int64_t r = g.radius(), k = g.k, cg = g.group_channels(), mc = g.mask_channels();
