@@ -271,6 +271,18 @@ ChannelsFirstPlan<T> plan_channels_first(const Geometry& g) {
   return plan;
 }
 
+// dst[i] = src[i * stride] for i < count; strides 1 and 2 (the common cases) are constants the compiler vectorises.
+template <typename T>
+inline void copy_strided(const T* __restrict__ src, int64_t stride, int64_t count, T* __restrict__ dst) {
+  if (stride == 1) {
+    std::copy(src, src + count, dst);
+  } else if (stride == 2) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = src[i * 2];
+  } else {
+    for (int64_t i = 0; i < count; ++i) dst[i] = src[i * stride];
+  }
+}
+
 // The sigma (or 1) de-interleaved, zero-padded copies of one feature row of width w.
 template <typename T>
 void prepare_feature_row(const ChannelsFirstPlan<T>& plan, const T* __restrict__ src, int64_t w,
@@ -283,13 +295,7 @@ void prepare_feature_row(const ChannelsFirstPlan<T>& plan, const T* __restrict__
     const int64_t hi = std::max(lo, std::min(plan.row_len, (w - phase + s - 1) / s + plan.pad));
     std::fill(row, row + lo, T(0));
     const T* from = src + phase - plan.pad * s;
-    if (s == 1) {
-      std::copy(from + lo, from + hi, row + lo);
-    } else if (s == 2) {  // the common case, with a constant stride the compiler vectorises
-      for (int64_t t = lo; t < hi; ++t) row[t] = from[t * 2];
-    } else {
-      for (int64_t t = lo; t < hi; ++t) row[t] = from[t * s];
-    }
+    copy_strided(from + lo * s, s, hi - lo, row + lo);
     std::fill(row + hi, row + plan.row_len, T(0));
   }
 }
@@ -378,7 +384,7 @@ void prepare_weights(const Geometry& g, const ChannelsFirstPlan<T>& plan, const 
         for (int64_t ph = 0; ph < plan.phases; ++ph) {
           T* row = dst + (((grp * plan.rows_per_centre + rb) * taps + tap) * plan.phases + ph) * row_len;
           std::fill(row, row + left + j_lo, T(0));
-          for (int64_t j = j_lo; j < j_hi; ++j) row[left + j] = src[j * plan.phases + ph];
+          copy_strided(src + j_lo * plan.phases + ph, plan.phases, j_hi - j_lo, row + left + j_lo);
           std::fill(row + left + j_hi, row + row_len, T(0));
         }
       }
@@ -395,7 +401,7 @@ void deinterleave_rows(const T* src, int64_t out_w, int64_t rows, int64_t phases
     for (int64_t ph = 0; ph < phases; ++ph) {
       T* d = dst + (row * phases + ph) * row_len;
       std::fill(d, d + left, T(0));
-      for (int64_t j = 0; j < centres; ++j) d[left + j] = src[row * out_w + j * phases + ph];
+      copy_strided(src + row * out_w + ph, phases, centres, d + left);
       std::fill(d + left + centres, d + row_len, T(0));
     }
   }
