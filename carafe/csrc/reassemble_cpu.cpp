@@ -797,6 +797,51 @@ struct RunMaskGradient {
   }
 };
 
+// The taps of one output window of channels-last rows: rows[ky] (valid for ky in [ky0, ky1)) and tap columns
+// [kx0, kx1), each tap column c_stride elements after the previous one.
+template <typename T>
+struct WindowOf {
+  const T* const* rows;
+  int64_t ky0, ky1, kx0, kx1, k, c_stride;
+};
+
+// Channels per call of reassemble_shared_centre: whole vectors, as many as leave registers for S outputs.
+template <typename T>
+constexpr int64_t shared_centre_channels(int outputs) {
+  return std::max<int64_t>(1, std::min<int64_t>(kBlock<T> / kLanes<T>, (kVectorRegisters - 2 * outputs) / (outputs + 1))) *
+         kLanes<T>;
+}
+
+// The S outputs that share one centre column (channels-last), over shared_centre_channels<T>(4) channels starting
+// at x_base in the window's rows: each loaded feature vector serves the S outputs' weights, accumulators stay in
+// registers. masks[s] are output s's taps, dsts[s] + sub where its channels go.
+template <typename T, int S>
+inline void reassemble_shared_centre(const WindowOf<T>& w, int64_t x_base, const T* const* masks, T* const* dsts,
+                                     int64_t sub) {
+  using V = Vector<T>;
+  constexpr int64_t L = kLanes<T>, NV = shared_centre_channels<T>(4) / L;
+  V acc[S][NV] = {};
+  for (int64_t ky = w.ky0; ky < w.ky1; ++ky) {
+    const T* row = w.rows[ky] + x_base;
+    for (int64_t kx = w.kx0; kx < w.kx1; ++kx) {
+      V weight[S];
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) weight[s] = V{} + masks[s][ky * w.k + kx];
+      const T* features = row + kx * w.c_stride;
+#pragma GCC unroll 16
+      for (int64_t j = 0; j < NV; ++j) {
+        const V x = load(features + j * L);
+#pragma GCC unroll 4
+        for (int s = 0; s < S; ++s) acc[s][j] += weight[s] * x;
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < NV; ++j) store(dsts[s] + sub + j * L, acc[s][j]);
+}
+
 struct Layouts {
   bool a_channels_first, b_channels_first, out_channels_first;
 };
@@ -820,20 +865,43 @@ void forward(const Geometry& g, const T* x, const T* m, T* out, Layouts layout, 
       for (int64_t ky = ky0; ky < ky1; ++ky) x_rows[ky] = xs.row(n, cy + ky - r);
       const T* mask_row = ms.row(n, p);
       T* out_row = outs.row(n, p);
-      for (int64_t q = 0; q < g.out_w; ++q) {
-        const int64_t cx = g.centre(q);
+      // Consecutive outputs of a row that share a centre column (sigma of them when up-sampling) go together.
+      const int64_t shared = g.up ? g.sigma : 1;
+      for (int64_t q0 = 0; q0 < g.out_w; q0 += shared) {
+        const int64_t cx = g.centre(q0);
         const int64_t kx0 = std::max<int64_t>(0, r - cx), kx1 = std::min<int64_t>(k, g.w - cx + r);
-        const T* mask = mask_row + q * mc;
+        const WindowOf<T> window{x_rows.data(), ky0, ky1, kx0, kx1, k, g.c};
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           for (int64_t cb = 0; cb < cg; cb += kBlock<T>) {
             const int64_t len = std::min(kBlock<T>, cg - cb), offset = grp * cg + cb;
-            std::fill(acc, acc + len, T(0));
-            for (int64_t ky = ky0; ky < ky1; ++ky) {
-              for (int64_t kx = kx0; kx < kx1; ++kx) {
-                axpy(acc, mask[grp * g.taps() + ky * k + kx], x_rows[ky] + (cx + kx - r) * g.c + offset, len);
-              }
+            const T* masks[4];
+            T* dsts[4];
+            for (int64_t s = 0; s < std::min<int64_t>(shared, 4); ++s) {
+              masks[s] = mask_row + (q0 + s) * mc + grp * g.taps();
+              dsts[s] = out_row + (q0 + s) * g.c + offset;
             }
-            std::copy(acc, acc + len, out_row + q * g.c + offset);
+            const int64_t x_base = (cx - r) * g.c + offset;
+            if (len % shared_centre_channels<T>(4) == 0 && shared <= 4) {
+              for (int64_t sub = 0; sub < len; sub += shared_centre_channels<T>(4)) {
+                switch (shared) {
+                  case 1: reassemble_shared_centre<T, 1>(window, x_base + sub, masks, dsts, sub); break;
+                  case 2: reassemble_shared_centre<T, 2>(window, x_base + sub, masks, dsts, sub); break;
+                  case 3: reassemble_shared_centre<T, 3>(window, x_base + sub, masks, dsts, sub); break;
+                  default: reassemble_shared_centre<T, 4>(window, x_base + sub, masks, dsts, sub); break;
+                }
+              }
+              continue;
+            }
+            for (int64_t q = q0; q < std::min(q0 + shared, g.out_w); ++q) {
+              const T* mask = mask_row + q * mc + grp * g.taps();
+              std::fill(acc, acc + len, T(0));
+              for (int64_t ky = ky0; ky < ky1; ++ky) {
+                for (int64_t kx = kx0; kx < kx1; ++kx) {
+                  axpy(acc, mask[ky * k + kx], x_rows[ky] + x_base + kx * g.c, len);
+                }
+              }
+              std::copy(acc, acc + len, out_row + q * g.c + offset);
+            }
           }
         }
       }
