@@ -225,6 +225,16 @@ inline void store(T* p, Vector<T> v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// v, kept in a register: without this GCC folds the load into each of the FMAs that use it, loading the same
+// vector once per FMA, and the loop becomes bound by loads instead of FMAs.
+template <typename V>
+inline V in_register(V v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+v"(v));
+#endif
+  return v;
+}
+
 // Lanes (a0, b0, a1, b1, ...) of two vectors: the first half in `low`, the second in `high`.
 template <typename V, std::size_t... I>
 inline void interleave(V a, V b, V& low, V& high, std::index_sequence<I...>) {
@@ -346,7 +356,7 @@ void channels_first_block(const Geometry& g, const ChannelsFirstPlan<T>& plan, c
         const T* column = feature_rows[ky] + plan.tap_offset[kx] + v * L;
 #pragma GCC unroll 16
         for (int c = 0; c < CB; ++c) {
-          const V x = load(column + c * feature_channel_stride);
+          const V x = in_register(load(column + c * feature_channel_stride));
 #pragma GCC unroll 16
           for (int rb = 0; rb < RB; ++rb)
 #pragma GCC unroll 16
@@ -572,12 +582,13 @@ struct MaskGradientTiles {
 #pragma GCC unroll 16
             for (int rb = 0; rb < RB; ++rb)
 #pragma GCC unroll 16
-              for (int ph = 0; ph < P; ++ph) grad[rb][ph] = load(grad_rows.data() + ((c * RB + rb) * P + ph) * padded + v * L);
+              for (int ph = 0; ph < P; ++ph)
+                grad[rb][ph] = in_register(load(grad_rows.data() + ((c * RB + rb) * P + ph) * padded + v * L));
             const T* feature_row = rows[ky] + c * slot_stride + v * L;
 #pragma GCC unroll 16
             for (int i = 0; i < KX; ++i) {
               if (i >= columns) break;
-              const V x = load(feature_row + plan->tap_offset[kx0 + i]);
+              const V x = in_register(load(feature_row + plan->tap_offset[kx0 + i]));
 #pragma GCC unroll 16
               for (int rb = 0; rb < RB; ++rb)
 #pragma GCC unroll 16
@@ -719,7 +730,8 @@ void backward_features_channels_first_tiled(const Geometry& g, const T* grad_out
                     for (int rb = 0; rb < RB; ++rb) {
 #pragma GCC unroll 16
                       for (int ph = 0; ph < P; ++ph) {
-                        const V weight = load(w_rows[ky] + ((rb * taps + ky * k + kx) * P + ph) * row_len + offset);
+                        const V weight =
+                            in_register(load(w_rows[ky] + ((rb * taps + ky * k + kx) * P + ph) * row_len + offset));
                         const T* gr = g_rows[ky] + (rb * P + ph) * row_len + offset;
                         if (block == CB) {
 #pragma GCC unroll 16
