@@ -190,11 +190,15 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t len) {
 // the map set to zero (they must contribute zero even when they are NaN); feature rows are copied with zero
 // padding, so no load leaves its row.
 
+// The widest vectors the target has (AVX-512, AVX2, else 16 bytes: SSE2, NEON) and how many registers hold them.
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
 constexpr int kVectorRegisters = 32;
-#else
+#elif defined(__AVX__)
 constexpr int kVectorBytes = 32;
+constexpr int kVectorRegisters = 16;
+#else
+constexpr int kVectorBytes = 16;
 constexpr int kVectorRegisters = 16;
 #endif
 
@@ -229,8 +233,12 @@ inline void store(T* p, Vector<T> v) {
 // vector once per FMA, and the loop becomes bound by loads instead of FMAs.
 template <typename V>
 inline V in_register(V v) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && defined(__AVX__)
   __asm__("" : "+v"(v));
+#elif defined(__GNUC__) && defined(__SSE2__)
+  __asm__("" : "+x"(v));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(v));
 #endif
   return v;
 }
