@@ -7,11 +7,12 @@
 // Output (p, q) reassembles the k x k window of x centred at (cy, cx): up (sigma-fold upsampling) cy = p / sigma,
 // down (CARAFE++) cy = p * sigma. Taps outside x contribute zero. Channel c belongs to group c / (C / G).
 //
-// Each tensor is stored either channels-last (NHWC) or channels-first (NCHW), given by a flag. The arithmetic always
-// runs on channels-last rows, so its innermost loop is over channels with unit stride and vectorises; a
-// channels-first tensor is transposed one image row at a time into a small per-thread cache (RowReader) or out of a
-// row buffer (RowWriter). That avoids transposing whole tensors into fresh buffers, which costs more than the
-// arithmetic (the op is memory-bound and page faults on new allocations are slow).
+// Each tensor is stored either channels-last (NHWC) or channels-first (NCHW), given by a flag. When all three
+// tensors of a call are channels-first (the default layout), the kernels below "Channels-first" run on image rows
+// directly, vectorised over columns. Otherwise the arithmetic runs on channels-last rows, vectorised over channels;
+// a channels-first tensor among them is transposed one image row at a time into a small per-thread cache
+// (RowReader) or out of a row buffer (RowWriter), never as a whole tensor into a fresh buffer (page faults on new
+// allocations cost more than the arithmetic here).
 //
 // The feature gradient is a gather (each input pixel sums over the outputs that read it) rather than a scatter, so
 // threads never write the same memory and the result does not depend on the thread count.
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -178,17 +180,17 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t len) {
   return s;
 }
 
-// ---- Channels-first (NCHW) forward: vectorised over output columns, register-blocked over channels and outputs.
+// ---- Channels-first (NCHW) kernels: vectorised over image columns, register-blocked over channels and outputs.
 //
-// When features, masks and output are all NCHW, the forward runs on image rows directly instead of transposing
-// them. Output column q of an up-sampled row is phase q % sigma of centre column j = q / sigma; all sigma x sigma
-// outputs of one centre read the same k x k features, so a register tile holds, for L consecutive centre columns,
-// the sigma rows x sigma phases x CB channels of accumulators, and each loaded feature vector serves sigma^2
-// kernel weights while each loaded weight vector serves CB channels. Down-sampling (one output per centre, centres
-// sigma apart) reads features through sigma de-interleaved copies of each row, so its loads are contiguous too.
-// Weights are copied per output row into a buffer with the phases de-interleaved and the weights of taps outside
-// the map set to zero (they must contribute zero even when they are NaN); feature rows are copied with zero
-// padding, so no load leaves its row.
+// When features, masks and output are all NCHW, the kernels run on image rows directly instead of transposing
+// them. In the forward, output column q of an up-sampled row is phase q % sigma of centre column j = q / sigma; all
+// sigma x sigma outputs of one centre read the same k x k features, so a register tile holds, for L consecutive
+// centre columns, the sigma rows x sigma phases x CB channels of accumulators, and each loaded feature vector serves
+// sigma^2 kernel weights while each loaded weight vector serves CB channels. Down-sampling (one output per centre,
+// centres sigma apart) reads features through sigma de-interleaved copies of each row, so its loads are contiguous
+// too. Weights are copied per centre row into a buffer with the phases de-interleaved and the weights of taps
+// outside the map set to zero (they must contribute zero even when they are NaN); feature rows are copied with zero
+// padding, so no load leaves its row. The two gradients reuse these buffers (see each).
 
 // The widest vectors the target has (AVX-512, AVX2, else 16 bytes: SSE2, NEON) and how many registers hold them.
 #if defined(__AVX512F__)
@@ -247,8 +249,15 @@ inline V in_register(V v) {
 template <typename V, std::size_t... I>
 inline void interleave(V a, V b, V& low, V& high, std::index_sequence<I...>) {
   constexpr std::size_t n = sizeof...(I);
+#if defined(__clang__) || __GNUC__ >= 12
   low = __builtin_shufflevector(a, b, ((I % 2) ? n + I / 2 : I / 2)...);
   high = __builtin_shufflevector(a, b, ((I % 2) ? n + (n + I) / 2 : (n + I) / 2)...);
+#else  // GCC before 12 has only __builtin_shuffle, with the lane indices in an integer vector
+  using Index = std::conditional_t<sizeof(a[0]) == 4, int32_t, int64_t>;
+  typedef Index Indices __attribute__((vector_size(sizeof(V))));
+  low = __builtin_shuffle(a, b, Indices{static_cast<Index>((I % 2) ? n + I / 2 : I / 2)...});
+  high = __builtin_shuffle(a, b, Indices{static_cast<Index>((I % 2) ? n + (n + I) / 2 : (n + I) / 2)...});
+#endif
 }
 
 // Accumulators that fit in registers next to the weight and feature vectors a tap loads.
