@@ -162,16 +162,17 @@ def time_call(fn: Callable[[], object], device: torch.device, min_total_s: float
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.device, min_total_s: float,
-                     max_repeats: int) -> dict[str, tuple[float, int]]:
+                     max_repeats: int, max_rounds_s: float = float("inf")) -> dict[str, tuple[float, int]]:
     """Median seconds and repeats of each call, timed in rounds that run every call once in turn (after one warm-up
-    call each): at least 3 rounds, then more until the median call has taken min_total_s in all or max_repeats
-    rounds have run."""
+    call each): at least 3 rounds, then more until the median call has taken min_total_s in all, max_repeats rounds
+    have run or the rounds have taken max_rounds_s (slow baselines such as the reference make a round long)."""
     for fn in calls.values():
         fn()
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in calls}
-    rounds = 0
-    while rounds < 3 or (rounds < max_repeats and statistics.median(map(sum, times.values())) < min_total_s):
+    rounds, started = 0, time.perf_counter()
+    while rounds < 3 or (rounds < max_repeats and statistics.median(map(sum, times.values())) < min_total_s
+                         and time.perf_counter() - started < max_rounds_s):
         for name, fn in calls.items():
             times[name].append(seconds_of_one_call(fn, device))
         rounds += 1
@@ -353,6 +354,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch / kernel threads on CPU (default 2)")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed calls per measurement")
     parser.add_argument("--max-repeats", type=int, default=30)
+    parser.add_argument("--max-case-time", type=float, default=60.0,
+                        help="seconds after which a case stops adding rounds (it always runs 3)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "results" / "bench")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -387,7 +390,7 @@ def main() -> None:
         for name, (fn, inputs) in methods.items():
             calls[f"{name}|forward"] = forward_only(fn, inputs)
             calls[f"{name}|forward+backward"] = forward_backward(fn, inputs, {})
-        medians = time_interleaved(calls, device, args.min_time, args.max_repeats)
+        medians = time_interleaved(calls, device, args.min_time, args.max_repeats, args.max_case_time)
         case_matmul = 2 * MATMUL_SIZE ** 3 / medians["matmul"][0] / 1e9
         print(f"[{i}/{len(cases)}] {case.label:<24} fp32 matmul {case_matmul:.1f} GFLOP/s", flush=True)
         for name, (fn, inputs) in methods.items():
