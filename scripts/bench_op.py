@@ -9,9 +9,10 @@ For every direction (up: carafe, down: carafe_down) and feature size (at --batch
 the deployment case of one detection FPN level) it reports, per method, the median wall time of the forward pass
 (inference, no autograd) and of forward + backward. All methods of a case, and a 2048² fp32 matmul, are timed in
 interleaved rounds (each runs once per round, in turn), so a busy spell of a shared machine slows all of them alike;
-ratios between rows of one case are the figures to compare. The report gives the peak memory the call allocates beyond its inputs, and for the
-reassembly paths the achieved FLOP rate (papers' convention: 2 k^2 C FLOPs per output pixel for the forward, three
-times that for forward + backward) as a fraction of the fp32 matrix-multiply rate measured in the same rounds.
+ratios between rows of one case are the figures to compare. The report gives the peak memory the call allocates
+beyond its inputs, and for the reassembly paths the achieved FLOP rate (papers' convention: 2 k^2 C FLOPs per
+output pixel for the forward, three times that for forward + backward) as a fraction of the fp32 matrix-multiply
+rate measured in the same rounds.
 On CUDA it also reports achieved memory bandwidth (features + masks read once, output written once) as a fraction
 of a device-to-device copy measured in the same run.
 
@@ -285,13 +286,14 @@ def render_markdown(rows: list[Row], header: dict[str, str], matmul: float, copy
     out.write(f"# Reassembly operator benchmark: {header['device']}\n\n")
     for key, value in header.items():
         out.write(f"- **{key}**: {value}\n")
-    out.write(f"- **fp32 matmul rate (2048², timed in every case's rounds; median over cases)**: {matmul:.1f} GFLOP/s\n")
+    out.write(f"- **fp32 matmul rate (2048², timed in every case's rounds; median over cases)**: "
+              f"{matmul:.1f} GFLOP/s\n")
     if copy is not None:
         out.write(f"- **device-to-device copy (same run)**: {copy:.1f} GB/s\n")
-    out.write("\nTimes are medians of interleaved rounds (rounds in brackets); forward is inference (no autograd); peak "
-              "is memory allocated beyond the inputs during the call. FLOP rates use the papers' count (forward 2·k²·C "
-              "per output pixel; forward+backward 3× that), as a fraction of the matmul rate timed in the same "
-              "rounds.\n\n")
+    out.write("\nTimes are medians of interleaved rounds (rounds in brackets); forward is inference (no autograd); "
+              "peak is memory allocated beyond the inputs during the call. FLOP rates use the papers' count (forward "
+              "2·k²·C per output pixel; forward+backward 3× that), as a fraction of the matmul rate timed in the "
+              "same rounds.\n\n")
     if headline:
         out.write("## Headline\n\n" + "".join(f"- {line}\n" for line in headline) + "\n")
     bandwidth = copy is not None

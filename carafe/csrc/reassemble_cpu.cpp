@@ -369,7 +369,8 @@ void channels_first_block(const Geometry& g, const ChannelsFirstPlan<T>& plan, c
 #pragma GCC unroll 16
         for (int rb = 0; rb < RB; ++rb)
 #pragma GCC unroll 16
-          for (int ph = 0; ph < P; ++ph) weight[rb][ph] = load(mask_rows + ((rb * taps + tap) * P + ph) * plan.padded + v * L);
+          for (int ph = 0; ph < P; ++ph)
+            weight[rb][ph] = load(mask_rows + ((rb * taps + tap) * P + ph) * plan.padded + v * L);
         const T* column = feature_rows[ky] + plan.tap_offset[kx] + v * L;
 #pragma GCC unroll 16
         for (int c = 0; c < CB; ++c) {
@@ -837,8 +838,8 @@ struct WindowOf {
 // Channels per call of reassemble_shared_centre: whole vectors, as many as leave registers for S outputs.
 template <typename T>
 constexpr int64_t shared_centre_channels(int outputs) {
-  return std::max<int64_t>(1, std::min<int64_t>(kBlock<T> / kLanes<T>, (kVectorRegisters - 2 * outputs) / (outputs + 1))) *
-         kLanes<T>;
+  const int64_t fit = (kVectorRegisters - 2 * outputs) / (outputs + 1);
+  return std::max<int64_t>(1, std::min<int64_t>(kBlock<T> / kLanes<T>, fit)) * kLanes<T>;
 }
 
 // The S outputs that share one centre column (channels-last), over shared_centre_channels<T>(4) channels starting
