@@ -1,13 +1,18 @@
-"""Benchmark the CARAFE / CARAFE++ reassembly paths against each other and against plain resampling ops (nearest,
-bilinear, 3x3 deconvolution and DySample for upsampling; max / avg pooling and strided conv for downsampling).
+"""Benchmark the CARAFE / CARAFE++ reassembly paths against each other, and the CARAFE modules against the
+upsamplers and downsamplers used instead (nearest, bilinear, 3x3 deconvolution, pixel shuffle and DySample for
+upsampling; max / avg pooling and strided conv for downsampling).
 
     python scripts/bench_op.py --device cpu        # -> results/bench/op-cpu.md and op-cpu.csv
     python scripts/bench_op.py --device cuda       # -> results/bench/op-<gpu name>.md and .csv
 
-For every direction (up: carafe, down: carafe_down) and feature size it reports, per method, the median wall time of
-the forward pass and of forward + backward, the peak memory the call allocates beyond its inputs, and for the
-reassembly paths the achieved FLOP rate (papers' convention: 2 k^2 C FLOPs per output pixel for the forward, three
-times that for forward + backward) as a fraction of this device's fp32 matrix-multiply rate measured in the same run.
+For every direction (up: carafe, down: carafe_down) and feature size (at --batch, plus --batch1-sizes at batch 1,
+the deployment case of one detection FPN level) it reports, per method, the median wall time of the forward pass
+(inference, no autograd) and of forward + backward. All methods of a case, and a 2048² fp32 matmul, are timed in
+interleaved rounds (each runs once per round, in turn), so a busy spell of a shared machine slows all of them alike;
+ratios between rows of one case are the figures to compare. The report gives the peak memory the call allocates
+beyond its inputs, and for the reassembly paths the achieved FLOP rate (papers' convention: 2 k^2 C FLOPs per
+output pixel for the forward, three times that for forward + backward) as a fraction of the fp32 matrix-multiply
+rate measured in the same rounds.
 On CUDA it also reports achieved memory bandwidth (features + masks read once, output written once) as a fraction
 of a device-to-device copy measured in the same run.
 
@@ -89,6 +94,7 @@ class Row:
     forward_gflops: float | None = None
     forward_backward_gflops: float | None = None
     forward_bandwidth_gbs: float | None = None
+    matmul_gflops: float | None = None  # the matmul rate in this case's rounds
 
 
 def make_methods(case: Case, device: torch.device) -> dict[str, tuple[Callable, list[torch.Tensor]]]:
@@ -119,12 +125,15 @@ def make_methods(case: Case, device: torch.device) -> dict[str, tuple[Callable, 
         methods["nearest"] = (lambda f: F.interpolate(f, scale_factor=s, mode="nearest"), [x])
         methods["bilinear"] = (lambda f: F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False), [x])
         methods["deconv 3x3"] = (deconv, [x])
+        methods["pixel shuffle"] = (carafe.build_upsampler("pixel_shuffle", case.c, s).to(device), [x])
         methods["dysample"] = (carafe.build_upsampler("dysample", case.c, s).to(device), [x])
+        methods["CARAFEPack"] = (carafe.CARAFEPack(case.c, s, up_kernel=k).to(device), [x])
     else:
         conv = nn.Conv2d(case.c, case.c, 3, stride=s, padding=1).to(device)
         methods["max pool 3x3"] = (lambda f: F.max_pool2d(f, 3, stride=s, padding=1), [x])
         methods["avg pool"] = (lambda f: F.avg_pool2d(f, s, stride=s, ceil_mode=True), [x])
         methods["strided conv 3x3"] = (conv, [x])
+        methods["CARAFEDownPack"] = (carafe.CARAFEDownPack(case.c, s, down_kernel=k).to(device), [x])
     return methods
 
 
@@ -133,25 +142,42 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds_of_one_call(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def time_call(fn: Callable[[], object], device: torch.device, min_total_s: float, max_repeats: int
               ) -> tuple[float, int]:
     """Median seconds of fn() after one warm-up call, over at least 3 calls and about min_total_s seconds."""
-    fn()
+    medians = time_interleaved({"fn": fn}, device, min_total_s, max_repeats)
+    return medians["fn"]
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.device, min_total_s: float,
+                     max_repeats: int, max_rounds_s: float = float("inf")) -> dict[str, tuple[float, int]]:
+    """Median seconds and repeats of each call, timed in rounds that run every call once in turn (after one warm-up
+    call each): at least 3 rounds, then more until the median call has taken min_total_s in all, max_repeats rounds
+    have run or the rounds have taken max_rounds_s (slow baselines such as the reference make a round long)."""
+    for fn in calls.values():
+        fn()
     synchronize(device)
-    times: list[float] = []
-    while len(times) < 3 or (sum(times) < min_total_s and len(times) < max_repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(times)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    rounds, started = 0, time.perf_counter()
+    while rounds < 3 or (rounds < max_repeats and statistics.median(map(sum, times.values())) < min_total_s
+                         and time.perf_counter() - started < max_rounds_s):
+        for name, fn in calls.items():
+            times[name].append(seconds_of_one_call(fn, device))
+        rounds += 1
+    return {name: (statistics.median(t), rounds) for name, t in times.items()}
 
 
 def forward_backward(fn: Callable, inputs: list[torch.Tensor], grad_seed: dict) -> Callable[[], None]:
@@ -195,11 +221,13 @@ def peak_extra_bytes(run: Callable[[], None], device: torch.device) -> int:
     return _vm_bytes("VmHWM") - base
 
 
-def matmul_gflops(device: torch.device, size: int = 2048) -> float:
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    seconds, _ = time_call(lambda: a @ b, device, min_total_s=1.0, max_repeats=50)
-    return 2 * size ** 3 / seconds / 1e9
+MATMUL_SIZE = 2048
+
+
+def matmul_call(device: torch.device) -> Callable[[], object]:
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    return lambda: a @ b
 
 
 def copy_gbs(device: torch.device, mib: int = 256) -> float:
@@ -209,10 +237,14 @@ def copy_gbs(device: torch.device, mib: int = 256) -> float:
     return 2 * src.numel() * 4 / seconds / 1e9  # read + write
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    return tuple(map(int, text.split("x"))) if "x" in text else (int(text), int(text))
+
+
 def cases_for(args: argparse.Namespace) -> list[Case]:
-    sizes = [tuple(map(int, s.split("x"))) if "x" in s else (int(s), int(s)) for s in args.sizes]
-    return [Case(direction, args.batch, args.channels, h, w, args.kernel, args.scale)
-            for direction in ("up", "down") for h, w in sizes]
+    sizes = [(args.batch, *parse_size(s)) for s in args.sizes] + [(1, *parse_size(s)) for s in args.batch1_sizes]
+    return [Case(direction, n, args.channels, h, w, args.kernel, args.scale)
+            for direction in ("up", "down") for n, h, w in sizes]
 
 
 def memory_pass(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, list[float]]]:
@@ -254,16 +286,21 @@ def render_markdown(rows: list[Row], header: dict[str, str], matmul: float, copy
     out.write(f"# Reassembly operator benchmark: {header['device']}\n\n")
     for key, value in header.items():
         out.write(f"- **{key}**: {value}\n")
-    out.write(f"- **fp32 matmul rate (2048², same run)**: {matmul:.1f} GFLOP/s\n")
+    out.write(f"- **fp32 matmul rate (2048², timed in every case's rounds; median over cases)**: "
+              f"{matmul:.1f} GFLOP/s\n")
     if copy is not None:
         out.write(f"- **device-to-device copy (same run)**: {copy:.1f} GB/s\n")
-    out.write("\nTimes are medians (repeats in brackets); peak is memory allocated beyond the inputs during the call. "
-              "FLOP rates use the papers' count (forward 2·k²·C per output pixel; forward+backward 3× that).\n\n")
+    out.write("\nTimes are medians of interleaved rounds (rounds in brackets); forward is inference (no autograd); "
+              "peak is memory allocated beyond the inputs during the call. FLOP rates use the papers' count (forward "
+              "2·k²·C per output pixel; forward+backward 3× that), as a fraction of the matmul rate timed in the "
+              "same rounds.\n\n")
     if headline:
         out.write("## Headline\n\n" + "".join(f"- {line}\n" for line in headline) + "\n")
     bandwidth = copy is not None
     for case in dict.fromkeys(r.case for r in rows):
         out.write(f"## {case}\n\n")
+        case_matmul = next(r.matmul_gflops for r in rows if r.case == case)
+        out.write(f"fp32 matmul in these rounds: {case_matmul:.1f} GFLOP/s\n\n")
         cols = ["method", "forward ms", "fwd+bwd ms", "peak fwd MiB", "peak fwd+bwd MiB", "fwd GFLOP/s (× matmul)",
                 "fwd+bwd GFLOP/s (× matmul)"] + (["fwd bandwidth (× copy)"] if bandwidth else [])
         out.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
@@ -272,13 +309,36 @@ def render_markdown(rows: list[Row], header: dict[str, str], matmul: float, copy
                      f"{r.forward_backward_ms:.2f} ({r.forward_backward_repeats})",
                      fmt(r.peak_forward_mib, ".1f"), fmt(r.peak_forward_backward_mib, ".1f")]
             for rate in (r.forward_gflops, r.forward_backward_gflops):
-                cells.append("–" if rate is None else f"{rate:.2f} ({rate / matmul:.3f})")
+                cells.append("–" if rate is None else f"{rate:.2f} ({rate / r.matmul_gflops:.3f})")
             if bandwidth:
                 bw = r.forward_bandwidth_gbs
                 cells.append("–" if bw is None else f"{bw:.0f} GB/s ({bw / copy:.2f})")
             out.write("| " + " | ".join(cells) + " |\n")
         out.write("\n")
     return out.getvalue()
+
+
+def headline_lines(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    """Per case: the fast path against the naive unfold and the reference (forward+backward, memory), its forward
+    as a fraction of the matmul rate, and the CARAFE module against DySample / a strided 3x3 convolution."""
+    lines = []
+    for case in dict.fromkeys(r.case for r in rows):
+        by_method = {r.method: r for r in rows if r.case == case}
+        if not {"fast", "naive unfold", "reference"} <= by_method.keys():
+            continue
+        fast, naive, ref = by_method["fast"], by_method["naive unfold"], by_method["reference"]
+        line = (f"{case}, k={args.kernel}, σ={args.scale}: the op's forward reaches "
+                f"{fast.forward_gflops / fast.matmul_gflops:.1%} of the matmul rate (forward+backward "
+                f"{fast.forward_backward_gflops / fast.matmul_gflops:.1%}); fast path forward+backward "
+                f"{naive.forward_backward_ms / fast.forward_backward_ms:.1f}× faster than the naive unfold "
+                f"formulation and {ref.forward_backward_ms / fast.forward_backward_ms:.1f}× faster than the reference")
+        for module, rival in (("CARAFEPack", "dysample"), ("CARAFEDownPack", "strided conv 3x3")):
+            if {module, rival} <= by_method.keys():
+                mod, riv = by_method[module], by_method[rival]
+                line += (f"; {module} takes {mod.forward_ms / riv.forward_ms:.2f}× {rival}'s time for inference and "
+                         f"{mod.forward_backward_ms / riv.forward_backward_ms:.2f}× for forward+backward")
+        lines.append(line)
+    return lines
 
 
 def main() -> None:
@@ -288,12 +348,16 @@ def main() -> None:
                         help="feature sizes H (square) or HxW; default 16 32 64 128 on CPU, "
                              "32 64 128 200 100x152 on CUDA")
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch1-sizes", nargs="*", default=None,
+                        help="feature sizes timed at batch 1 as well (default 100x152, a detection FPN level)")
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--kernel", type=int, default=5)
     parser.add_argument("--scale", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch / kernel threads on CPU (default 2)")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed calls per measurement")
     parser.add_argument("--max-repeats", type=int, default=30)
+    parser.add_argument("--max-case-time", type=float, default=60.0,
+                        help="seconds after which a case stops adding rounds (it always runs 3)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "results" / "bench")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -305,6 +369,8 @@ def main() -> None:
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     if args.sizes is None:
         args.sizes = ["16", "32", "64", "128"] if device.type == "cpu" else ["32", "64", "128", "200", "100x152"]
+    if args.batch1_sizes is None:
+        args.batch1_sizes = ["100x152"]
     torch.set_num_threads(args.threads)
 
     if args.memory_only:
@@ -313,17 +379,25 @@ def main() -> None:
 
     started = time.time()
     print(f"benchmarking on {device_name(device)} with {torch.get_num_threads()} threads", flush=True)
-    matmul = matmul_gflops(device)
+    matmul = matmul_call(device)
     copy = copy_gbs(device) if device.type == "cuda" else None
-    print(f"fp32 matmul: {matmul:.1f} GFLOP/s" + (f", copy: {copy:.1f} GB/s" if copy else ""), flush=True)
+    if copy:
+        print(f"copy: {copy:.1f} GB/s", flush=True)
 
     rows: list[Row] = []
     cases = cases_for(args)
     for i, case in enumerate(cases, 1):
-        for name, (fn, inputs) in make_methods(case, device).items():
-            fwd, fwd_n = time_call(forward_only(fn, inputs), device, args.min_time, args.max_repeats)
-            fb, fb_n = time_call(forward_backward(fn, inputs, {}), device, args.min_time, args.max_repeats)
-            row = Row(case.label, name, fwd * 1e3, fb * 1e3, fwd_n, fb_n)
+        methods = make_methods(case, device)
+        calls: dict[str, Callable[[], object]] = {"matmul": matmul}
+        for name, (fn, inputs) in methods.items():
+            calls[f"{name}|forward"] = forward_only(fn, inputs)
+            calls[f"{name}|forward+backward"] = forward_backward(fn, inputs, {})
+        medians = time_interleaved(calls, device, args.min_time, args.max_repeats, args.max_case_time)
+        case_matmul = 2 * MATMUL_SIZE ** 3 / medians["matmul"][0] / 1e9
+        print(f"[{i}/{len(cases)}] {case.label:<24} fp32 matmul {case_matmul:.1f} GFLOP/s", flush=True)
+        for name, (fn, inputs) in methods.items():
+            (fwd, fwd_n), (fb, fb_n) = medians[f"{name}|forward"], medians[f"{name}|forward+backward"]
+            row = Row(case.label, name, fwd * 1e3, fb * 1e3, fwd_n, fb_n, matmul_gflops=case_matmul)
             if name in REASSEMBLY_METHODS:
                 row.forward_gflops = case.forward_flops() / fwd / 1e9
                 row.forward_backward_gflops = 3 * case.forward_flops() / fb / 1e9
@@ -338,20 +412,8 @@ def main() -> None:
     for row in rows:
         row.peak_forward_mib, row.peak_forward_backward_mib = peaks[row.case][row.method]
 
-    headline = []
-    for direction in ("up", "down"):
-        for h in (64, 128):
-            label = Case(direction, args.batch, args.channels, h, h, args.kernel, args.scale).label
-            by_method = {r.method: r for r in rows if r.case == label}
-            if {"fast", "naive unfold", "reference"} <= by_method.keys():
-                fast, naive, ref = by_method["fast"], by_method["naive unfold"], by_method["reference"]
-                headline.append(
-                    f"{label}, k={args.kernel}, σ={args.scale}: fast path forward+backward "
-                    f"{naive.forward_backward_ms / fast.forward_backward_ms:.1f}× faster than the naive unfold "
-                    f"formulation and {ref.forward_backward_ms / fast.forward_backward_ms:.1f}× faster than the "
-                    f"reference; peak fwd+bwd memory {fast.peak_forward_backward_mib:.1f} MiB vs "
-                    f"{naive.peak_forward_backward_mib:.1f} MiB (naive); forward reaches "
-                    f"{fast.forward_gflops / matmul:.1%} of the matmul rate")
+    headline = headline_lines(rows, args)
+    matmul_rate = statistics.median(r.matmul_gflops for r in rows)
 
     header = {
         "device": device_name(device),
@@ -364,7 +426,7 @@ def main() -> None:
         "wall time": f"{time.time() - started:.0f} s",
     }
     stem = report_stem(device)
-    write_text_atomic(args.out_dir / f"{stem}.md", render_markdown(rows, header, matmul, copy, headline))
+    write_text_atomic(args.out_dir / f"{stem}.md", render_markdown(rows, header, matmul_rate, copy, headline))
     buf = io.StringIO()
     fields = list(asdict(rows[0]))
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")

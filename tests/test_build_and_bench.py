@@ -33,14 +33,16 @@ def test_missing_compiler_is_an_error_when_forced_and_a_warning_in_auto(tmp_path
 
 
 def test_benchmark_script_writes_its_report(tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts" / "bench_op.py"), "--sizes", "5", "6x7", "--channels", "8",
-           "--min-time", "0", "--max-repeats", "3", "--out-dir", str(tmp_path)]
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_op.py"), "--sizes", "5", "6x7", "--batch1-sizes", "4x6",
+           "--channels", "8", "--min-time", "0", "--max-repeats", "3", "--out-dir", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "op-cpu.md").read_text()
-    for needle in ("fp32 matmul rate", "## up (2, 8, 5, 5)", "## down (2, 8, 6, 7)", "| fast |", "| naive unfold |",
-                   "| deconv 3x3 |", "| dysample |", "| strided conv 3x3 |", "**commit**", "**threads**: 2"):
+    for needle in ("fp32 matmul rate", "## up (2, 8, 5, 5)", "## down (2, 8, 6, 7)", "## up (1, 8, 4, 6)", "| fast |",
+                   "| naive unfold |", "| deconv 3x3 |", "| pixel shuffle |", "| dysample |", "| CARAFEPack |",
+                   "| strided conv 3x3 |", "| CARAFEDownPack |", "fp32 matmul in these rounds", "**commit**",
+                   "**threads**: 2", "CARAFEPack takes"):
         assert needle in report, needle
     rows = (tmp_path / "op-cpu.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 7 + 2 * 6  # header, 2 sizes x (7 up methods + 6 down methods)
+    assert len(rows) == 1 + 3 * 9 + 3 * 7  # header, 3 sizes x (9 up methods + 7 down methods)
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind

@@ -138,6 +138,18 @@ class ReassemblyTester:
         for what, a, b in zip(("output", "grad features", "grad masks"), got, want):
             assert_matches_oracle(a, b, torch.float32, what)
 
+    @pytest.mark.parametrize("backend,device", COMPILED_BACKEND_DEVICES)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_wide_maps(self, backend, device, dtype):
+        # Maps wide and tall enough that the CPU kernels run several vectors per row with a partial last one,
+        # several tiles of rows per image, and channel blocks with a remainder (the small grids never do).
+        for k, g, s, (h, w) in [(5, 2, 2, (37, 41)), (3, 1, 3, (19, 35)), (5, 1, 4, (9, 21)), (7, 2, 1, (12, 40))]:
+            x, m, grad = self.inputs(2, 22, h, w, k, g, s, device=device, seed=k + s, softmax=True)
+            want = self.oracle_with_grads(x, m, grad, k, g, s)
+            got = self.run_with_grads(backend, x.to(dtype), m.to(dtype), grad, k, g, s)
+            for what, a, b in zip(("output", "grad features", "grad masks"), got, want):
+                assert_matches_oracle(a, b, dtype, f"{what} k={k} g={g} s={s} {h}x{w} {dtype}")
+
     # --- gradients -----------------------------------------------------------------------------------------------
 
     @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
