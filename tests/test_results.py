@@ -359,17 +359,19 @@ def test_seed_runs_are_found_and_reused_by_reproduce(tmp_path: Path) -> None:
 
 
 def test_results_are_taken_from_a_rendered_table_json(tmp_path: Path) -> None:
-    """Seed 0 from the committed Table XII JSON (its runs are not in the repository), seed 1 from a run folder."""
+    """Seeds from the committed Table XII JSON (its runs are not in the repository; it holds seeds 0-2), seed 1 of the
+    first row from a run folder (a folder wins over a JSON), seed 3 from nowhere."""
     reproduce = load_reproduce()
     committed = json.loads((REPO / "results" / "table-pp-12.json").read_text())
     table = load_table_spec("pp-12")
-    compose_rows(table, "tiny", seeds=2)
+    compose_rows(table, "tiny", seeds=4)
     fake_run(tmp_path / "runs" / "x", table.rows[0].runs[1].config_hash, 10.0, 20.0)
-    stranger = {**committed, "rows": [{**committed["rows"][1], "config_hash": "0123456789ab",
+    one_row = {k: v for k, v in committed["rows"][1].items() if k != "seeds"}  # the row alone, not its seeds
+    stranger = {**committed, "rows": [{**one_row, "config_hash": "0123456789ab",
                                        "measured": {"top1": 1.0, "top5": 2.0}}]}
     (tmp_path / "other.json").write_text(json.dumps(stranger))  # a row whose hash no row of the table has
     out = tmp_path / "out"
-    assert reproduce.main(["pp-12", "--render-only", "--seeds", "2", "--runs", str(tmp_path / "runs"),
+    assert reproduce.main(["pp-12", "--render-only", "--seeds", "4", "--runs", str(tmp_path / "runs"),
                            "--from", str(REPO / "results" / "table-pp-12.json"), "--from", str(tmp_path / "other.json"),
                            "--out", str(out)]) == 0
     data = json.loads((out / "table-pp-12.json").read_text())
@@ -380,9 +382,9 @@ def test_results_are_taken_from_a_rendered_table_json(tmp_path: Path) -> None:
         assert seed0["source"].startswith("results/table-pp-12.json at commit ") and seed0["run_dir"] is None
         assert seed0["run"]["commit"] == (old["seeds"][0] if "seeds" in old else old)["run"]["commit"]
     assert data["rows"][0]["seeds"][1]["measured"] == {"top1": 10.0, "top5": 20.0}
-    assert data["rows"][1]["seeds"][1]["problem"] == "not run yet"
+    assert data["rows"][1]["seeds"][3]["problem"] == "not run yet"
     markdown = (out / "table-pp-12.md").read_text()
-    assert "(from results/table-pp-12.json at commit " in markdown and "(n=1; seed 1: not run yet)" in markdown
+    assert "(from results/table-pp-12.json at commit " in markdown and "(n=3; seed 3: not run yet)" in markdown
 
 
 def test_a_table_json_round_trips_through_index_runs(tmp_path: Path) -> None:
