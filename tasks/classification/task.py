@@ -30,9 +30,7 @@ class ClassificationTask(Task):
         check_imagenet_layout(root)
 
     def write_embedded_dataset(self, embedded: Any) -> None:
-        if self.cfg.data.num_classes != len(CLASS_NAMES):
-            raise ValueError(f"the embedded dataset has {len(CLASS_NAMES)} classes but data.num_classes="
-                             f"{self.cfg.data.num_classes}")
+        self.require_embedded_classes(len(CLASS_NAMES), f"{len(CLASS_NAMES)} classes")
         ensure_synthetic_imagenet(embedded.dir, embedded.seed, embedded.train_per_class, embedded.val_per_class,
                                   embedded.image_size)
 

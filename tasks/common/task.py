@@ -74,6 +74,12 @@ class Task:
         """Write the embedded default described by the ``data.embedded`` node unless it is already there."""
         raise NotImplementedError
 
+    def require_embedded_classes(self, count: int, what: str) -> None:
+        """Raise ``ValueError`` unless ``data.num_classes`` is ``count``, the embedded default's class count
+        (``what`` says it in words, e.g. ``"16 classes"``)."""
+        if self.cfg.data.num_classes != count:
+            raise ValueError(f"the embedded dataset has {what} but data.num_classes={self.cfg.data.num_classes}")
+
     def describe_embedded_dataset(self, embedded: Any) -> str:
         """One line saying what the embedded default described by ``data.embedded`` is."""
         raise NotImplementedError

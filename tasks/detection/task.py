@@ -73,9 +73,8 @@ class DetectionTask(Task):
             coco_paths(root, split)
 
     def write_embedded_dataset(self, embedded: Any) -> None:
-        if self.cfg.data.num_classes != len(CATEGORIES) + 1:
-            raise ValueError(f"the embedded dataset has {len(CATEGORIES)} categories (+ background = "
-                             f"{len(CATEGORIES) + 1}) but data.num_classes={self.cfg.data.num_classes}")
+        self.require_embedded_classes(len(CATEGORIES) + 1, f"{len(CATEGORIES)} categories (+ background = "
+                                                           f"{len(CATEGORIES) + 1})")
         ensure_synthetic_coco(embedded.dir, embedded.seed, embedded.num_train, embedded.num_val, embedded.image_size)
 
     def describe_embedded_dataset(self, embedded: Any) -> str:

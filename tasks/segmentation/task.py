@@ -68,9 +68,7 @@ class SegmentationTask(Task):
             ade_split_folders(root, split)
 
     def write_embedded_dataset(self, embedded: Any) -> None:
-        if self.cfg.data.num_classes != len(CLASS_NAMES):
-            raise ValueError(f"the embedded dataset has {len(CLASS_NAMES)} classes but data.num_classes="
-                             f"{self.cfg.data.num_classes}")
+        self.require_embedded_classes(len(CLASS_NAMES), f"{len(CLASS_NAMES)} classes")
         ensure_synthetic_ade(embedded.dir, embedded.seed, embedded.num_train, embedded.num_val, embedded.image_size)
 
     def describe_embedded_dataset(self, embedded: Any) -> str:
