@@ -75,6 +75,7 @@ def test_model_depth_and_downsampler_reach_the_built_network() -> None:
     (["schedule.lr=-0.1"], ["schedule.lr"]),
     (["schedule.policy=linear"], ["schedule.policy", "step"]),
     (["schedule.optimizer=lamb"], ["schedule.optimizer", "sgd"]),
+    (["schedule.weight_decay_on=everything"], ["schedule.weight_decay_on='everything'", "conv_linear_weights"]),
     (["scale=paper"], ["data.root", "DATA_ROOT"]),
     (["data.root=/nonexistent/imagenet"], ["data.root=/nonexistent/imagenet", "not a directory"]),
 ])

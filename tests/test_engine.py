@@ -17,7 +17,7 @@ from tasks.common.data import ShardedSampler
 from tasks.common.distributed import World
 from tasks.common.experiment import compose, config_hash, run_experiment
 from tasks.common.io import load_checkpoint, write_json_atomic
-from tasks.common.schedule import lr_factor
+from tasks.common.schedule import build_optimizer, lr_factor, weight_decay_groups
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(str(p.relative_to(REPO / "conf/experiment").with_suffix(""))
@@ -133,6 +133,25 @@ def test_lr_schedule_matches_hand_computed_values() -> None:
     assert lr_factor(85, **kw) == pytest.approx(0.001)
     assert lr_factor(45, 90, "cosine") == pytest.approx(0.5)
     assert lr_factor(10, 20, "poly", power=0.9) == pytest.approx(0.5 ** 0.9)
+
+
+@pytest.mark.parametrize("scope", ["all", "conv_linear_weights"])
+def test_weight_decay_reaches_the_parameters_its_scope_names(scope: str) -> None:
+    # With zero gradients, one SGD step (no momentum) changes a parameter only through its decay: p - lr wd p.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(),
+                                torch.nn.Linear(3, 4))
+    model.register_parameter("scale", torch.nn.Parameter(torch.ones(4)))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = build_optimizer(weight_decay_groups(model, model.parameters(), scope), "sgd", lr=0.5, momentum=0.0,
+                                weight_decay=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    decayed = set(before) if scope == "all" else {"0.weight", "3.weight"}
+    for name, p in model.named_parameters():
+        expected = before[name] * (1 - 0.5 * 0.1) if name in decayed else before[name]
+        torch.testing.assert_close(p.detach(), expected, msg=name)
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:

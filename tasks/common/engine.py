@@ -25,7 +25,7 @@ from tasks.common.distributed import World, all_reduce_sum, barrier
 from tasks.common.io import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from tasks.common.progress import Progress
 from tasks.common.reproducibility import derive_seed, seed_everything, set_deterministic
-from tasks.common.schedule import build_lr_scheduler, build_optimizer, scaled_lr
+from tasks.common.schedule import build_lr_scheduler, build_optimizer, scaled_lr, weight_decay_groups
 from tasks.common.task import Task
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -43,6 +43,7 @@ class Schedule:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    weight_decay_on: str = "all"    # all | conv_linear_weights (CSAIL's segmentation code)
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     policy: str = "step"
@@ -161,7 +162,8 @@ def build_optimizers(task: Task, model: nn.Module, schedule: Schedule, iters_per
                                      f"and {part!r}; each parameter must have one optimizer")
     optimizers, schedulers = {}, {}
     for part, params in parts.items():
-        optimizers[part] = build_optimizer(params, schedule.optimizer, lr, schedule.momentum, schedule.weight_decay,
+        groups = weight_decay_groups(model, params, schedule.weight_decay_on)
+        optimizers[part] = build_optimizer(groups, schedule.optimizer, lr, schedule.momentum, schedule.weight_decay,
                                            schedule.nesterov, schedule.betas)
         schedulers[part] = build_lr_scheduler(optimizers[part], iters_per_epoch, schedule.epochs, schedule.policy,
                                               schedule.milestones, schedule.gamma, schedule.power,

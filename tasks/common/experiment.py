@@ -24,7 +24,7 @@ from tasks.common.distributed import World, close_world, init_world
 from tasks.common.engine import RunSettings, Schedule, fit
 from tasks.common.io import run_folder_lock, write_json_atomic, write_text_atomic
 from tasks.common.provenance import REPO_ROOT, device_name, git_commit, utc_now
-from tasks.common.schedule import OPTIMIZERS, POLICIES
+from tasks.common.schedule import OPTIMIZERS, POLICIES, WEIGHT_DECAY_SCOPES
 from tasks.common.task import Task
 
 SCALES = ("tiny", "paper")
@@ -38,7 +38,7 @@ NOT_HASHED = ("run.device", "run.amp", "run.num_workers", "run.eval_every", "run
               "task.speed_image_size", "task.tensorboard_images", "task._target_")
 #: Keys added after runs were recorded, hashed only when they differ from the default that reproduces those runs,
 #: so that a new option does not rename every finished experiment (and the committed tables' rows).
-HASHED_ONLY_IF_NOT_DEFAULT = {"model.dcn_stages": []}
+HASHED_ONLY_IF_NOT_DEFAULT = {"model.dcn_stages": [], "schedule.weight_decay_on": "all"}
 CONF_DIR = REPO_ROOT / "conf"
 METRICS_NAME = "metrics.json"
 CONFIG_NAME = "config.yaml"
@@ -151,6 +151,8 @@ def validate(cfg: DictConfig) -> None:
     _require(s.lr > 0, f"schedule.lr must be > 0, got {s.lr!r}")
     _require(s.policy in POLICIES, f"schedule.policy={s.policy!r} is not one of {', '.join(POLICIES)}")
     _require(s.optimizer in OPTIMIZERS, f"schedule.optimizer={s.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    _require(s.weight_decay_on in WEIGHT_DECAY_SCOPES,
+             f"schedule.weight_decay_on={s.weight_decay_on!r} is not one of {', '.join(WEIGHT_DECAY_SCOPES)}")
     _require(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {s.warmup_epochs!r}")
     _require(all(m >= 0 for m in s.milestones), f"schedule.milestones must be >= 0, got {list(s.milestones)}")
     _require(s.clip_grad_norm is None or s.clip_grad_norm > 0,

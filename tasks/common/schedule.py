@@ -4,6 +4,10 @@ The learning rate follows the linear scaling rule: ``lr`` is given for ``base_ba
 the global batch. It ramps up linearly from ``warmup_factor * lr`` over ``warmup_epochs`` (fractions allowed), then
 decays by ``policy``: ``step`` (x ``gamma`` at each epoch in ``milestones``), ``cosine`` (to 0 at the end) or
 ``poly`` (``(1 - t) ** power``). The schedule is evaluated per iteration.
+
+Weight decay applies to every parameter (``weight_decay_on="all"``) or, as the official CSAIL semantic-segmentation
+code does (its ``group_weight``), to the weights of convolutions and linear layers only
+(``"conv_linear_weights"``): their biases, BatchNorm's affine parameters and any other parameter are not decayed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 
 POLICIES = ("step", "cosine", "poly")
 OPTIMIZERS = ("sgd", "adam")
+WEIGHT_DECAY_SCOPES = ("all", "conv_linear_weights")
 
 
 def scaled_lr(lr: float, batch_size: int, base_batch_size: int) -> float:
@@ -39,10 +44,34 @@ def lr_factor(epoch: float, epochs: float, policy: str = "step", milestones: Seq
     return factor
 
 
-def build_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, momentum: float = 0.9,
-                    weight_decay: float = 0.0, nesterov: bool = False,
+def weight_decay_groups(model: nn.Module, params: Iterable[nn.Parameter], scope: str = "all"
+                        ) -> list[dict[str, object]]:
+    """``params`` (those of ``model`` one optimizer steps) as optimizer parameter groups for ``scope``: one group
+    for ``all``; for ``conv_linear_weights`` the conv / linear weights, then a group with ``weight_decay`` 0 for the
+    rest (an empty group is left out)."""
+    params = list(params)
+    if scope == "all":
+        return [{"params": params}]
+    if scope != "conv_linear_weights":
+        raise ValueError(f"unknown weight decay scope {scope!r}; choose one of {', '.join(WEIGHT_DECAY_SCOPES)}")
+    decayed = {id(m.weight) for m in model.modules()
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(m.weight, nn.Parameter)}
+    groups = [{"params": [p for p in params if id(p) in decayed]},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(params: Iterable[nn.Parameter] | Iterable[dict[str, object]], name: str, lr: float,
+                    momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
                     betas: Sequence[float] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """SGD or Adam over the trainable ones of ``params`` (parameters, or parameter groups as
+    ``weight_decay_groups`` returns them; a group's own ``weight_decay`` overrides ``weight_decay``)."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        params = [g for g in params if g["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     if name == "adam":
