@@ -93,6 +93,29 @@ def test_two_process_ddp_with_gloo(data_dir: Path, tmp_path: Path) -> None:
     assert f"run {record['config_hash']}" in log and "epoch 1/1" in log and "finished" in log
 
 
+def test_two_part_ddp_by_hand_trains_what_one_process_trains_on_the_whole_batch(tmp_path: Path) -> None:
+    # A task with two optimizers is not wrapped in DistributedDataParallel (its parts are called directly); the
+    # engine synchronises it by hand. Each rank starts from its own random weights and sees half of every batch.
+    import ddp_parts_worker as worker
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(REPO / "tests/ddp_parts_worker.py"), str(tmp_path)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for suffix in ("", "-bn"):  # parameters and BatchNorm statistics identical on both ranks
+        ranks = [torch.load(tmp_path / f"rank{r}{suffix}.pt") for r in range(2)]
+        assert any(name.endswith("running_mean") for name in ranks[0]) == (suffix == "-bn")
+        for name, value in ranks[0].items():
+            assert torch.equal(value, ranks[1][name]), (suffix, name)
+    # Without BatchNorm (whose batch statistics differ between half a batch and all of it), the same as one process
+    single = worker.train(World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), with_bn=False)
+    start, ranks = worker.build_model(False, seed=0).state_dict(), torch.load(tmp_path / "rank0.pt")
+    for name, value in single.state_dict().items():
+        assert not torch.equal(value, start[name]), name  # it trained
+        torch.testing.assert_close(ranks[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_torchrun_without_a_shared_run_dir_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     train = load_script("train")
     monkeypatch.setenv("WORLD_SIZE", "2")

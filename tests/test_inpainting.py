@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,9 @@ from tasks.inpainting.masks import box_mask, draw_mask, free_form_mask, validati
 from tasks.inpainting.metrics import inpainting_scores
 from tasks.inpainting.model import PartialConv2d, build_inpainting_model, carafe_with_mask
 from tasks.inpainting.task import InpaintingTask
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +70,25 @@ def test_resume_of_a_gan_run_gives_the_uninterrupted_weights(data_dir: Path, tmp
     a = json.loads((straight / "metrics.json").read_text())["metrics"]
     b = json.loads((interrupted / "metrics.json").read_text())["metrics"]
     assert a == b
+
+
+def test_two_process_gan_run_under_torchrun(data_dir: Path, tmp_path: Path) -> None:
+    # The engine's by-hand synchronisation (tests/test_engine.py checks it exactly) on the real task: both parts
+    # train, the sharded evaluation sees every validation image, one checkpoint is written.
+    run_dir = tmp_path / "ddp"
+    overrides = ["experiment=inpainting/partial_conv_carafe", "run.device=cpu",
+                 *inpainting_smoke(data_dir, epochs=1, iters=2)]
+    overrides = [o.replace("schedule.batch_size=2", "schedule.batch_size=4") for o in overrides
+                 if not o.startswith("run.max_eval_batches")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "scripts/train.py", *overrides, f"hydra.run.dir={run_dir}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["world_size"] == 2 and 0 < record["metrics"]["l1"] < 100
+    losses = record["history"][0]["train"]
+    assert {"discriminator/loss", "generator/loss"} <= set(losses)
 
 
 def partial_conv_by_definition(conv: PartialConv2d, x: torch.Tensor, mask: torch.Tensor

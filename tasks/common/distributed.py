@@ -98,3 +98,38 @@ def gather_objects(value: object) -> list[object]:
     gathered: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def broadcast_module(module: torch.nn.Module, buffers_only: bool = False) -> None:
+    """Overwrite ``module``'s parameters (unless ``buffers_only``) and buffers with rank 0's, in place; a no-op in a
+    single process. What ``DistributedDataParallel`` does at construction (and, for buffers, before every forward)."""
+    if not dist.is_initialized():
+        return
+    tensors = [] if buffers_only else [p.data for p in module.parameters()]
+    tensors += [b for b in module.buffers()]
+    for tensor in tensors:
+        dist.broadcast(tensor, src=0)
+
+
+def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over ranks (a missing gradient counts as zeros), in one
+    all-reduce per dtype and device; a no-op in a single process. This is the synchronisation
+    ``DistributedDataParallel`` performs during ``backward``, for models that are not called through it (the
+    inpainting GAN steps its generator and discriminator separately)."""
+    if not dist.is_initialized():
+        return
+    world_size = dist.get_world_size()
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.nn.Parameter]] = {}
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    for params in groups.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size
+        offset = 0
+        for p in params:
+            count = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + count].view_as(p.grad))
+            offset += count

@@ -1,7 +1,9 @@
 """The training engine every task uses: ``fit`` = resume if a checkpoint exists, then for each epoch
 ``train_one_epoch`` and ``evaluate``, an atomic checkpoint, and TensorBoard logs.
 
-Devices, DDP (``torchrun``), SyncBN, AMP (CUDA only), gradient clipping, the per-iteration LR schedule and
+Devices, data parallelism under ``torchrun`` (``DistributedDataParallel`` for a task with one optimizer; for a task
+with several, such as the inpainting GAN, which calls its sub-networks directly, the same synchronisation done by
+hand: rank 0's weights at the start, gradients averaged before each step, buffers from rank 0 after it), SyncBN, AMP (CUDA only), gradient clipping, the per-iteration LR schedule and
 deterministic per-epoch seeding are handled here; what a batch means is the ``Task``'s business.
 """
 
@@ -21,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from tasks.common.data import build_loader, reseed_loader, verify_images
-from tasks.common.distributed import World, all_reduce_sum, barrier
+from tasks.common.distributed import World, all_reduce_sum, average_gradients, barrier, broadcast_module
 from tasks.common.io import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from tasks.common.progress import Progress
 from tasks.common.reproducibility import derive_seed, seed_everything, set_deterministic
@@ -88,6 +90,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def data_parallel(task: Task, model: nn.Module, world: World, settings: RunSettings) -> nn.Module:
+    """``model`` ready for data-parallel training on ``world``: unchanged in a single process; wrapped in
+    ``DistributedDataParallel`` for a task with one optimizer; for a task with ``optimizer_parts`` (whose parts are
+    called directly, bypassing a wrapper's forward) left unwrapped with rank 0's parameters and buffers, and
+    ``train_one_epoch`` then averages each part's gradients and broadcasts the buffers itself."""
+    if not world.distributed:
+        return model
+    if task.optimizer_parts:
+        broadcast_module(model)
+        return model
+    ddp_ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ddp_ids, find_unused_parameters=settings.find_unused_parameters)
+
+
 def train_one_epoch(task: Task, model: nn.Module, loader: DataLoader, optimizers: dict[str, torch.optim.Optimizer],
                     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler], scaler: torch.amp.GradScaler,
                     world: World, epoch: int, settings: RunSettings, clip_grad_norm: float | None,
@@ -103,6 +119,7 @@ def train_one_epoch(task: Task, model: nn.Module, loader: DataLoader, optimizers
     total = len(batches)
     progress = Progress(total, f"epoch {epoch + 1}", settings.progress and world.is_main)
     sums: dict[str, float] = defaultdict(float)
+    by_hand = world.distributed and not isinstance(model, DistributedDataParallel)  # see data_parallel
     for iteration, batch in enumerate(batches):
         batch = task.to_device(batch)
         carry: dict[str, Any] = {}  # what one part's step hands to the next within the iteration
@@ -117,12 +134,16 @@ def train_one_epoch(task: Task, model: nn.Module, loader: DataLoader, optimizers
                                          f"{iteration + 1}; losses: { {k: float(v) for k, v in losses.items()} }")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # a disabled scaler (no AMP) passes everything through unchanged
+            if by_hand:
+                average_gradients(optimized_parameters(model, optimizer))
             if clip_grad_norm:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(optimized_parameters(model, optimizer), clip_grad_norm)
             scaler.step(optimizer)
             logged.update(losses if part == SINGLE_PART else {f"{part}/{k}": v for k, v in losses.items()})
         scaler.update()
+        if by_hand:  # BatchNorm statistics as DistributedDataParallel keeps them: rank 0's
+            broadcast_module(model, buffers_only=True)
         for scheduler in schedulers.values():
             scheduler.step()
         for name, value in logged.items():
@@ -237,10 +258,7 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
         if world.is_main:
             log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, schedule.epochs)
 
-    if world.distributed:
-        ddp_ids = [world.device.index] if world.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=ddp_ids,
-                                        find_unused_parameters=settings.find_unused_parameters)
+    model = data_parallel(task, model, world, settings)
     writer = None
     if world.is_main:
         from torch.utils.tensorboard import SummaryWriter

@@ -86,9 +86,6 @@ class InpaintingTask(Task):
                 f"{embedded.seed})")
 
     def build_model(self) -> nn.Module:
-        if self.world.distributed:
-            raise RuntimeError("the inpainting task calls its generator and discriminator directly, which "
-                               "DistributedDataParallel would not synchronise; run it in one process")
         m = self.cfg.model
 
         def slot(key: str) -> object:
