@@ -91,6 +91,20 @@ def test_two_process_gan_run_under_torchrun(data_dir: Path, tmp_path: Path) -> N
     assert {"discriminator/loss", "generator/loss"} <= set(losses)
 
 
+def test_figure_runs_come_from_the_rendered_table(tmp_path: Path) -> None:
+    script = load_script("inpainting_figure")
+    rows = [{"label": "A", "seeds": [{"seed": 0, "run_dir": "runs/inpainting/aaa"},
+                                     {"seed": 1, "run_dir": "<outside the repository>/bbb"}]}]
+    (tmp_path / "table-7.json").write_text(json.dumps({"rows": rows}))
+    assert script.runs_of_table("7", ["A"], 0, tmp_path) == [REPO / "runs/inpainting/aaa"]
+    with pytest.raises(script.FigureError, match="no run folder in this repository for 'A' at seed 1"):
+        script.runs_of_table("7", ["A"], 1, tmp_path)
+    with pytest.raises(script.FigureError, match="no row 'B'; its rows: A"):
+        script.runs_of_table("7", ["B"], 0, tmp_path)
+    with pytest.raises(script.FigureError, match="make reproduce-table-pp-10"):
+        script.runs_of_table("pp-10", ["A"], 0, tmp_path)
+
+
 def partial_conv_by_definition(conv: PartialConv2d, x: torch.Tensor, mask: torch.Tensor
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """NVIDIA's rule with loops over output pixels and taps, float64, stride 1 and zero padding."""
@@ -243,7 +257,11 @@ def test_figure_grid_of_two_runs_and_the_tensorboard_image(data_dir: Path, tmp_p
     events = b"".join(p.read_bytes() for p in (runs[0] / "tensorboard").iterdir())
     assert b"val/inpainting" in events
 
-    out = load_script("inpainting_figure").figure(runs, count=2, out=tmp_path / "figure.png")
+    out = load_script("inpainting_figure").figure(runs, count=2, out=tmp_path / "figure.png", labels=["G&L", "w/ C"])
+    caption = out.with_suffix(".md").read_text()
+    for run_dir in runs:
+        assert json.loads((run_dir / "metrics.json").read_text())["config_hash"] in caption
+    assert "G&L" in caption and "free_form masks, seed 0" in caption
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 34 - 2, 4 * 34 - 2, 3)  # 2 rows; masked input, two runs, original; 2 px gaps
     val_set = PlacesInpainting(ensure_embedded_places(data_dir, 0, 4, 2, 32), "val", image_size=32,
