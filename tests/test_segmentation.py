@@ -183,12 +183,31 @@ def test_one_training_step_and_evaluation(overrides: list[str], data_dir: Path, 
     assert record["history"][0]["train"]["loss"] > 0
 
 
+@pytest.mark.parametrize("model", ["upernet_r50", "pspnet_r50"])
+def test_backbone_weights_load_into_the_segmenter_body(model: str, tmp_path: Path) -> None:
+    """A plain ResNet-50's weights land in UperNet's body and in PSPNet's dilated one (dilation adds no parameter)."""
+    from tasks.common.distributed import World
+    from tasks.common.io import save_checkpoint
+    from tasks.common.resnet import build_resnet
+    from tasks.segmentation.task import SegmentationTask
+
+    plain = build_resnet(50, num_classes=10)
+    save_checkpoint(tmp_path / "imagenet.pth", plain.state_dict())
+    cfg = compose([*segmentation_smoke(tmp_path / "never-written"), f"model={model}",
+                   f"model.backbone_weights={tmp_path / 'imagenet.pth'}"])
+    body = SegmentationTask(cfg, World(0, 1, 0, torch.device("cpu"))).build_model().body.state_dict()
+    expected = {k: v for k, v in plain.state_dict().items() if not k.startswith("fc.")}
+    assert body.keys() == expected.keys()
+    assert all(torch.equal(body[k], v) for k, v in expected.items())
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["model.arch=segformer"], ["model.arch", "segformer"]),
     (["model.ppm_placement=inside"], ["model.ppm_placement"]),
     (["data.pad_to=48"], ["data.pad_to", "multiple of 32"]),
     (["data.train_scales=[]"], ["data.train_scales"]),
     (["task.loss_resolution=half"], ["task.loss_resolution"]),
+    (["model.backbone_weights=/nonexistent.pth"], ["model.backbone_weights=/nonexistent.pth", "not a file"]),
     (["model=pspnet_r50", "upsampler@fpn_upsampler=carafe"], ["pspnet", "fpn_upsampler"]),
     (["upsampler@fuse_upsampler=carafe", "fuse_upsampler.up_kernel=4"], ["fuse_upsampler", "up_kernel"]),
 ])

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.distributed import all_reduce_sum
-from tasks.common.resnet import RESNET_LAYERS
+from tasks.common.resnet import RESNET_LAYERS, check_backbone_weights, load_backbone_weights
 from tasks.common.task import Task
 from tasks.segmentation.data import (ADE20kSegmentation, ade_class_names, ade_split_folders,
                                      collate_segmentation)
@@ -46,6 +46,7 @@ class SegmentationTask(Task):
             raise ValueError(f"model.ppm_placement={m.ppm_placement!r} is not one of {', '.join(PPM_PLACEMENTS)}")
         if not isinstance(m.fpn_dim, int) or m.fpn_dim < 1:
             raise ValueError(f"model.fpn_dim must be an integer >= 1, got {m.fpn_dim!r}")
+        check_backbone_weights(m.backbone_weights)
         if m.arch == "pspnet":
             used = [k for k in ("fpn_upsampler", "fuse_upsampler", "downsampler") if cfg.get(k) is not None]
             if used:
@@ -87,11 +88,14 @@ class SegmentationTask(Task):
             node = self.cfg.get(key)
             return instantiate(node) if node is not None else None
 
-        return build_segmenter(arch=m.arch, depth=m.depth, num_classes=self.cfg.data.num_classes,
-                               fpn_dim=m.fpn_dim, pool_scales=tuple(m.pool_scales),
-                               ppm_upsampler=slot("ppm_upsampler"), fpn_upsampler=slot("fpn_upsampler"),
-                               fuse_upsampler=slot("fuse_upsampler"), backbone_downsampler=slot("downsampler"),
-                               ppm_placement=m.ppm_placement)
+        model = build_segmenter(arch=m.arch, depth=m.depth, num_classes=self.cfg.data.num_classes,
+                                fpn_dim=m.fpn_dim, pool_scales=tuple(m.pool_scales),
+                                ppm_upsampler=slot("ppm_upsampler"), fpn_upsampler=slot("fpn_upsampler"),
+                                fuse_upsampler=slot("fuse_upsampler"), backbone_downsampler=slot("downsampler"),
+                                ppm_placement=m.ppm_placement)
+        if m.backbone_weights:
+            load_backbone_weights(model.body, m.backbone_weights)
+        return model
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         data = self.cfg.data
