@@ -46,6 +46,70 @@ def test_pspnet_is_output_stride_8_and_has_only_the_ppm_slot() -> None:
         build_segmenter("pspnet", fpn_upsampler="carafe")
 
 
+@pytest.mark.parametrize("arch", ["upernet", "pspnet"])
+def test_aux_head_off_is_the_old_model_and_on_adds_only_the_head_unused_at_eval(arch: str) -> None:
+    def build(**aux: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_segmenter(arch, num_classes=4, fpn_dim=16, **aux).eval()
+
+    base, off, on = build(), build(aux_head=False), build(aux_head=True)
+    base_state, off_state, on_state = base.state_dict(), off.state_dict(), on.state_dict()
+    assert off_state.keys() == base_state.keys() and all(torch.equal(off_state[k], v) for k, v in base_state.items())
+    assert not any("aux" in k for k in base_state)
+    added = on_state.keys() - base_state.keys()
+    assert added and all(k.startswith("aux_head.") for k in added) and base_state.keys() <= on_state.keys()
+    assert all(torch.equal(on_state[k], v) for k, v in base_state.items())  # built last: same draws for the rest
+    assert on.aux_head.conv[0].in_channels == 1024 and on.aux_head.conv[0].out_channels == 256
+
+    calls = []
+    on.aux_head.register_forward_hook(lambda *args: calls.append(1))
+    images = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(on(images), base(images), rtol=0, atol=0)
+        torch.testing.assert_close(on(images, output_size=(64, 48)), base(images, output_size=(64, 48)),
+                                   rtol=0, atol=0)
+        assert not calls
+        logits, aux = on(images, with_aux=True)
+    stride = 16 if arch == "upernet" else 8  # C4: stride 16, or 8 in the dilated ResNet
+    assert calls and aux.shape == (1, 4, 64 // stride, 48 // stride) and logits.shape == base(images).shape
+    with pytest.raises(ValueError, match="auxiliary head"):
+        base(images, with_aux=True)
+
+
+def _cross_entropy_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of -log softmax at the true class over labelled pixels (label k in 1..K is logit k - 1; 0 ignored)."""
+    log_p = logits.double().log_softmax(1)
+    picked = log_p.gather(1, (labels.clamp(min=1) - 1)[:, None])[:, 0]
+    return -picked[labels > 0].mean()
+
+
+@pytest.mark.parametrize("model, resolution", [("upernet_r50", "quarter"), ("pspnet_r50", "full")])
+def test_aux_loss_is_main_plus_weighted_aux_cross_entropy(model: str, resolution: str, tmp_path: Path) -> None:
+    from tasks.common.distributed import World
+    from tasks.segmentation.task import SegmentationTask
+
+    cfg = compose([*segmentation_smoke(tmp_path / "never-written"), "data.num_classes=8", f"model={model}",
+                   "model.aux_weight=0.4", f"task.loss_resolution={resolution}"])
+    task = SegmentationTask(cfg, World(0, 1, 0, torch.device("cpu")))
+    net = task.build_model().train()
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 9, (2, 64, 64), generator=generator)
+    images = torch.randn(2, 3, 64, 64, generator=generator)
+    torch.manual_seed(2)  # the same dropout masks in both forward passes
+    losses = task.train_step(net, {"images": images, "labels": labels})
+    torch.manual_seed(2)
+    logits, aux = net(images, with_aux=True)
+    if resolution == "quarter":  # labels nearest-subsampled to the 1/4 logits: every 4th pixel
+        labels = labels[:, ::4, ::4]
+        assert logits.shape[-2:] == labels.shape[-2:]
+    else:
+        logits = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False)
+    aux = F.interpolate(aux, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    main, auxiliary = _cross_entropy_by_hand(logits, labels), _cross_entropy_by_hand(aux, labels)
+    assert losses["loss"].item() == pytest.approx((main + 0.4 * auxiliary).item(), rel=1e-5)
+    assert losses["loss_aux"].item() == pytest.approx(auxiliary.item(), rel=1e-5)
+
+
 def _head(fuse_upsampler: object, channels: int = 2) -> UperNetHead:
     return UperNetHead(3, in_channels=(channels,) * 4, fpn_dim=channels, fuse_upsampler=fuse_upsampler).double()
 
@@ -208,6 +272,7 @@ def test_backbone_weights_load_into_the_segmenter_body(model: str, tmp_path: Pat
     (["data.train_scales=[]"], ["data.train_scales"]),
     (["task.loss_resolution=half"], ["task.loss_resolution"]),
     (["model.backbone_weights=/nonexistent.pth"], ["model.backbone_weights=/nonexistent.pth", "not a file"]),
+    (["model.aux_weight=-0.4"], ["model.aux_weight", "-0.4"]),
     (["model=pspnet_r50", "upsampler@fpn_upsampler=carafe"], ["pspnet", "fpn_upsampler"]),
     (["upsampler@fuse_upsampler=carafe", "fuse_upsampler.up_kernel=4"], ["fuse_upsampler", "up_kernel"]),
 ])

@@ -33,8 +33,14 @@ channels and of its reassembly cost; ``ppm_operator_costs`` gives the FLOPs and 
 
 PSPNet: the same ResNet with layer3 / layer4 dilated (output stride 8, Zhao et al.'s setting) and a PPM head
 (pool scales 1, 2, 3, 6; conv3x3 -> 512 + BN + ReLU, dropout 0.1, conv1x1 to the logits); the logits are resized
-bilinearly to the label's size. Simplified from the original: torchvision's ResNet stem (not the deep stem) and no
-auxiliary loss. A dilated ResNet has no stride-2 places in layer3 / layer4, so PSPNet takes no backbone downsampler.
+bilinearly to the label's size. Simplified from the original: torchvision's ResNet stem (not the deep stem). A
+dilated ResNet has no stride-2 places in layer3 / layer4, so PSPNet takes no backbone downsampler.
+
+Auxiliary head (``aux_head=True``, the task's ``model.aux_weight`` > 0): mmsegmentation's ``FCNHead`` on C4 (layer3,
+1024 channels; stride 16 for UperNet, 8 for the dilated PSPNet): conv3x3 -> 256 + BN + ReLU, dropout 0.1, conv1x1 to
+the logits, the deep supervision of Zhao et al. 2017 (PSPNet), weighted 0.4 there. Only ``forward(...,
+with_aux=True)`` runs it (the task's training step); evaluation and inference never do. CSAIL's UperNet has none, so
+the default builds no auxiliary head and the model is parameter for parameter the one without the option.
 
 Not built: PSANet (Zhao et al. 2018, point-wise spatial attention).
 """
@@ -58,6 +64,8 @@ ARCHS = ("upernet", "pspnet")
 PPM_PLACEMENTS = ("before_conv", "after_conv")
 POOL_SCALES = (1, 2, 3, 6)
 PPM_CHANNELS = 512                       # CSAIL's per-scale 1x1 conv width
+AUX_CHANNELS = 256                       # mmsegmentation's auxiliary FCNHead width
+AUX_LEVEL = 2                            # the auxiliary head reads C4 (layer3), the third of C2..C5
 RESNET_CHANNELS = (256, 512, 1024, 2048)  # C2..C5 of a bottleneck ResNet
 RETURN_LAYERS = {"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
 
@@ -196,27 +204,57 @@ class PSPHead(nn.Module):
         return self.classifier(self.dropout(self.conv(self.ppm(features[-1]))))
 
 
-class SegmentationModel(nn.Module):
-    """ResNet body (C2..C5) + a head; logits at the head's resolution, or resized to ``output_size``.
+class FCNAuxHead(nn.Module):
+    """mmsegmentation's auxiliary ``FCNHead`` (one conv, no input concat): conv3x3 -> 256 + BN + ReLU, dropout 0.1,
+    conv1x1 to the logits.
 
-    Shape: Tensor[N, 3, H, W] -> Tensor[N, num_classes, h, w] (UperNet h = ceil(H / 4); PSPNet ceil(H / 8)), or
-    Tensor[N, num_classes, *output_size] when it is given.
+    Shape: Tensor[N, 1024, h, w] (C4) -> Tensor[N, num_classes, h, w].
     """
 
-    def __init__(self, resnet: ResNet, head: nn.Module) -> None:
+    def __init__(self, num_classes: int, in_channels: int = RESNET_CHANNELS[AUX_LEVEL],
+                 channels: int = AUX_CHANNELS) -> None:
+        super().__init__()
+        self.conv = conv_bn_relu(in_channels, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(channels, check_int("num_classes", num_classes, 1), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.dropout(self.conv(x)))
+
+
+class SegmentationModel(nn.Module):
+    """ResNet body (C2..C5) + a head (+ an optional auxiliary head on C4, run only with ``with_aux=True``); logits at
+    the head's resolution, or resized to ``output_size``.
+
+    Shape: Tensor[N, 3, H, W] -> Tensor[N, num_classes, h, w] (UperNet h = ceil(H / 4); PSPNet ceil(H / 8)), or
+    Tensor[N, num_classes, *output_size] when it is given. With ``with_aux=True``: (those logits, the auxiliary
+    logits Tensor[N, num_classes, h4, w4] at C4's size, or at ``output_size`` when it is given).
+    """
+
+    def __init__(self, resnet: ResNet, head: nn.Module, aux_head: nn.Module | None = None) -> None:
         super().__init__()
         self.body = IntermediateLayerGetter(resnet, return_layers=dict(RETURN_LAYERS))
         self.head = head
+        if aux_head is not None:  # no attribute at all otherwise: the state dict is the one without the option
+            self.aux_head = aux_head
 
-    def forward(self, images: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
-        logits = self.head(list(self.body(images).values()))
-        return logits if output_size is None else resize(logits, output_size)
+    def forward(self, images: Tensor, output_size: Sequence[int] | None = None,
+                with_aux: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        features = list(self.body(images).values())
+        logits = self.head(features)
+        logits = logits if output_size is None else resize(logits, output_size)
+        if not with_aux:
+            return logits
+        if not hasattr(self, "aux_head"):
+            raise ValueError("with_aux=True needs a model built with an auxiliary head (model.aux_weight > 0)")
+        aux = self.aux_head(features[AUX_LEVEL])
+        return logits, (aux if output_size is None else resize(aux, output_size))
 
 
 def build_segmenter(arch: str = "upernet", depth: int = 50, num_classes: int = 150, fpn_dim: int = 512,
                     pool_scales: Sequence[int] = POOL_SCALES, ppm_upsampler: object = None,
                     fpn_upsampler: object = None, fuse_upsampler: object = None, backbone_downsampler: object = None,
-                    ppm_placement: str = "before_conv") -> SegmentationModel:
+                    ppm_placement: str = "before_conv", aux_head: bool = False) -> SegmentationModel:
     """UperNet or PSPNet on ResNet-``depth`` (no pretrained weights) for ``num_classes`` classes.
 
     Args:
@@ -225,6 +263,8 @@ def build_segmenter(arch: str = "upernet", depth: int = 50, num_classes: int = 1
         backbone_downsampler: a ``carafe.build_downsampler`` spec for the ResNet's seven downsampling places (CARAFE++
             Table IX "backbone"), or None for torchvision's strided convs. UperNet only.
         ppm_placement: ``"before_conv"`` (CSAIL's order) or ``"after_conv"``.
+        aux_head: add the auxiliary FCN head on C4 (built last, so the other parameters draw the same random
+            numbers with or without it).
     """
     if not isinstance(arch, str) or arch not in ARCHS:
         raise ValueError(f"unknown segmentation arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -245,7 +285,11 @@ def build_segmenter(arch: str = "upernet", depth: int = 50, num_classes: int = 1
     for m in head.modules():
         if isinstance(m, nn.Conv2d) and not _inside_upsampler(m, head):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    return SegmentationModel(resnet, head)
+    aux = FCNAuxHead(num_classes) if aux_head else None
+    for m in aux.modules() if aux is not None else ():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return SegmentationModel(resnet, head, aux)
 
 
 def _inside_upsampler(conv: nn.Conv2d, head: nn.Module) -> bool:

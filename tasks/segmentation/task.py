@@ -47,6 +47,8 @@ class SegmentationTask(Task):
         if not isinstance(m.fpn_dim, int) or m.fpn_dim < 1:
             raise ValueError(f"model.fpn_dim must be an integer >= 1, got {m.fpn_dim!r}")
         check_backbone_weights(m.backbone_weights)
+        if isinstance(m.aux_weight, bool) or not isinstance(m.aux_weight, (int, float)) or m.aux_weight < 0:
+            raise ValueError(f"model.aux_weight must be a number >= 0 (0: no auxiliary head), got {m.aux_weight!r}")
         if m.arch == "pspnet":
             used = [k for k in ("fpn_upsampler", "fuse_upsampler", "downsampler") if cfg.get(k) is not None]
             if used:
@@ -92,7 +94,7 @@ class SegmentationTask(Task):
                                 fpn_dim=m.fpn_dim, pool_scales=tuple(m.pool_scales),
                                 ppm_upsampler=slot("ppm_upsampler"), fpn_upsampler=slot("fpn_upsampler"),
                                 fuse_upsampler=slot("fuse_upsampler"), backbone_downsampler=slot("downsampler"),
-                                ppm_placement=m.ppm_placement)
+                                ppm_placement=m.ppm_placement, aux_head=m.aux_weight > 0)
         if m.backbone_weights:
             load_backbone_weights(model.body, m.backbone_weights)
         return model
@@ -111,16 +113,24 @@ class SegmentationTask(Task):
         return partial(collate_segmentation, pad_to=self.cfg.data.pad_to)
 
     def train_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Cross-entropy over labelled pixels; ``task.loss_resolution``: ``quarter`` compares the 1/4 logits with
-        the labels nearest-subsampled to that size (CSAIL's ``segm_downsampling_rate`` 4), ``full`` resizes the
-        logits bilinearly to the labels' size."""
+        """Cross-entropy over labelled pixels; ``task.loss_resolution``: ``quarter`` compares the head's logits
+        (1/4 for UperNet) with the labels nearest-subsampled to that size (CSAIL's ``segm_downsampling_rate``),
+        ``full`` resizes the logits bilinearly to the labels' size. With ``model.aux_weight`` > 0 the auxiliary
+        head's logits (C4) are resized bilinearly to the size of the labels the main loss uses and scored with the
+        same cross-entropy: ``loss = main + aux_weight * aux`` (``loss_main`` and ``loss_aux`` logged too)."""
         images, labels = batch["images"], batch["labels"]
-        logits = model(images)
+        aux_weight = self.cfg.model.aux_weight
+        logits, aux_logits = model(images, with_aux=True) if aux_weight > 0 else (model(images), None)
         if self.cfg.task.loss_resolution == "full":
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         else:
             labels = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
-        return {"loss": F.cross_entropy(logits.float(), labels - 1, ignore_index=-1)}
+        loss = F.cross_entropy(logits.float(), labels - 1, ignore_index=-1)
+        if aux_logits is None:
+            return {"loss": loss}
+        aux_logits = F.interpolate(aux_logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        aux_loss = F.cross_entropy(aux_logits.float(), labels - 1, ignore_index=-1)
+        return {"loss": loss + aux_weight * aux_loss, "loss_main": loss, "loss_aux": aux_loss}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
