@@ -1,5 +1,5 @@
-"""The segmentation task for the shared engine: config -> UperNet / PSPNet + ADE20k folders, per-pixel cross-entropy
-(label 0 ignored), pixel accuracy and mIoU (ICCV 2019 Tables 5, 6; CARAFE++ Tables VIII, IX).
+"""The segmentation task for the shared engine: config -> UperNet / PSPNet / PSANet + ADE20k folders, per-pixel
+cross-entropy (label 0 ignored), pixel accuracy and mIoU (ICCV 2019 Tables 5, 6; CARAFE++ Tables VIII, IX).
 
 Metrics (``metrics.json``): ``mIoU``, ``pixel_acc``, ``IoU/<class>`` for each class with a non-empty union, ``loss``
 (mean per-pixel cross-entropy at label resolution) and ``pixels`` (labelled pixels scored); see
@@ -8,7 +8,7 @@ Metrics (``metrics.json``): ``mIoU``, ``pixel_acc``, ``IoU/<class>`` for each cl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,11 @@ from tasks.common.task import Task
 from tasks.segmentation.data import (ADE20kSegmentation, ade_class_names, ade_split_folders,
                                      collate_segmentation)
 from tasks.segmentation.metrics import confusion_matrix, segmentation_scores
-from tasks.segmentation.model import ARCHS, PPM_PLACEMENTS, build_segmenter
+from tasks.segmentation.model import ARCHS, DILATED_ARCHS, PPM_PLACEMENTS, build_segmenter
 from tasks.segmentation.synthetic import CLASS_NAMES, ensure_synthetic_ade
 
 LOSS_RESOLUTIONS = ("quarter", "full")
+PSA_KEYS = ("psa_mask_size", "psa_shrink_factor", "psa_softmax")  # in model=psanet_* only
 
 
 class SegmentationTask(Task):
@@ -49,10 +50,24 @@ class SegmentationTask(Task):
         check_backbone_weights(m.backbone_weights)
         if isinstance(m.aux_weight, bool) or not isinstance(m.aux_weight, (int, float)) or m.aux_weight < 0:
             raise ValueError(f"model.aux_weight must be a number >= 0 (0: no auxiliary head), got {m.aux_weight!r}")
-        if m.arch == "pspnet":
-            used = [k for k in ("fpn_upsampler", "fuse_upsampler", "downsampler") if cfg.get(k) is not None]
+        if m.arch in DILATED_ARCHS:
+            slots = ("ppm_upsampler",) * (m.arch == "psanet") + ("fpn_upsampler", "fuse_upsampler", "downsampler")
+            used = [k for k in slots if cfg.get(k) is not None]
             if used:
-                raise ValueError(f"model.arch=pspnet has no {', '.join(used)} slot; set them to null")
+                raise ValueError(f"model.arch={m.arch} has no {', '.join(used)} slot; set them to null")
+        if m.arch == "psanet":
+            missing = [k for k in PSA_KEYS if k not in m]
+            if missing:
+                raise ValueError(f"model.arch=psanet needs model.{', model.'.join(missing)}: start from "
+                                 "model=psanet_r50 (or psanet_r101)")
+            size = m.psa_mask_size
+            if (not isinstance(size, Sequence) or len(size) != 2
+                    or any(not isinstance(s, int) or s < 3 or s % 2 == 0 for s in size)):
+                raise ValueError(f"model.psa_mask_size must be two odd integers >= 3 (rows, columns), got {size}")
+            if not isinstance(m.psa_shrink_factor, int) or m.psa_shrink_factor < 1:
+                raise ValueError(f"model.psa_shrink_factor must be an integer >= 1, got {m.psa_shrink_factor!r}")
+            if not isinstance(m.psa_softmax, bool):
+                raise ValueError(f"model.psa_softmax must be true or false, got {m.psa_softmax!r}")
         scales = list(data.train_scales)
         if not scales or any(not isinstance(s, int) or s < 1 for s in scales):
             raise ValueError(f"data.train_scales must be a non-empty list of integers >= 1, got {scales}")
@@ -94,7 +109,8 @@ class SegmentationTask(Task):
                                 fpn_dim=m.fpn_dim, pool_scales=tuple(m.pool_scales),
                                 ppm_upsampler=slot("ppm_upsampler"), fpn_upsampler=slot("fpn_upsampler"),
                                 fuse_upsampler=slot("fuse_upsampler"), backbone_downsampler=slot("downsampler"),
-                                ppm_placement=m.ppm_placement, aux_head=m.aux_weight > 0)
+                                ppm_placement=m.ppm_placement, aux_head=m.aux_weight > 0,
+                                **({k: m[k] for k in PSA_KEYS} if m.arch == "psanet" else {}))
         if m.backbone_weights:
             load_backbone_weights(model.body, m.backbone_weights)
         return model
