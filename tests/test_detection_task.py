@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from experiment_helpers import detection_smoke
 from tasks.common.experiment import ConfigError, compose, config_hash, run_experiment, validate
-from tasks.detection.task import load_backbone_weights
+from tasks.common.resnet import load_backbone_weights
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_VAL = 3

@@ -62,8 +62,8 @@ def test_resume_refuses_a_malicious_checkpoint_before_running_it(data_dir: Path,
     assert not marker.exists() and not (run_dir / "metrics.json").exists()
 
 
-def test_detection_backbone_weights_refuse_a_malicious_file(tmp_path: Path) -> None:
-    from tasks.detection.task import load_backbone_weights
+def test_backbone_weights_refuse_a_malicious_file(tmp_path: Path) -> None:
+    from tasks.common.resnet import load_backbone_weights
     from torchvision.models import resnet18
 
     marker = tmp_path / "pwned"

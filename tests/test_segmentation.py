@@ -1,5 +1,6 @@
-"""The segmentation task: UperNet / PSPNet shapes with every slot on odd sizes, FUSE's chain against the direct
-resize, the metrics against brute-force loops, the embedded ADE20k-layout data, and runs through the engine."""
+"""The segmentation task: UperNet / PSPNet / PSANet shapes with every slot on odd sizes, FUSE's chain against the
+direct resize, PSANet's attention and the metrics against brute-force loops, the auxiliary head's loss by hand,
+backbone weights, the embedded ADE20k-layout data, and runs through the engine."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from experiment_helpers import segmentation_smoke
 from tasks.common.experiment import ConfigError, compose, config_hash, run_experiment, validate
 from tasks.segmentation.data import ADE20kSegmentation, ade_split_folders, collate_segmentation
 from tasks.segmentation.metrics import confusion_matrix, segmentation_scores
-from tasks.segmentation.model import UperNetHead, build_segmenter
+from tasks.segmentation.model import UperNetHead, build_segmenter, point_wise_attention
 from tasks.segmentation.synthetic import CLASS_NAMES, POLE, WIRE, ensure_synthetic_ade
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +45,133 @@ def test_pspnet_is_output_stride_8_and_has_only_the_ppm_slot() -> None:
         assert model(torch.randn(1, 3, 65, 40)).shape == (1, 4, 9, 5)
     with pytest.raises(ValueError, match="fpn_upsampler"):
         build_segmenter("pspnet", fpn_upsampler="carafe")
+
+
+def test_psanet_is_output_stride_8_on_odd_sizes_and_has_no_slot() -> None:
+    model = build_segmenter("psanet", num_classes=4, psa_mask_size=(9, 7)).eval()
+    with torch.no_grad():  # C5 9 x 5 is shrunk to 5 x 3: the 9 x 7 mask covers every offset
+        assert model(torch.randn(1, 3, 65, 40)).shape == (1, 4, 9, 5)
+        assert model(torch.randn(1, 3, 64, 96)).shape == (1, 4, 8, 12)  # 4 x 6 shrunk: a local window in width
+    with pytest.raises(ValueError, match="PSANet has no ppm_upsampler"):
+        build_segmenter("psanet", ppm_upsampler="carafe")
+    with pytest.raises(ValueError, match="two odd integers"):
+        build_segmenter("psanet", psa_mask_size=(8, 9))
+
+
+def _attention_by_loops(mask: torch.Tensor, mask_size: tuple[int, int], mode: str, softmax: bool) -> torch.Tensor:
+    """PSANet's A[n, q, p] (weight of input q in output p) straight from the paper's definitions: collect, output p
+    reads input q through p's mask at offset q - p; distribute, input q writes to output p through q's mask at offset
+    p - q; offsets outside the mask weigh 0; softmax over each output's inputs, or the raw weight / (mh * mw)."""
+    n, _, height, width = mask.shape
+    mh, mw = mask_size
+    positions = [(y, x) for y in range(height) for x in range(width)]
+    attention = torch.zeros(n, len(positions), len(positions), dtype=mask.dtype)
+    for b in range(n):
+        for p, (py, px) in enumerate(positions):
+            logits = {}
+            for q, (qy, qx) in enumerate(positions):
+                if mode == "collect":
+                    owner, (dy, dx) = (py, px), (qy - py, qx - px)
+                else:
+                    owner, (dy, dx) = (qy, qx), (py - qy, px - qx)
+                if abs(dy) <= (mh - 1) // 2 and abs(dx) <= (mw - 1) // 2:
+                    channel = (dy + (mh - 1) // 2) * mw + dx + (mw - 1) // 2
+                    logits[q] = mask[b, channel, owner[0], owner[1]]
+            if softmax:
+                total = sum(torch.exp(v) for v in logits.values())
+                for q, v in logits.items():
+                    attention[b, q, p] = torch.exp(v) / total
+            else:
+                for q, v in logits.items():
+                    attention[b, q, p] = v / (mh * mw)
+    return attention
+
+
+@pytest.mark.parametrize("mode", ["collect", "distribute"])
+@pytest.mark.parametrize("mask_size", [(5, 7), (3, 3)], ids=["over-complete", "window"])
+@pytest.mark.parametrize("softmax", [True, False], ids=["softmax", "raw"])
+def test_psa_attention_matches_brute_force_loops(mode: str, mask_size: tuple[int, int], softmax: bool) -> None:
+    """On a 3 x 4 map: a (2H - 1) x (2W - 1) = 5 x 7 mask (every offset, the paper's over-completed map) and a 3 x 3
+    one (offsets beyond it left out); the aggregation ``features @ A`` too."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.randn(2, mask_size[0] * mask_size[1], 3, 4, dtype=torch.float64, generator=generator)
+    attention = point_wise_attention(mask, mask_size, mode, softmax)
+    expected = _attention_by_loops(mask, mask_size, mode, softmax)
+    torch.testing.assert_close(attention, expected, rtol=1e-12, atol=1e-12)
+    if softmax:  # every output's weights sum to 1
+        torch.testing.assert_close(attention.sum(1), torch.ones(2, 12, dtype=torch.float64))
+    features = torch.randn(2, 3, 3, 4, dtype=torch.float64, generator=generator)
+    aggregated = features.flatten(2) @ attention
+    by_loops = torch.stack([sum(expected[:, q, p, None] * features.flatten(2)[:, :, q] for q in range(12))
+                            for p in range(12)], -1)
+    torch.testing.assert_close(aggregated, by_loops)
+    if mask_size == (5, 7):  # collect and distribute differ: mask_p[q - p] vs mask_q[p - q]
+        other = point_wise_attention(mask, mask_size, "distribute" if mode == "collect" else "collect", softmax)
+        assert not torch.allclose(attention, other)
+
+
+@pytest.mark.parametrize("arch", ["upernet", "pspnet"])
+def test_aux_head_off_is_the_old_model_and_on_adds_only_the_head_unused_at_eval(arch: str) -> None:
+    def build(**aux: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_segmenter(arch, num_classes=4, fpn_dim=16, **aux).eval()
+
+    base, off, on = build(), build(aux_head=False), build(aux_head=True)
+    base_state, off_state, on_state = base.state_dict(), off.state_dict(), on.state_dict()
+    assert off_state.keys() == base_state.keys() and all(torch.equal(off_state[k], v) for k, v in base_state.items())
+    assert not any("aux" in k for k in base_state)
+    added = on_state.keys() - base_state.keys()
+    assert added and all(k.startswith("aux_head.") for k in added) and base_state.keys() <= on_state.keys()
+    assert all(torch.equal(on_state[k], v) for k, v in base_state.items())  # built last: same draws for the rest
+    assert on.aux_head.conv[0].in_channels == 1024 and on.aux_head.conv[0].out_channels == 256
+
+    calls = []
+    on.aux_head.register_forward_hook(lambda *args: calls.append(1))
+    images = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(on(images), base(images), rtol=0, atol=0)
+        torch.testing.assert_close(on(images, output_size=(64, 48)), base(images, output_size=(64, 48)),
+                                   rtol=0, atol=0)
+        assert not calls
+        logits, aux = on(images, with_aux=True)
+    stride = 16 if arch == "upernet" else 8  # C4: stride 16, or 8 in the dilated ResNet
+    assert calls and aux.shape == (1, 4, 64 // stride, 48 // stride) and logits.shape == base(images).shape
+    with pytest.raises(ValueError, match="auxiliary head"):
+        base(images, with_aux=True)
+
+
+def _cross_entropy_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of -log softmax at the true class over labelled pixels (label k in 1..K is logit k - 1; 0 ignored)."""
+    log_p = logits.double().log_softmax(1)
+    picked = log_p.gather(1, (labels.clamp(min=1) - 1)[:, None])[:, 0]
+    return -picked[labels > 0].mean()
+
+
+@pytest.mark.parametrize("model, resolution", [("upernet_r50", "quarter"), ("pspnet_r50", "full")])
+def test_aux_loss_is_main_plus_weighted_aux_cross_entropy(model: str, resolution: str, tmp_path: Path) -> None:
+    from tasks.common.distributed import World
+    from tasks.segmentation.task import SegmentationTask
+
+    cfg = compose([*segmentation_smoke(tmp_path / "never-written"), "data.num_classes=8", f"model={model}",
+                   "model.aux_weight=0.4", f"task.loss_resolution={resolution}"])
+    task = SegmentationTask(cfg, World(0, 1, 0, torch.device("cpu")))
+    net = task.build_model().train()
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 9, (2, 64, 64), generator=generator)
+    images = torch.randn(2, 3, 64, 64, generator=generator)
+    torch.manual_seed(2)  # the same dropout masks in both forward passes
+    losses = task.train_step(net, {"images": images, "labels": labels})
+    torch.manual_seed(2)
+    logits, aux = net(images, with_aux=True)
+    if resolution == "quarter":  # labels nearest-subsampled to the 1/4 logits: every 4th pixel
+        labels = labels[:, ::4, ::4]
+        assert logits.shape[-2:] == labels.shape[-2:]
+    else:
+        logits = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False)
+    aux = F.interpolate(aux, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    main, auxiliary = _cross_entropy_by_hand(logits, labels), _cross_entropy_by_hand(aux, labels)
+    assert losses["loss"].item() == pytest.approx((main + 0.4 * auxiliary).item(), rel=1e-5)
+    assert losses["loss_aux"].item() == pytest.approx(auxiliary.item(), rel=1e-5)
 
 
 def _head(fuse_upsampler: object, channels: int = 2) -> UperNetHead:
@@ -171,6 +299,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("overrides", [
     *([f"experiment=segmentation/{name}"] for name in EXPERIMENTS),
     ["model=pspnet_r50", "upsampler@ppm_upsampler=carafe", "task.loss_resolution=full"],
+    ["model=psanet_r50", "model.aux_weight=0.4"],
 ], ids=lambda o: "+".join(v.split("=")[1] for v in o[:2]))
 def test_one_training_step_and_evaluation(overrides: list[str], data_dir: Path, tmp_path: Path) -> None:
     cfg = compose([*segmentation_smoke(data_dir), "data.num_classes=8", *overrides])
@@ -183,12 +312,35 @@ def test_one_training_step_and_evaluation(overrides: list[str], data_dir: Path, 
     assert record["history"][0]["train"]["loss"] > 0
 
 
+@pytest.mark.parametrize("model", ["upernet_r50", "pspnet_r50"])
+def test_backbone_weights_load_into_the_segmenter_body(model: str, tmp_path: Path) -> None:
+    """A plain ResNet-50's weights land in UperNet's body and in PSPNet's dilated one (dilation adds no parameter)."""
+    from tasks.common.distributed import World
+    from tasks.common.io import save_checkpoint
+    from tasks.common.resnet import build_resnet
+    from tasks.segmentation.task import SegmentationTask
+
+    plain = build_resnet(50, num_classes=10)
+    save_checkpoint(tmp_path / "imagenet.pth", plain.state_dict())
+    cfg = compose([*segmentation_smoke(tmp_path / "never-written"), f"model={model}",
+                   f"model.backbone_weights={tmp_path / 'imagenet.pth'}"])
+    body = SegmentationTask(cfg, World(0, 1, 0, torch.device("cpu"))).build_model().body.state_dict()
+    expected = {k: v for k, v in plain.state_dict().items() if not k.startswith("fc.")}
+    assert body.keys() == expected.keys()
+    assert all(torch.equal(body[k], v) for k, v in expected.items())
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["model.arch=segformer"], ["model.arch", "segformer"]),
     (["model.ppm_placement=inside"], ["model.ppm_placement"]),
     (["data.pad_to=48"], ["data.pad_to", "multiple of 32"]),
     (["data.train_scales=[]"], ["data.train_scales"]),
     (["task.loss_resolution=half"], ["task.loss_resolution"]),
+    (["model.backbone_weights=/nonexistent.pth"], ["model.backbone_weights=/nonexistent.pth", "not a file"]),
+    (["model.aux_weight=-0.4"], ["model.aux_weight", "-0.4"]),
+    (["model=psanet_r50", "model.psa_mask_size=[58,59]"], ["model.psa_mask_size", "odd"]),
+    (["model=psanet_r50", "upsampler@ppm_upsampler=carafe"], ["psanet", "ppm_upsampler"]),
+    (["model.arch=psanet"], ["model.psa_mask_size", "model=psanet_r50"]),
     (["model=pspnet_r50", "upsampler@fpn_upsampler=carafe"], ["pspnet", "fpn_upsampler"]),
     (["upsampler@fuse_upsampler=carafe", "fuse_upsampler.up_kernel=4"], ["fuse_upsampler", "up_kernel"]),
 ])

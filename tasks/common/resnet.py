@@ -20,12 +20,14 @@ stages a modulated deformable convolution (``tasks.common.deformable``). Where a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from carafe import build_downsampler
 from tasks.common.deformable import ModulatedDeformConv2d
+from tasks.common.io import load_checkpoint
 
 RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STAGES = ("layer1", "layer2", "layer3", "layer4")       # Res-2 .. Res-5 in the papers' naming
@@ -89,3 +91,33 @@ def make_deformable(model: ResNet, stages: Sequence[str]) -> ResNet:
 def count_downsamplers(model: nn.Module, kind: type[nn.Module]) -> int:
     """How many modules of ``kind`` the model holds (the tests check that there are seven)."""
     return sum(isinstance(m, kind) for m in model.modules())
+
+
+def check_backbone_weights(path: str | Path | None) -> None:
+    """The config check behind ``model.backbone_weights``: None / empty (train from scratch) or an existing file."""
+    if path and not Path(path).is_file():
+        raise ValueError(f"model.backbone_weights={path} is not a file; give torchvision's ImageNet ResNet weights "
+                         "(.pth) or a checkpoint of scripts/train.py task=classification")
+
+
+def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
+    """Load ImageNet weights into a task's ResNet body (detection's ``backbone.body``, segmentation's ``body``):
+    torchvision's ``resnet50-*.pth`` state dict or a checkpoint of ``scripts/train.py task=classification`` (same
+    depth and ``downsampler`` as the body). The classifier (``fc.*``) is dropped; the DCNv2 offset / modulation
+    predictors, which an ImageNet ResNet has not, keep their zero initialisation (the DCNv2 paper's recipe); any
+    other key that does not match is an error naming the keys. Dilation (PSPNet's layer3 / layer4) changes no
+    parameter, so a plain ResNet's weights load into a dilated one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.backbone_weights={path} does not exist")
+    state = load_checkpoint(path)
+    state = state.get("model", state)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    predictors = {f"{name}.offset_mask.{param}" for name, module in body.named_modules()
+                  if isinstance(module, ModulatedDeformConv2d) for param in ("weight", "bias")}
+    missing = [key for key in missing if key not in predictors]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the backbone (same depth and downsampler?): "
+                         f"missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}")

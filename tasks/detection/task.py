@@ -20,9 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.distributed import broadcast_object, gather_objects
-from tasks.common.deformable import ModulatedDeformConv2d
-from tasks.common.io import load_checkpoint
-from tasks.common.resnet import RESNET_LAYERS
+from tasks.common.resnet import RESNET_LAYERS, check_backbone_weights, load_backbone_weights
 from tasks.common.speed import noise_image
 from tasks.common.task import Task
 from tasks.detection.data import CocoDetection, coco_paths, collate_detection
@@ -50,9 +48,7 @@ class DetectionTask(Task):
                              "e.g. model.dcn_stages=[c3,c4,c5]")
         if not 0 <= m.trainable_backbone_layers <= 5:
             raise ValueError(f"model.trainable_backbone_layers must be in [0, 5], got {m.trainable_backbone_layers}")
-        if m.backbone_weights and not Path(m.backbone_weights).is_file():
-            raise ValueError(f"model.backbone_weights={m.backbone_weights} is not a file; give torchvision's "
-                             "ImageNet ResNet weights (.pth) or a checkpoint of scripts/train.py task=classification")
+        check_backbone_weights(m.backbone_weights)
         if m.norm == "frozen_bn" and not m.backbone_weights:
             raise ValueError("model.norm=frozen_bn without model.backbone_weights would leave a randomly "
                              "initialised ResNet without normalisation: give ImageNet weights with "
@@ -138,24 +134,3 @@ class DetectionTask(Task):
     def inference_input(self, height: int, width: int) -> Any:
         """A list of one noise image: torchvision's detectors take lists of Tensor[3, H, W]."""
         return [noise_image(height, width).to(self.world.device)]
-
-
-def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
-    """Load ImageNet weights into the detector's ResNet body: torchvision's ``resnet50-*.pth`` state dict or a
-    checkpoint of ``scripts/train.py task=classification`` (same ``downsampler`` as the detector). The classifier
-    (``fc.*``) is dropped; the DCNv2 offset / modulation predictors, which an ImageNet ResNet has not, keep their
-    zero initialisation (the DCNv2 paper's recipe); any other key that does not match is an error naming the keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.backbone_weights={path} does not exist")
-    state = load_checkpoint(path)
-    state = state.get("model", state)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = body.load_state_dict(state, strict=False)
-    predictors = {f"{name}.offset_mask.{param}" for name, module in body.named_modules()
-                  if isinstance(module, ModulatedDeformConv2d) for param in ("weight", "bias")}
-    missing = [key for key in missing if key not in predictors]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the detector's backbone (same depth and downsampler?): "
-                         f"missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}")

@@ -33,15 +33,49 @@ channels and of its reassembly cost; ``ppm_operator_costs`` gives the FLOPs and 
 
 PSPNet: the same ResNet with layer3 / layer4 dilated (output stride 8, Zhao et al.'s setting) and a PPM head
 (pool scales 1, 2, 3, 6; conv3x3 -> 512 + BN + ReLU, dropout 0.1, conv1x1 to the logits); the logits are resized
-bilinearly to the label's size. Simplified from the original: torchvision's ResNet stem (not the deep stem) and no
-auxiliary loss. A dilated ResNet has no stride-2 places in layer3 / layer4, so PSPNet takes no backbone downsampler.
+bilinearly to the label's size. Simplified from the original: torchvision's ResNet stem (not the deep stem). A
+dilated ResNet has no stride-2 places in layer3 / layer4, so PSPNet takes no backbone downsampler.
 
-Not built: PSANet (Zhao et al. 2018, point-wise spatial attention).
+Auxiliary head (``aux_head=True``, the task's ``model.aux_weight`` > 0): mmsegmentation's ``FCNHead`` on C4 (layer3,
+1024 channels; stride 16 for UperNet, 8 for the dilated PSPNet): conv3x3 -> 256 + BN + ReLU, dropout 0.1, conv1x1 to
+the logits, the deep supervision of Zhao et al. 2017 (PSPNet), weighted 0.4 there. Only ``forward(...,
+with_aux=True)`` runs it (the task's training step); evaluation and inference never do. CSAIL's UperNet has none, so
+the default builds no auxiliary head and the model is parameter for parameter the one without the option.
+
+PSANet (Zhao et al. 2018, "PSANet: Point-wise Spatial Attention Network for Scene Parsing", ECCV): the dilated
+ResNet of PSPNet (output stride 8, C5 of h x w) and the bi-directional point-wise spatial attention head:
+
+    for each branch, collect and distribute (own weights):
+        R = conv1x1 2048->512 + BN + ReLU (C5), shrunk bilinearly to h' x w' = ((h-1)//2+1) x ((w-1)//2+1)
+        M = conv1x1 512->512 + BN + ReLU -> conv1x1 -> mh * mw       the "over-completed" mask of every position
+        A = the masks cropped to the map -> Tensor[N, h'w', h'w']     (``point_wise_attention``)
+        Z = R @ A                                                     512 channels
+    conv1x1 1024->2048 + BN + ReLU (concat[Z_collect, Z_distribute]), resized back to h x w;
+    concat with C5 (4096) -> conv3x3 -> 512 + BN + ReLU -> dropout 0.1 -> conv1x1 to the logits (stride 8).
+
+Position i's mask holds one weight per offset d in [-(mh-1)/2, (mh-1)/2] x [-(mw-1)/2, (mw-1)/2]. Collect: i gathers
+z_i = sum_j a_i[j - i] r_j with its own mask; distribute: z_i = sum_j a_j[i - j] r_j, each j spreading its feature
+with its mask. With mh = 2h' - 1, mw = 2w' - 1 every offset on the map is covered: the paper's over-completed map,
+cropped per position to the h' x w' window centred on it. Normalisation: a softmax over the inputs j of each output
+i, as in the authors' released ADE20k model (their Caffe prototxt sets ``is_softmax: true`` with normalisation
+factor 1; their PyTorch code's ``psa_softmax`` is on too); ``psa_softmax=False`` is the Caffe layer's default instead,
+the raw mask divided by mh * mw. The shrink by 2 (bilinear, ``align_corners=True``) and back is the authors'
+``shrink_factor`` 2.
+
+Simplified from the original, which trains and tests on fixed 465 px crops (sliding windows at test time) so that
+its mask size (59 x 59 for ADE20k: C5 59 x 59, shrunk 30 x 30) always covers the whole map: here the mask size is
+fixed at construction (``psa_mask_size``, default that 59 x 59) and whole images of any size go through, so where the
+shrunk map is larger than (mh + 1) / 2 x (mw + 1) / 2 a position attends only within its mask's window (offsets
+beyond it weigh 0: left out of the softmax, where the authors' op would leave a 0 logit). The cropping is plain
+PyTorch (a gather with an index built once per map size), not the authors' PSAMask CUDA op; their ``psa_type``
+option (collect only, distribute only, the "compact" variant) is not offered: always bi-directional, the paper's
+best. torchvision's stem as for PSPNet; the auxiliary head is optional (``aux_head``; the authors train with 0.4).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +88,16 @@ from carafe.ops import check_int
 from tasks.common.resnet import RESNET_LAYERS, build_resnet
 from tasks.common.upsampling import crop_to, init_upsampler_convs
 
-ARCHS = ("upernet", "pspnet")
+ARCHS = ("upernet", "pspnet", "psanet")
+DILATED_ARCHS = ("pspnet", "psanet")  # output stride 8: layer3 / layer4 dilated
+PSA_MODES = ("collect", "distribute")
+PSA_MASK_SIZE = (59, 59)                 # the authors' ADE20k mask (465 px crops: C5 59, shrunk 30 = (59 + 1) / 2)
+PSA_CHANNELS = 512                       # the reduced width of each attention branch
 PPM_PLACEMENTS = ("before_conv", "after_conv")
 POOL_SCALES = (1, 2, 3, 6)
 PPM_CHANNELS = 512                       # CSAIL's per-scale 1x1 conv width
+AUX_CHANNELS = 256                       # mmsegmentation's auxiliary FCNHead width
+AUX_LEVEL = 2                            # the auxiliary head reads C4 (layer3), the third of C2..C5
 RESNET_CHANNELS = (256, 512, 1024, 2048)  # C2..C5 of a bottleneck ResNet
 RETURN_LAYERS = {"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
 
@@ -196,35 +236,163 @@ class PSPHead(nn.Module):
         return self.classifier(self.dropout(self.conv(self.ppm(features[-1]))))
 
 
-class SegmentationModel(nn.Module):
-    """ResNet body (C2..C5) + a head; logits at the head's resolution, or resized to ``output_size``.
+class FCNAuxHead(nn.Module):
+    """mmsegmentation's auxiliary ``FCNHead`` (one conv, no input concat): conv3x3 -> 256 + BN + ReLU, dropout 0.1,
+    conv1x1 to the logits.
 
-    Shape: Tensor[N, 3, H, W] -> Tensor[N, num_classes, h, w] (UperNet h = ceil(H / 4); PSPNet ceil(H / 8)), or
-    Tensor[N, num_classes, *output_size] when it is given.
+    Shape: Tensor[N, 1024, h, w] (C4) -> Tensor[N, num_classes, h, w].
     """
 
-    def __init__(self, resnet: ResNet, head: nn.Module) -> None:
+    def __init__(self, num_classes: int, in_channels: int = RESNET_CHANNELS[AUX_LEVEL],
+                 channels: int = AUX_CHANNELS) -> None:
+        super().__init__()
+        self.conv = conv_bn_relu(in_channels, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(channels, check_int("num_classes", num_classes, 1), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.dropout(self.conv(x)))
+
+
+@lru_cache(maxsize=32)
+def _offset_index(height: int, width: int, mask_h: int, mask_w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For a height x width map and an mh x mw mask: ``index[q, p]`` is the channel of position p's mask that holds
+    the offset q - p (0 where it falls outside the mask) and ``inside[q, p]`` whether it is inside; p, q row-major.
+    Built once per (map size, mask size, device)."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    dy, dx = rows[:, None] - rows[None, :], cols[:, None] - cols[None, :]  # [q, p]: q - p
+    half_h, half_w = (mask_h - 1) // 2, (mask_w - 1) // 2
+    inside = (dy.abs() <= half_h) & (dx.abs() <= half_w)
+    index = torch.where(inside, (dy + half_h) * mask_w + dx + half_w, torch.zeros_like(dy))
+    return index, inside
+
+
+def point_wise_attention(mask: Tensor, mask_size: Sequence[int], mode: str, softmax: bool = True) -> Tensor:
+    """PSANet's attention matrix from the per-position over-completed masks (see the module doc).
+
+    Args:
+        mask: Tensor[N, mh * mw, H, W], position p's weight for offset (dy, dx) in channel
+            (dy + (mh - 1) / 2) * mw + dx + (mw - 1) / 2.
+        mask_size: (mh, mw), both odd.
+        mode: ``"collect"`` (output p gathers input q with weight mask_p[q - p]) or ``"distribute"`` (input q sends
+            to output p with weight mask_q[p - q]).
+        softmax: normalise each output's weights over its inputs by a softmax; otherwise divide by mh * mw.
+            Inputs outside the mask's window weigh 0 either way.
+
+    Returns:
+        Tensor[N, HW, HW] ``A`` with ``A[n, q, p]`` the weight of input q in output p, so that
+        ``features.flatten(2) @ A`` aggregates Tensor[N, C, H, W] features (row-major positions).
+    """
+    if mode not in PSA_MODES:
+        raise ValueError(f"PSA mode must be one of {', '.join(PSA_MODES)}, got {mode!r}")
+    mask_h, mask_w = (check_int("PSA mask size", s, 1) for s in mask_size)
+    if mask_h % 2 == 0 or mask_w % 2 == 0:
+        raise ValueError(f"PSA mask size must be odd (a centre offset 0), got {tuple(mask_size)}")
+    n, channels, height, width = mask.shape
+    if channels != mask_h * mask_w:
+        raise ValueError(f"a {mask_h} x {mask_w} PSA mask needs {mask_h * mask_w} channels, got {channels}")
+    index, inside = _offset_index(height, width, mask_h, mask_w, mask.device)
+    # gathered[n, q, p] = mask_p[q - p]: collect's matrix; distribute's is its transpose (A[q, p] = mask_q[p - q])
+    gathered = torch.gather(mask.flatten(2), 1, index.expand(n, -1, -1))
+    if mode == "distribute":
+        gathered, inside = gathered.transpose(1, 2), inside.t()
+    if softmax:
+        return gathered.masked_fill(~inside, float("-inf")).softmax(1)
+    return gathered.masked_fill(~inside, 0.0) / (mask_h * mask_w)
+
+
+class PSAHead(nn.Module):
+    """PSANet's bi-directional point-wise spatial attention head (see the module doc).
+
+    Shape: [..., Tensor[N, 2048, h, w]] -> Tensor[N, num_classes, h, w] (only the last map is used).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 2048, mask_size: Sequence[int] = PSA_MASK_SIZE,
+                 shrink_factor: int = 2, softmax: bool = True) -> None:
+        super().__init__()
+        self.mask_size = tuple(check_int("psa_mask_size", s, 3) for s in mask_size)
+        if len(self.mask_size) != 2 or any(s % 2 == 0 for s in self.mask_size):
+            raise ValueError(f"psa_mask_size must be two odd integers >= 3, got {tuple(mask_size)}")
+        self.shrink_factor = check_int("psa_shrink_factor", shrink_factor, 1)
+        self.softmax = bool(softmax)
+        mask_channels = self.mask_size[0] * self.mask_size[1]
+        self.reduce = nn.ModuleDict({mode: conv_bn_relu(in_channels, PSA_CHANNELS, 1) for mode in PSA_MODES})
+        self.attention = nn.ModuleDict({mode: nn.Sequential(conv_bn_relu(PSA_CHANNELS, PSA_CHANNELS, 1),
+                                                            nn.Conv2d(PSA_CHANNELS, mask_channels, 1, bias=False))
+                                        for mode in PSA_MODES})
+        self.project = conv_bn_relu(len(PSA_MODES) * PSA_CHANNELS, in_channels, 1)
+        self.conv = conv_bn_relu(2 * in_channels, PPM_CHANNELS, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(PPM_CHANNELS, check_int("num_classes", num_classes, 1), 1)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        x = features[-1]
+        size = tuple(x.shape[-2:])
+        shrunk = tuple((s - 1) // self.shrink_factor + 1 for s in size)
+        aggregated = []
+        for mode in PSA_MODES:
+            reduced = self.reduce[mode](x)
+            if shrunk != size:
+                reduced = F.interpolate(reduced, size=shrunk, mode="bilinear", align_corners=True)
+            attention = point_wise_attention(self.attention[mode](reduced), self.mask_size, mode, self.softmax)
+            aggregated.append(torch.bmm(reduced.flatten(2), attention.to(reduced.dtype)).view_as(reduced))
+        context = self.project(torch.cat(aggregated, 1))
+        if shrunk != size:
+            context = F.interpolate(context, size=size, mode="bilinear", align_corners=True)
+        return self.classifier(self.dropout(self.conv(torch.cat([x, context], 1))))
+
+    def extra_repr(self) -> str:
+        return f"mask_size={self.mask_size}, shrink_factor={self.shrink_factor}, softmax={self.softmax}"
+
+
+class SegmentationModel(nn.Module):
+    """ResNet body (C2..C5) + a head (+ an optional auxiliary head on C4, run only with ``with_aux=True``); logits at
+    the head's resolution, or resized to ``output_size``.
+
+    Shape: Tensor[N, 3, H, W] -> Tensor[N, num_classes, h, w] (UperNet h = ceil(H / 4); PSPNet, PSANet ceil(H / 8)), or
+    Tensor[N, num_classes, *output_size] when it is given. With ``with_aux=True``: (those logits, the auxiliary
+    logits Tensor[N, num_classes, h4, w4] at C4's size, or at ``output_size`` when it is given).
+    """
+
+    def __init__(self, resnet: ResNet, head: nn.Module, aux_head: nn.Module | None = None) -> None:
         super().__init__()
         self.body = IntermediateLayerGetter(resnet, return_layers=dict(RETURN_LAYERS))
         self.head = head
+        if aux_head is not None:  # no attribute at all otherwise: the state dict is the one without the option
+            self.aux_head = aux_head
 
-    def forward(self, images: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
-        logits = self.head(list(self.body(images).values()))
-        return logits if output_size is None else resize(logits, output_size)
+    def forward(self, images: Tensor, output_size: Sequence[int] | None = None,
+                with_aux: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        features = list(self.body(images).values())
+        logits = self.head(features)
+        logits = logits if output_size is None else resize(logits, output_size)
+        if not with_aux:
+            return logits
+        if not hasattr(self, "aux_head"):
+            raise ValueError("with_aux=True needs a model built with an auxiliary head (model.aux_weight > 0)")
+        aux = self.aux_head(features[AUX_LEVEL])
+        return logits, (aux if output_size is None else resize(aux, output_size))
 
 
 def build_segmenter(arch: str = "upernet", depth: int = 50, num_classes: int = 150, fpn_dim: int = 512,
                     pool_scales: Sequence[int] = POOL_SCALES, ppm_upsampler: object = None,
                     fpn_upsampler: object = None, fuse_upsampler: object = None, backbone_downsampler: object = None,
-                    ppm_placement: str = "before_conv") -> SegmentationModel:
-    """UperNet or PSPNet on ResNet-``depth`` (no pretrained weights) for ``num_classes`` classes.
+                    ppm_placement: str = "before_conv", aux_head: bool = False,
+                    psa_mask_size: Sequence[int] = PSA_MASK_SIZE, psa_shrink_factor: int = 2,
+                    psa_softmax: bool = True) -> SegmentationModel:
+    """UperNet, PSPNet or PSANet on ResNet-``depth`` (no pretrained weights) for ``num_classes`` classes.
 
     Args:
         ppm_upsampler, fpn_upsampler, fuse_upsampler: ``carafe.build_upsampler`` specs, or None for CSAIL's direct
-            bilinear resize (see the module doc). PSPNet has only the PPM slot.
+            bilinear resize (see the module doc). PSPNet has only the PPM slot, PSANet none.
         backbone_downsampler: a ``carafe.build_downsampler`` spec for the ResNet's seven downsampling places (CARAFE++
             Table IX "backbone"), or None for torchvision's strided convs. UperNet only.
         ppm_placement: ``"before_conv"`` (CSAIL's order) or ``"after_conv"``.
+        aux_head: add the auxiliary FCN head on C4 (built last, so the other parameters draw the same random
+            numbers with or without it).
+        psa_mask_size, psa_shrink_factor, psa_softmax: PSANet's mask size (mh, mw), both odd, shrink before the
+            attention and normalisation (see the module doc). PSANet only.
     """
     if not isinstance(arch, str) or arch not in ARCHS:
         raise ValueError(f"unknown segmentation arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -235,21 +403,33 @@ def build_segmenter(arch: str = "upernet", depth: int = 50, num_classes: int = 1
         head: nn.Module = UperNetHead(num_classes, RESNET_CHANNELS, fpn_dim, pool_scales, ppm_upsampler,
                                       fpn_upsampler, fuse_upsampler, ppm_placement)
     else:
-        unused = {k: v for k, v in (("fpn_upsampler", fpn_upsampler), ("fuse_upsampler", fuse_upsampler),
-                                    ("backbone_downsampler", backbone_downsampler)) if v is not None}
+        slots = (("ppm_upsampler", ppm_upsampler),) if arch == "psanet" else ()
+        slots += (("fpn_upsampler", fpn_upsampler), ("fuse_upsampler", fuse_upsampler),
+                  ("backbone_downsampler", backbone_downsampler))
+        unused = [k for k, v in slots if v is not None]
         if unused:
-            raise ValueError(f"PSPNet has no {', '.join(unused)} slot (a dilated ResNet has no stride-2 places in "
-                             "layer3 / layer4, and no FPN); leave them null")
+            raise ValueError(f"{'PSPNet' if arch == 'pspnet' else 'PSANet'} has no {', '.join(unused)} slot (a "
+                             "dilated ResNet has no stride-2 places in layer3 / layer4, and no FPN"
+                             f"{'' if arch == 'pspnet' else ' or PPM'}); leave them null")
         resnet = ResNet(Bottleneck, list(RESNET_LAYERS[depth]), replace_stride_with_dilation=[False, True, True])
-        head = PSPHead(num_classes, RESNET_CHANNELS[-1], pool_scales, ppm_upsampler, ppm_placement)
+        if arch == "pspnet":
+            head = PSPHead(num_classes, RESNET_CHANNELS[-1], pool_scales, ppm_upsampler, ppm_placement)
+        else:
+            head = PSAHead(num_classes, RESNET_CHANNELS[-1], psa_mask_size, psa_shrink_factor, psa_softmax)
     for m in head.modules():
         if isinstance(m, nn.Conv2d) and not _inside_upsampler(m, head):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    return SegmentationModel(resnet, head)
+    aux = FCNAuxHead(num_classes) if aux_head else None
+    for m in aux.modules() if aux is not None else ():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return SegmentationModel(resnet, head, aux)
 
 
 def _inside_upsampler(conv: nn.Conv2d, head: nn.Module) -> bool:
-    slots = [getattr(head, name, None) for name in ("fpn_upsamplers", "fuse_upsamplers")] + [head.ppm.upsamplers]
+    ppm = getattr(head, "ppm", None)
+    slots = [getattr(head, name, None) for name in ("fpn_upsamplers", "fuse_upsamplers")]
+    slots += [ppm.upsamplers] if ppm is not None else []
     return any(conv is m for slot in slots if slot is not None for m in slot.modules())
 
 

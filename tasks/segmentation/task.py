@@ -1,5 +1,5 @@
-"""The segmentation task for the shared engine: config -> UperNet / PSPNet + ADE20k folders, per-pixel cross-entropy
-(label 0 ignored), pixel accuracy and mIoU (ICCV 2019 Tables 5, 6; CARAFE++ Tables VIII, IX).
+"""The segmentation task for the shared engine: config -> UperNet / PSPNet / PSANet + ADE20k folders, per-pixel
+cross-entropy (label 0 ignored), pixel accuracy and mIoU (ICCV 2019 Tables 5, 6; CARAFE++ Tables VIII, IX).
 
 Metrics (``metrics.json``): ``mIoU``, ``pixel_acc``, ``IoU/<class>`` for each class with a non-empty union, ``loss``
 (mean per-pixel cross-entropy at label resolution) and ``pixels`` (labelled pixels scored); see
@@ -8,7 +8,7 @@ Metrics (``metrics.json``): ``mIoU``, ``pixel_acc``, ``IoU/<class>`` for each cl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,15 +20,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.distributed import all_reduce_sum
-from tasks.common.resnet import RESNET_LAYERS
+from tasks.common.resnet import RESNET_LAYERS, check_backbone_weights, load_backbone_weights
 from tasks.common.task import Task
 from tasks.segmentation.data import (ADE20kSegmentation, ade_class_names, ade_split_folders,
                                      collate_segmentation)
 from tasks.segmentation.metrics import confusion_matrix, segmentation_scores
-from tasks.segmentation.model import ARCHS, PPM_PLACEMENTS, build_segmenter
+from tasks.segmentation.model import ARCHS, DILATED_ARCHS, PPM_PLACEMENTS, build_segmenter
 from tasks.segmentation.synthetic import CLASS_NAMES, ensure_synthetic_ade
 
 LOSS_RESOLUTIONS = ("quarter", "full")
+PSA_KEYS = ("psa_mask_size", "psa_shrink_factor", "psa_softmax")  # in model=psanet_* only
 
 
 class SegmentationTask(Task):
@@ -46,10 +47,27 @@ class SegmentationTask(Task):
             raise ValueError(f"model.ppm_placement={m.ppm_placement!r} is not one of {', '.join(PPM_PLACEMENTS)}")
         if not isinstance(m.fpn_dim, int) or m.fpn_dim < 1:
             raise ValueError(f"model.fpn_dim must be an integer >= 1, got {m.fpn_dim!r}")
-        if m.arch == "pspnet":
-            used = [k for k in ("fpn_upsampler", "fuse_upsampler", "downsampler") if cfg.get(k) is not None]
+        check_backbone_weights(m.backbone_weights)
+        if isinstance(m.aux_weight, bool) or not isinstance(m.aux_weight, (int, float)) or m.aux_weight < 0:
+            raise ValueError(f"model.aux_weight must be a number >= 0 (0: no auxiliary head), got {m.aux_weight!r}")
+        if m.arch in DILATED_ARCHS:
+            slots = ("ppm_upsampler",) * (m.arch == "psanet") + ("fpn_upsampler", "fuse_upsampler", "downsampler")
+            used = [k for k in slots if cfg.get(k) is not None]
             if used:
-                raise ValueError(f"model.arch=pspnet has no {', '.join(used)} slot; set them to null")
+                raise ValueError(f"model.arch={m.arch} has no {', '.join(used)} slot; set them to null")
+        if m.arch == "psanet":
+            missing = [k for k in PSA_KEYS if k not in m]
+            if missing:
+                raise ValueError(f"model.arch=psanet needs model.{', model.'.join(missing)}: start from "
+                                 "model=psanet_r50 (or psanet_r101)")
+            size = m.psa_mask_size
+            if (not isinstance(size, Sequence) or len(size) != 2
+                    or any(not isinstance(s, int) or s < 3 or s % 2 == 0 for s in size)):
+                raise ValueError(f"model.psa_mask_size must be two odd integers >= 3 (rows, columns), got {size}")
+            if not isinstance(m.psa_shrink_factor, int) or m.psa_shrink_factor < 1:
+                raise ValueError(f"model.psa_shrink_factor must be an integer >= 1, got {m.psa_shrink_factor!r}")
+            if not isinstance(m.psa_softmax, bool):
+                raise ValueError(f"model.psa_softmax must be true or false, got {m.psa_softmax!r}")
         scales = list(data.train_scales)
         if not scales or any(not isinstance(s, int) or s < 1 for s in scales):
             raise ValueError(f"data.train_scales must be a non-empty list of integers >= 1, got {scales}")
@@ -87,11 +105,15 @@ class SegmentationTask(Task):
             node = self.cfg.get(key)
             return instantiate(node) if node is not None else None
 
-        return build_segmenter(arch=m.arch, depth=m.depth, num_classes=self.cfg.data.num_classes,
-                               fpn_dim=m.fpn_dim, pool_scales=tuple(m.pool_scales),
-                               ppm_upsampler=slot("ppm_upsampler"), fpn_upsampler=slot("fpn_upsampler"),
-                               fuse_upsampler=slot("fuse_upsampler"), backbone_downsampler=slot("downsampler"),
-                               ppm_placement=m.ppm_placement)
+        model = build_segmenter(arch=m.arch, depth=m.depth, num_classes=self.cfg.data.num_classes,
+                                fpn_dim=m.fpn_dim, pool_scales=tuple(m.pool_scales),
+                                ppm_upsampler=slot("ppm_upsampler"), fpn_upsampler=slot("fpn_upsampler"),
+                                fuse_upsampler=slot("fuse_upsampler"), backbone_downsampler=slot("downsampler"),
+                                ppm_placement=m.ppm_placement, aux_head=m.aux_weight > 0,
+                                **({k: m[k] for k in PSA_KEYS} if m.arch == "psanet" else {}))
+        if m.backbone_weights:
+            load_backbone_weights(model.body, m.backbone_weights)
+        return model
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         data = self.cfg.data
@@ -107,16 +129,24 @@ class SegmentationTask(Task):
         return partial(collate_segmentation, pad_to=self.cfg.data.pad_to)
 
     def train_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Cross-entropy over labelled pixels; ``task.loss_resolution``: ``quarter`` compares the 1/4 logits with
-        the labels nearest-subsampled to that size (CSAIL's ``segm_downsampling_rate`` 4), ``full`` resizes the
-        logits bilinearly to the labels' size."""
+        """Cross-entropy over labelled pixels; ``task.loss_resolution``: ``quarter`` compares the head's logits
+        (1/4 for UperNet) with the labels nearest-subsampled to that size (CSAIL's ``segm_downsampling_rate``),
+        ``full`` resizes the logits bilinearly to the labels' size. With ``model.aux_weight`` > 0 the auxiliary
+        head's logits (C4) are resized bilinearly to the size of the labels the main loss uses and scored with the
+        same cross-entropy: ``loss = main + aux_weight * aux`` (``loss_main`` and ``loss_aux`` logged too)."""
         images, labels = batch["images"], batch["labels"]
-        logits = model(images)
+        aux_weight = self.cfg.model.aux_weight
+        logits, aux_logits = model(images, with_aux=True) if aux_weight > 0 else (model(images), None)
         if self.cfg.task.loss_resolution == "full":
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         else:
             labels = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
-        return {"loss": F.cross_entropy(logits.float(), labels - 1, ignore_index=-1)}
+        loss = F.cross_entropy(logits.float(), labels - 1, ignore_index=-1)
+        if aux_logits is None:
+            return {"loss": loss}
+        aux_logits = F.interpolate(aux_logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        aux_loss = F.cross_entropy(aux_logits.float(), labels - 1, ignore_index=-1)
+        return {"loss": loss + aux_weight * aux_loss, "loss_main": loss, "loss_aux": aux_loss}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
