@@ -10,13 +10,15 @@ EXTRAS ?= repro,onnx,cuda,dev
 LOCK   := requirements.lock
 # reproduce-table-*: SCALE=tiny (embedded data) or paper (DATA_ROOT=/path/to/dataset); NPROC processes per run;
 # OVERRIDES="key=value ..." Hydra overrides for every row (e.g. model.backbone_weights=... for detection);
-# SEEDS=N runs seeds 0..N-1 of every row (default: the table spec's `seeds`).
+# SEEDS=N runs seeds 0..N-1 of every row (default: the table spec's `seeds`); BACKBONES=DIR gives each detection /
+# segmentation row the ImageNet weights of its own backbone, DIR/<name>.pt (tasks/common/backbones.py).
 comma := ,
 SCALE     ?= tiny
 DATA_ROOT ?=
 NPROC     ?= 1
 OVERRIDES ?=
 SEEDS     ?=
+BACKBONES ?=
 
 .PHONY: setup lock test test-fast bench op-costs clean reproduce-tables figure-9
 
@@ -55,7 +57,7 @@ op-costs: $(STAMP)
 # each one's title, rows and the runs it shares with other tables.
 reproduce-table-%: $(STAMP)
 	$(PY) scripts/reproduce.py $* --scale $(SCALE) --nproc $(NPROC) $(if $(SEEDS),--seeds $(SEEDS)) \
-		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(OVERRIDES)
+		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(BACKBONES),--backbones $(BACKBONES)) $(OVERRIDES)
 
 # ICCV 2019 Figure 9 from Table 7's seed-0 Global&Local runs, with and without CARAFE (run reproduce-table-7 first).
 figure-9: $(STAMP)

@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--from", dest="extra", type=Path, action="append", default=[],
                         help="a folder (e.g. a multirun sweep) or a rendered table JSON to take finished runs "
                              "from; repeatable")
+    parser.add_argument("--backbones", type=Path, default=os.environ.get("BACKBONES") or None,
+                        help="a folder of ImageNet backbone weights, <name>.pt per backbone (resnet50, "
+                             "resnet50-carafe, ...): each detection / segmentation row loads its own "
+                             "(tasks/common/backbones.py)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results", help="where the table is written")
     parser.add_argument("--render-only", action="store_true", help="run nothing; render what is finished")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) for GPUs")
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
     try:
         spec = load_table_spec(args.table)
-        compose_rows(spec, args.scale, extra, args.seeds)
+        compose_rows(spec, args.scale, extra, args.seeds, args.backbones)
         found = index_runs(args.runs, *args.extra)
     except TableSpecError as error:
         print(f"reproduce: {error}", file=sys.stderr)

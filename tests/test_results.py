@@ -152,6 +152,28 @@ def test_a_bad_row_fails_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -
     assert results  # the module under test
 
 
+def test_each_row_gets_the_imagenet_backbone_it_has(tmp_path: Path) -> None:
+    # CARAFE++ Table III: six downsamplers in the backbone, so six ImageNet backbones; Table I adds ResNet-101
+    # (its DCNv2 rows load the plain ResNet-101 weights)
+    spec = load_table_spec("pp-3")
+    with pytest.raises(TableSpecError, match=r"(?s)missing from .*resnet50-dpp\.pt: the checkpoint\.pt of "
+                                             r"`scripts/train\.py task=classification model=resnet50 .*downsampler=dpp`"):
+        compose_rows(spec, "tiny", seeds=1, backbones=tmp_path)
+    names = ["resnet50", "resnet50-max_pool", "resnet50-avg_pool", "resnet50-dpp", "resnet50-lip", "resnet50-carafe"]
+    for name in names:
+        (tmp_path / f"{name}.pt").touch()
+    compose_rows(spec, "tiny", seeds=1, backbones=tmp_path)
+    assert [row.config.model.backbone_weights for row in spec.rows] == [str(tmp_path / f"{n}.pt") for n in names]
+    table_i = load_table_spec("pp-1")
+    for name in ("resnet101", "resnet101-carafe"):
+        (tmp_path / f"{name}.pt").touch()
+    compose_rows(table_i, "tiny", seeds=1, backbones=tmp_path)
+    for row in table_i.rows:
+        expected = "resnet101-carafe" if row.config.get("downsampler") is not None else "resnet101"
+        assert row.config.model.backbone_weights == str(tmp_path / f"{expected}.pt"), row.label
+    assert any(row.config.model.dcn_stages for row in table_i.rows)
+
+
 def test_table_2_costs_are_the_papers_printed_figures() -> None:
     from carafe.costs import paper_round
 

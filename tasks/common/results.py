@@ -50,6 +50,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from carafe.costs import paper_round
+from tasks.common.backbones import BACKBONE_KEY, backbone_name, missing_backbones, takes_backbone_weights
 from tasks.common.experiment import CONF_DIR, METRICS_NAME, compose, config_hash, read_record, validate
 from tasks.common.io import write_json_atomic, write_text_atomic
 from tasks.common.provenance import REPO_ROOT
@@ -109,6 +110,7 @@ class Row:
     runs: list[SeedRun] = field(default_factory=lambda: [SeedRun(0)])
     measured: dict[str, float] = field(default_factory=dict)   # "speed.*" and "cost.*" values
     measure_problem: str = ""   # why the speed / cost values are missing
+    backbone: list[str] = field(default_factory=list)   # model.backbone_weights=..., from compose_rows(backbones=)
 
     @property
     def config(self) -> DictConfig | None:
@@ -292,12 +294,15 @@ def load_table_spec(name: str) -> TableSpec:
 def row_overrides(spec: TableSpec, row: Row, scale: str, extra: list[str] = (),
                   run: SeedRun | None = None) -> list[str]:
     """The overrides of ``scripts/train.py`` for one seed of a row (seed 0 when ``run`` is None)."""
-    return [*spec.overrides, *row.overrides, f"scale={scale}", *extra, *(run.overrides if run else [])]
+    return [*spec.overrides, *row.overrides, f"scale={scale}", *extra, *row.backbone, *(run.overrides if run else [])]
 
 
-def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int | None = None) -> None:
+def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int | None = None,
+                 backbones: Path | None = None) -> None:
     """Compose and validate every row and seed (so a bad row fails before any training) and fill in their config
-    hashes. ``seeds`` (default: the spec's for ``scale``) seeds per row: 0 .. seeds-1."""
+    hashes. ``seeds`` (default: the spec's for ``scale``) seeds per row: 0 .. seeds-1. With ``backbones`` (a
+    folder), every row that takes backbone weights gets ``model.backbone_weights=<backbones>/<name>.pt`` for the
+    backbone it has (``tasks.common.backbones``); a missing file fails here, naming the run that makes it."""
     seeds = spec.seeds_at(scale) if seeds is None else seeds
     if seeds < 1:
         raise TableSpecError(f"table {spec.name}: seeds={seeds}; give a whole number >= 1")
@@ -305,6 +310,17 @@ def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int 
     if seeds > 1 and fixed_seed:
         raise TableSpecError(f"table {spec.name}: {fixed_seed[0]} fixes the seed of every run, but the table runs "
                              f"{seeds} seeds (run.seed=0..{seeds - 1}); drop the override or ask for 1 seed")
+    needed: dict[Path, DictConfig] = {}
+    for row in spec.rows:
+        if backbones is not None:
+            plain = compose(row_overrides(spec, row, scale, extra))
+            if takes_backbone_weights(plain):
+                path = Path(backbones).absolute() / f"{backbone_name(plain)}.pt"
+                needed[path] = plain
+                row.backbone = [f"{BACKBONE_KEY}={path}"]
+    missing = missing_backbones(needed)
+    if missing:
+        raise TableSpecError(f"table {spec.name}: backbone weights missing from {backbones}:\n{missing}")
     for row in spec.rows:
         row.runs = [SeedRun(seed) for seed in range(seeds)]
         for run in row.runs:
