@@ -442,6 +442,21 @@ def test_the_figure_is_a_png_with_every_row(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["table-demo.png"]
 
 
+def test_a_grid_with_a_flops_column_plots_the_flops_on_a_second_axis(tmp_path: Path) -> None:
+    from tasks.common.figures import flops_per_row
+
+    spec = load_table_spec("8")
+    compose_rows(spec, "tiny", seeds=1)
+    results.measure_costs(spec)
+    flops = flops_per_row(spec)
+    assert flops[:5] == sorted(flops[:5]) and all(v > 0 for v in flops)  # C_m = 16 ... 256: more channels, more FLOPs
+    assert flops_per_row(load_table_spec("pp-12")) is None  # no FLOPs column
+    for row, ap in zip(spec.rows, range(len(spec.rows))):
+        row.runs[0].record = {"metrics": {"bbox_AP": 10.0 + ap}}
+    written = results.write_table(spec, {"scale": "tiny", "commit": "abc"}, tmp_path)
+    assert tmp_path / "figures" / "table-8.png" in written
+
+
 def test_plot_and_seeds_settings_are_checked() -> None:
     spec = load_table_spec("pp-12")
     assert spec.plot.column == "top1" and len(spec.plot.x_ticks) == len(spec.rows)

@@ -1,5 +1,7 @@
 """A table's figure (``plot:`` in its spec): the measured column per row, mean ± sample std over the seeds with
-every seed as a dot, beside the paper's figure; written to ``results/figures/table-<name>.png``."""
+every seed as a dot, beside the paper's figure, and, for a table with a FLOPs column (the operator's cost, measured
+by the cost code), the FLOPs per row on a second y-axis of the paper's panel; written to
+``results/figures/table-<name>.png``."""
 
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ def _ours(spec: TableSpec, column_key: str) -> list[tuple[list[float], float | N
     return points
 
 
+def flops_per_row(spec: TableSpec) -> list[float | None] | None:
+    """The rows' measured ``cost.flops`` (None where a row has none), or None for a table without a FLOPs column."""
+    if not any(c.metric == "cost.flops" for c in spec.columns):
+        return None
+    return [row.measured.get("cost.flops") for row in spec.rows]
+
+
 def write_table_figure(spec: TableSpec, provenance: dict[str, Any], path: str | Path) -> None:
     """Plot ``spec.plot.column`` of the rendered rows to ``path`` (PNG, replaced atomically). At scale=paper the
     paper's figures and ours share one y-axis; at any other scale they are two panels, ours labelled as not the
@@ -53,6 +62,14 @@ def write_table_figure(spec: TableSpec, provenance: dict[str, Any], path: str | 
     if paper_points:
         paper_axis.plot(*zip(*paper_points), "s", color="tab:gray", label="paper")
     paper_axis.set_ylabel(f"{column.header} (paper)")
+    flops = flops_per_row(spec)
+    if flops is not None and any(v is not None for v in flops):
+        cost_axis = paper_axis.twinx()
+        cost_axis.plot(*zip(*[(i, v) for i, v in zip(x, flops) if v is not None]), "^--", color="tab:orange",
+                       alpha=0.8, label="FLOPs (right axis)")
+        cost_axis.set_ylabel("FLOPs per input pixel", color="tab:orange")
+        cost_axis.tick_params(axis="y", colors="tab:orange")
+        cost_axis.legend(fontsize=8, loc="lower right")
     labelled = False
     for i, (values, mean, std, _) in enumerate(ours):
         ours_axis.plot([i] * len(values), values, ".", color="tab:blue", alpha=0.4)
