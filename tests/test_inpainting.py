@@ -18,6 +18,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from carafe.modules import CARAFEPack
 from experiment_helpers import inpainting_smoke, load_script
+from tasks.common.distributed import World
 from tasks.common.engine import Schedule, build_optimizers
 from tasks.common.experiment import ConfigError, compose, run_experiment
 from tasks.common.io import load_checkpoint
@@ -48,6 +49,35 @@ def test_one_gan_step_and_evaluation(experiment: str, data_dir: Path, tmp_path: 
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert set(state["optimizers"]) == set(state["schedulers"]) == {"discriminator", "generator"}
     assert "optimizer" not in state
+
+
+@pytest.mark.parametrize("generator", ["global_local", "partial_conv"])
+@pytest.mark.parametrize("upsampler", [None, "nearest", "bilinear", "pixel_shuffle", "dysample", "carafe"])
+def test_one_discriminator_and_one_generator_step_on_64_px_images(generator: str, upsampler: str | None) -> None:
+    cfg = compose(["task=inpainting", f"model={generator}", "data.image_size=64", "model.base_channels=8",
+                   "model.discriminator_channels=[8,16,16]", *([f"upsampler={upsampler}"] if upsampler else [])])
+    assert (cfg.upsampler is None) == (upsampler is None)
+    task = InpaintingTask(cfg, World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    torch.manual_seed(0)
+    model = task.build_model()
+    optimizers = {part: torch.optim.Adam(task.part_parameters(model, part), lr=1e-3) for part in task.optimizer_parts}
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[:, :, 16:40, 20:52] = 1
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    carry: dict = {}
+    for part in task.optimizer_parts:  # the engine's order: discriminator, then generator
+        losses = task.train_part(model, (images, masks), part, carry)
+        assert torch.isfinite(losses["loss"]), part
+        optimizers[part].zero_grad()
+        losses["loss"].backward()
+        for name, p in getattr(model, part).named_parameters():  # the loss reaches every parameter of the part
+            assert p.grad is not None and torch.isfinite(p.grad).all(), f"{part}.{name}"
+        optimizers[part].step()
+        weights = [(name, p) for name, p in getattr(model, part).named_parameters() if name.endswith("weight")]
+        assert all(not torch.equal(p.detach(), before[f"{part}.{name}"]) for name, p in weights), part
+    composite = carry["composite"].detach()
+    assert composite.shape == images.shape and torch.equal(composite * (1 - masks), images * (1 - masks))
 
 
 def test_resume_of_a_gan_run_gives_the_uninterrupted_weights(data_dir: Path, tmp_path: Path) -> None:
