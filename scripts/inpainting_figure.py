@@ -21,8 +21,8 @@ import torch
 
 from tasks.common.distributed import World
 from tasks.common.engine import prepared_datasets
-from tasks.common.qualitative import (check_same_data, enlarge, figure_parser, load_finished_run, provenance,
-                                      runs_and_labels, validation_data, write_figure)
+from tasks.common.qualitative import (check_same_data, enlarge, figure_main, load_finished_run, provenance,
+                                      validation_data, write_figure)
 from tasks.inpainting.figures import comparison_grid, masked_input
 
 SHARED_DATA_KEYS = ("root", "image_size", "val_mask_kind", "val_mask_seed")
@@ -60,10 +60,8 @@ def figure(run_dirs: list[Path], count: int, out: Path, device: str = "cpu", zoo
 
 
 def main() -> None:
-    args = figure_parser(__doc__, FIGURE_9_ROWS, "results/figures/figure-9.png").parse_args()
-    runs, labels = runs_and_labels(args)
-    path = figure(runs, args.count, args.out, args.device, args.zoom, labels)
-    print(f"wrote {path} and {path.with_suffix('.md')}: columns masked input, {', '.join(labels)}, original")
+    figure_main(__doc__, FIGURE_9_ROWS, "results/figures/figure-9.png", figure,
+                lambda labels: f"masked input, {', '.join(labels)}, original")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ provenance caption (``<name>.md``) beside it.
 
 Both scripts take the runs either from ``results/table-<name>.json`` (``--table``, ``--rows``, ``--seed``) or as run
 folders, one column each, and the same ``--count``, ``--zoom``, ``--labels``, ``--out``, ``--device`` options
-(``figure_parser``).
+(``figure_parser``); ``figure_main`` is their ``main``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,20 @@ def runs_and_labels(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
     if len(labels) != len(runs):
         sys.exit(f"--labels names {len(labels)} runs but {len(runs)} were given")
     return runs, labels
+
+
+def figure_main(description: str, default_rows: Sequence[str], default_out: str,
+                figure: Callable[..., Path], columns: Callable[[list[str]], str]) -> None:
+    """A figure script's ``main``: parse ``figure_parser``'s arguments, call ``figure(runs, count, out, device, zoom,
+    labels)`` and print what it wrote (``columns(labels)`` names the columns); exits with the reason, without a
+    traceback, when the runs cannot make the figure."""
+    args = figure_parser(description, default_rows, default_out).parse_args()
+    runs, labels = runs_and_labels(args)
+    try:
+        path = figure(runs, args.count, args.out, args.device, args.zoom, labels)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {path} and {path.with_suffix('.md')}: columns {columns(labels)}")
 
 
 def load_finished_run(run_dir: Path, task_name: str, world: World) -> tuple[Any, Task, nn.Module]:
@@ -179,7 +193,8 @@ def provenance(out: Path, summary: str, labels: Sequence[str], run_dirs: Sequenc
                      f"{record.get('scale', '?')} | {record.get('finished_at', '?')} |")
     for paragraph in details:
         lines += ["", paragraph]
-    lines += ["", f"Written by `python {script} {' '.join(sys.argv[1:])}` at commit {git_commit()} on {utc_now()}."]
+    command = " ".join([f"python {script}", *sys.argv[1:]])
+    lines += ["", f"Written by `{command}` at commit {git_commit()} on {utc_now()}."]
     if tiny_note and any(record.get("scale") == "tiny" for record in records):
         lines += ["", f"Tiny scale: {tiny_note}"]
     return "\n".join(lines) + "\n"
