@@ -20,7 +20,7 @@ OVERRIDES ?=
 SEEDS     ?=
 BACKBONES ?=
 
-.PHONY: setup lock test test-fast bench op-costs clean reproduce-tables figure-9
+.PHONY: setup lock test test-fast bench op-costs clean reproduce-tables figure-8 figure-9
 
 setup: $(STAMP)
 
@@ -59,6 +59,9 @@ reproduce-table-%: $(STAMP)
 	$(PY) scripts/reproduce.py $* --scale $(SCALE) --nproc $(NPROC) $(if $(SEEDS),--seeds $(SEEDS)) \
 		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(BACKBONES),--backbones $(BACKBONES)) $(OVERRIDES)
 
+# ICCV 2019 Figure 8 from Table 5's seed-0 UperNet runs, with and without CARAFE (run reproduce-table-5 first).
+figure-8: $(STAMP)
+	$(PY) scripts/segmentation_figure.py --table 5 --out results/figures/figure-8.png $(if $(filter tiny,$(SCALE)),--zoom 3)
 # ICCV 2019 Figure 9 from Table 7's seed-0 Global&Local runs, with and without CARAFE (run reproduce-table-7 first).
 figure-9: $(STAMP)
 	$(PY) scripts/inpainting_figure.py --table 7 --out results/figures/figure-9.png $(if $(filter tiny,$(SCALE)),--zoom 3)

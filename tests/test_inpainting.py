@@ -22,6 +22,7 @@ from tasks.common.distributed import World
 from tasks.common.engine import Schedule, build_optimizers
 from tasks.common.experiment import ConfigError, compose, run_experiment
 from tasks.common.io import load_checkpoint
+from tasks.common.qualitative import FigureError, runs_of_table
 from tasks.inpainting.data import PlacesInpainting, ensure_embedded_places
 from tasks.inpainting.masks import box_mask, draw_mask, free_form_mask, validation_mask
 from tasks.inpainting.metrics import inpainting_scores
@@ -122,17 +123,16 @@ def test_two_process_gan_run_under_torchrun(data_dir: Path, tmp_path: Path) -> N
 
 
 def test_figure_runs_come_from_the_rendered_table(tmp_path: Path) -> None:
-    script = load_script("inpainting_figure")
     rows = [{"label": "A", "seeds": [{"seed": 0, "run_dir": "runs/inpainting/aaa"},
                                      {"seed": 1, "run_dir": "<outside the repository>/bbb"}]}]
     (tmp_path / "table-7.json").write_text(json.dumps({"rows": rows}))
-    assert script.runs_of_table("7", ["A"], 0, tmp_path) == [REPO / "runs/inpainting/aaa"]
-    with pytest.raises(script.FigureError, match="no run folder in this repository for 'A' at seed 1"):
-        script.runs_of_table("7", ["A"], 1, tmp_path)
-    with pytest.raises(script.FigureError, match="no row 'B'; its rows: A"):
-        script.runs_of_table("7", ["B"], 0, tmp_path)
-    with pytest.raises(script.FigureError, match="make reproduce-table-pp-10"):
-        script.runs_of_table("pp-10", ["A"], 0, tmp_path)
+    assert runs_of_table("7", ["A"], 0, tmp_path) == [REPO / "runs/inpainting/aaa"]
+    with pytest.raises(FigureError, match="no run folder in this repository for 'A' at seed 1"):
+        runs_of_table("7", ["A"], 1, tmp_path)
+    with pytest.raises(FigureError, match="no row 'B'; its rows: A"):
+        runs_of_table("7", ["B"], 0, tmp_path)
+    with pytest.raises(FigureError, match="make reproduce-table-pp-10"):
+        runs_of_table("pp-10", ["A"], 0, tmp_path)
 
 
 def partial_conv_by_definition(conv: PartialConv2d, x: torch.Tensor, mask: torch.Tensor

@@ -1,6 +1,7 @@
 """The segmentation task: UperNet / PSPNet / PSANet shapes with every slot on odd sizes, FUSE's chain against the
 direct resize, PSANet's attention and the metrics against brute-force loops, the auxiliary head's loss by hand,
-backbone weights, the embedded ADE20k-layout data, and runs through the engine."""
+backbone weights, the embedded ADE20k-layout data, runs through the engine, and ICCV Figure 8's cells (image,
+palette-coloured annotation, each run's prediction) checked pixel by pixel against the files and a hand-run model."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+from PIL import Image
 
-from experiment_helpers import segmentation_smoke
+from experiment_helpers import load_script, segmentation_smoke
 from tasks.common.experiment import ConfigError, compose, config_hash, run_experiment, validate
+from tasks.common.qualitative import GAP, enlarge, image_grid
 from tasks.segmentation.data import ADE20kSegmentation, ade_split_folders, collate_segmentation
+from tasks.segmentation.figures import PALETTE, colour_labels
 from tasks.segmentation.metrics import confusion_matrix, segmentation_scores
 from tasks.segmentation.model import UperNetHead, build_segmenter, point_wise_attention
 from tasks.segmentation.synthetic import CLASS_NAMES, POLE, WIRE, ensure_synthetic_ade
+from tasks.segmentation.task import SegmentationTask
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf/experiment/segmentation").glob("*.yaml"))
@@ -283,7 +289,6 @@ def test_embedded_dataset_is_deterministic_and_read_by_the_ade_loader(tmp_path: 
     assert batch["images"].shape[-2:] == (64, 64) and batch["image_sizes"].tolist()[0] == [40, 40]
     assert batch["labels"][0, 48:].eq(0).all() and batch["label_sizes"].tolist()[0] == [48, 48]
     # thin structures are there: every scene has a pole and a wire
-    from PIL import Image
     for path in sorted((a / "ADEChallengeData2016/annotations/training").glob("*.png")):
         values = set(np.unique(np.asarray(Image.open(path))).tolist())
         assert {POLE, WIRE} <= values
@@ -350,3 +355,89 @@ def test_bad_values_fail_before_any_work(overrides: list[str], words: list[str],
         validate(cfg)
     assert all(word in str(error.value) for word in words), str(error.value)
     assert not (tmp_path / "never-written").exists()
+
+
+# --- ICCV 2019 Figure 8 (scripts/segmentation_figure.py) ----------------------------------------------------------
+
+# The PASCAL VOC devkit's colours of classes 0..9, written out by hand (0, "other", black).
+VOC_COLOURS = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
+               (128, 128, 128), (64, 0, 0), (192, 0, 0)]
+
+
+def test_palette_is_the_voc_devkit_one_with_other_black() -> None:
+    assert PALETTE.shape == (256, 3) and PALETTE.dtype == np.uint8
+    assert [tuple(int(v) for v in row) for row in PALETTE[:10]] == VOC_COLOURS
+    # 150 = 0b10_010_110: its bits from the lowest in threes, (R, G, B) = (0, 1, 1), (0, 1, 0), (0, 1, 0), set
+    # bits 7, 6 and 5 of each channel
+    assert tuple(int(v) for v in PALETTE[150]) == (0, 128 + 64 + 32, 128)
+    assert len({tuple(row) for row in PALETTE}) == 256
+    assert np.array_equal(colour_labels(np.array([[0, 8], [9, 1]])), np.array(
+        [[VOC_COLOURS[0], VOC_COLOURS[8]], [VOC_COLOURS[9], VOC_COLOURS[1]]], np.uint8))
+    with pytest.raises(ValueError, match="0..255"):
+        colour_labels(np.array([[256]]))
+
+
+def test_grid_of_cells_of_different_sizes_is_top_left_aligned_on_white() -> None:
+    a, b, c, d = (np.full((h, w, 3), v, np.uint8) for h, w, v in ((2, 3, 10), (1, 1, 20), (3, 1, 30), (1, 2, 40)))
+    grid = image_grid([[a, b], [c, d]])
+    expected = np.full((2 + GAP + 3, 3 + GAP + 2, 3), 255, np.uint8)  # rows 2 and 3 tall, columns 3 and 2 wide
+    expected[0:2, 0:3], expected[0:1, 5:6], expected[4:7, 0:1], expected[4:5, 5:7] = 10, 20, 30, 40
+    assert np.array_equal(grid, expected)
+    assert np.array_equal(enlarge(grid, 2)[::2, ::2], grid) and enlarge(grid, 2).shape == (14, 14, 3)
+
+
+@pytest.fixture(scope="module")
+def figure_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """One-iteration UperNet and UperNet w/ CARAFE runs on the module's tiny data (two 64 px validation images)."""
+    runs = [tmp_path_factory.mktemp("upernet"), tmp_path_factory.mktemp("upernet_carafe")]
+    for experiment, run_dir in zip(["segmentation/upernet_r50", "segmentation/upernet_r50_carafe"], runs):
+        assert run_experiment(compose([f"experiment={experiment}", *segmentation_smoke(data_dir),
+                                       "data.num_classes=8"]), run_dir)
+    return runs
+
+
+def test_figure_8_cells_are_the_image_the_coloured_label_and_each_runs_argmax(
+        figure_runs: list[Path], data_dir: Path, tmp_path: Path) -> None:
+    out = load_script("segmentation_figure").figure(figure_runs, count=2, out=tmp_path / "figure-8.png",
+                                                    labels=["UperNet", "w/ CARAFE"])
+    caption = out.with_suffix(".md").read_text()
+    for run_dir in figure_runs:
+        assert json.loads((run_dir / "metrics.json").read_text())["config_hash"] in caption
+    assert "columns: input image, ground truth, UperNet, w/ CARAFE" in caption and "sky (128, 0, 0)" in caption
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 66 - 2, 4 * 66 - 2, 3)  # 2 rows; image, ground truth, two runs; 2 px gaps
+    assert (grid[64:66] == 255).all() and (grid[:, 64:66] == 255).all()
+
+    # the CARAFE run's prediction by hand: ImageNet-normalised pixels (test size 64 = the stored size, so no
+    # resize or padding), logits at 1/4 resized bilinearly to 64 x 64, class = channel + 1
+    cfg = OmegaConf.load(figure_runs[1] / "config.yaml")
+    model = SegmentationTask(cfg, None).build_model().eval()
+    model.load_state_dict(torch.load(figure_runs[1] / "checkpoint.pt", weights_only=False)["model"])
+    folder = data_dir / "ADEChallengeData2016"
+    images = sorted((folder / "images/validation").glob("*.jpg"))
+    assert len(images) == 2
+    for row, path in enumerate(images):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        label = np.asarray(Image.open(folder / "annotations/validation" / f"{path.stem}.png"))
+        top = row * 66
+        assert np.array_equal(grid[top:top + 64, :64], image)
+        assert np.array_equal(grid[top:top + 64, 66:130], np.array(VOC_COLOURS, np.uint8)[label])
+        pixels = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)
+        pixels = (pixels - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor(
+            [0.229, 0.224, 0.225])[:, None, None]
+        with torch.no_grad():
+            logits = F.interpolate(model(pixels[None]), size=(64, 64), mode="bilinear", align_corners=False)
+        predicted = logits[0].argmax(0).numpy() + 1
+        assert np.array_equal(grid[top:top + 64, 3 * 66:], np.array(VOC_COLOURS, np.uint8)[predicted])
+
+
+def test_figure_8_refuses_runs_validated_on_other_data(figure_runs: list[Path], tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "checkpoint.pt").symlink_to(figure_runs[1] / "checkpoint.pt")
+    cfg = OmegaConf.load(figure_runs[1] / "config.yaml")
+    cfg.data.test_size = 48
+    (other / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    with pytest.raises(ValueError, match=r"validated on other data than .*'test_size': \(48, 64\)"):
+        load_script("segmentation_figure").figure([figure_runs[0], other], count=1, out=tmp_path / "f.png")
+    assert not (tmp_path / "f.png").exists()

@@ -93,7 +93,8 @@ class ADE20kSegmentation(Dataset):
     def image_paths(self) -> list[Path]:
         return list(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def original(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        """Item ``index`` as stored: (RGB image, uint8 label map [H, W] of the image's size, 0 = other), checked."""
         path = self.images[index]
         image = read_rgb(path)
         label = read_label(self.annotation_dir / f"{path.stem}.png")
@@ -102,6 +103,10 @@ class ADE20kSegmentation(Dataset):
                              f"{label.shape[0]}x{label.shape[1]}")
         if label.max() > self.num_classes:
             raise ValueError(f"{path.stem}.png holds label {label.max()} but data.num_classes={self.num_classes}")
+        return image, label
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image, label = self.original(index)
         shorter = random.choice(self.train_scales) if self.train else self.test_size
         size = shorter_side_size(image.height, image.width, shorter, self.max_size)
         image = image.resize(size[::-1], Image.BILINEAR)

@@ -149,21 +149,30 @@ class SegmentationTask(Task):
         return {"loss": loss + aux_weight * aux_loss, "loss_main": loss, "loss_aux": aux_loss}
 
     @torch.no_grad()
+    def label_scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per image of a collated batch (on the run's device): its class scores Tensor[1, num_classes, lh, lw] at
+        its label's size, as CSAIL's evaluation makes them: the logits resized bilinearly to the padded batch,
+        cropped to the image (before padding), resized bilinearly to the label. Channel c is class c + 1."""
+        logits = model(batch["images"])
+        padded = batch["images"].shape[-2:]
+        logits = F.interpolate(logits.float(), size=padded, mode="bilinear", align_corners=False)
+        scores = []
+        for index in range(len(logits)):
+            (h, w), (lh, lw) = batch["image_sizes"][index].tolist(), batch["label_sizes"][index].tolist()
+            scores.append(F.interpolate(logits[index:index + 1, :, :h, :w], size=(lh, lw), mode="bilinear",
+                                        align_corners=False))
+        return scores
+
+    @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """Each image's logits, cropped to the image (before padding) and resized bilinearly to its label's size;
-        the confusion matrix summed over images and ranks."""
+        """Each image's ``label_scores``; the confusion matrix summed over images and ranks."""
         num_classes = self.cfg.data.num_classes
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=self.world.device)
         loss_sum = torch.zeros(2, dtype=torch.float64, device=self.world.device)  # loss sum, labelled pixels
         for batch in loader:
             batch = self.to_device(batch)
-            logits = model(batch["images"])
-            padded = batch["images"].shape[-2:]
-            logits = F.interpolate(logits.float(), size=padded, mode="bilinear", align_corners=False)
-            for index in range(len(logits)):
-                (h, w), (lh, lw) = batch["image_sizes"][index].tolist(), batch["label_sizes"][index].tolist()
-                scores = F.interpolate(logits[index:index + 1, :, :h, :w], size=(lh, lw), mode="bilinear",
-                                       align_corners=False)
+            for index, scores in enumerate(self.label_scores(model, batch)):
+                lh, lw = scores.shape[-2:]
                 label = batch["labels"][index, :lh, :lw]
                 confusion += confusion_matrix(scores[0].argmax(0), label, num_classes)
                 loss_sum += torch.stack([F.cross_entropy(scores, label[None] - 1, ignore_index=-1, reduction="sum"),
