@@ -20,7 +20,7 @@ OVERRIDES ?=
 SEEDS     ?=
 BACKBONES ?=
 
-.PHONY: setup lock test test-fast bench op-costs clean reproduce-tables figure-8 figure-9
+.PHONY: setup lock test test-fast bench op-costs clean reproduce-tables figure-4 figure-5 figure-8 figure-9
 
 setup: $(STAMP)
 
@@ -65,6 +65,14 @@ figure-8: $(STAMP)
 # ICCV 2019 Figure 9 from Table 7's seed-0 Global&Local runs, with and without CARAFE (run reproduce-table-7 first).
 figure-9: $(STAMP)
 	$(PY) scripts/inpainting_figure.py --table 7 --out results/figures/figure-9.png $(if $(filter tiny,$(SCALE)),--zoom 3)
+# ICCV 2019 Figure 5: where CARAFE in the FPN reassembles P2 units from, in Table 1's seed-0 Mask R-CNN w/ CARAFE
+# run (run reproduce-table-1 first); Figure 4 / CARAFE++ Figure 6: Table 1's seed-0 Mask R-CNN without and with
+# CARAFE, detections side by side. At tiny scale the detectors are barely trained, so figure-4 lowers the threshold.
+figure-5: $(STAMP)
+	$(PY) scripts/figure5.py --table 1 --out results/figures/figure-5.png
+figure-4: $(STAMP)
+	$(PY) scripts/detection_figure.py --table 1 --out results/figures/figure-4.png \
+		$(if $(filter tiny,$(SCALE)),--threshold 0.3 --max-per-image 8)
 list-tables: $(STAMP)
 	@$(PY) scripts/reproduce.py --list --scale $(SCALE)
 
