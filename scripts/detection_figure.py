@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from tasks.common.io import write_text_atomic
 from tasks.common.provenance import git_commit, utc_now
-from tasks.detection.figures import (DetectionRun, FigureError, draw_detections, fit_scale, grid, kept_detections,
-                                     load_run, runs_of_table, runs_table, to_pixels)
-from tasks.inpainting.figures import write_png
+from tasks.common.qualitative import FigureError, runs_of_table, write_figure
+from tasks.detection.figures import (DetectionRun, draw_detections, fit_scale, grid, kept_detections, load_run,
+                                     runs_table, to_pixels)
 
 FIGURE_4_ROWS = ("Mask R-CNN", "Mask R-CNN w/ CARAFE")  # ICCV 2019 Table 1: the same detector without / with
 
@@ -60,9 +59,8 @@ def figure(run_dirs: list[Path], out: Path, count: int = 4, threshold: float = 0
             counts.append(len(kept_detections(output, threshold, max_per_image)))
         rows.append(row)
         drawn.append(counts)
-    write_png(out, grid(rows, labels, cell))
     files = [p.name for p in val_set.image_paths()[:len(images)]]
-    write_text_atomic(out.with_suffix(".md"), provenance(runs, labels, files, drawn, threshold, max_per_image, out))
+    write_figure(out, grid(rows, labels, cell), provenance(runs, labels, files, drawn, threshold, max_per_image, out))
     return out
 
 

@@ -21,12 +21,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from tasks.common.io import write_text_atomic
 from tasks.common.provenance import git_commit, utc_now
-from tasks.detection.figures import (FigureError, DetectionRun, ReassemblySources, default_points, draw_reassembly,
-                                     first_annotated, fpn_carafes, grid, load_run, reassembly_sources, runs_of_table,
+from tasks.common.qualitative import FigureError, runs_of_table, write_figure
+from tasks.detection.figures import (DetectionRun, ReassemblySources, default_points, draw_reassembly,
+                                     first_annotated, fpn_carafes, grid, load_run, reassembly_sources,
                                      runs_table, to_pixels, top_units)
-from tasks.inpainting.figures import write_png
 
 FIGURE_5_ROW = "Mask R-CNN w/ CARAFE"  # ICCV 2019 Table 1; Table 2's "CARAFE" row is another with CARAFE in the FPN
 DEFAULT_LEVELS = ("p3", "p4", "p5")
@@ -57,9 +56,8 @@ def figure(run_dir: Path, out: Path, image: int | None = None, points: list[tupl
              *(draw_reassembly(pixels, sources, p, level, cell) for level in levels)] for p in range(len(chosen))]
     headers = [f"P2 (stride {sources.strides['p2']})",
                *(f"{level.upper()} (stride {sources.strides[level]})" for level in levels)]
-    write_png(out, grid(rows, headers, cell))
     file_name = run.val_set.image_paths()[index].name
-    write_text_atomic(out.with_suffix(".md"), provenance(run, label or str(run_dir), file_name, index, chosen,
+    write_figure(out, grid(rows, headers, cell), provenance(run, label or str(run_dir), file_name, index, chosen,
                                                          points is None, sources, levels, out))
     return out
 

@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from carafe import CARAFEPack
 from carafe.analysis import chained_reassembly_adjoint, reassembly_kernels
 from tasks.common.distributed import World
-from tasks.common.engine import CHECKPOINT_NAME, load_weights, prepared_datasets
-from tasks.common.experiment import CONFIG_NAME, METRICS_NAME, task_class
+from tasks.common.engine import prepared_datasets
+from tasks.common.experiment import METRICS_NAME
 from tasks.common.provenance import REPO_ROOT
+from tasks.common.qualitative import FigureError, load_finished_run
 from tasks.detection.data import CocoDetection
 
 GAP = 4  # px of white between cells
@@ -40,31 +41,6 @@ RED, GREEN, WHITE, BLACK = (230, 20, 20), (0, 200, 0), (255, 255, 255), (0, 0, 0
 # Distinct colours for class labels 1, 2, ... (label 0 is torchvision's background and never detected).
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40), (128, 0, 0), (0, 0, 128)]
-
-
-class FigureError(ValueError):
-    """Runs that cannot make the figure asked for; the message says what to run or name instead."""
-
-
-# Finding and loading runs (the same contract as scripts/inpainting_figure.py's ``runs_of_table``).
-
-def runs_of_table(table: str, rows: Sequence[str], seed: int, results: Path = REPO_ROOT / "results") -> list[Path]:
-    """The run folders of ``rows`` (labels) at ``seed`` as the rendered ``results/table-<table>.json`` records them."""
-    path = results / f"table-{table}.json"
-    if not path.is_file():
-        raise FigureError(f"{path} does not exist; run `make reproduce-table-{table}` first")
-    by_label = {row["label"]: row for row in json.loads(path.read_text())["rows"]}
-    folders = []
-    for label in rows:
-        if label not in by_label:
-            raise FigureError(f"table {table} has no row {label!r}; its rows: {', '.join(by_label)}")
-        runs = {run["seed"]: run for run in by_label[label].get("seeds") or []}
-        run_dir = runs.get(seed, {}).get("run_dir")
-        if not run_dir or run_dir.startswith("<"):
-            raise FigureError(f"{path} holds no run folder in this repository for {label!r} at seed {seed} (seeds "
-                              f"{sorted(runs)}); the figure needs its checkpoint: run `make reproduce-table-{table}`")
-        folders.append(REPO_ROOT / run_dir)
-    return folders
 
 
 @dataclass
@@ -92,16 +68,12 @@ class DetectionRun:
 def load_run(run_dir: str | Path, device: str = "cpu") -> DetectionRun:
     """A finished detection run folder (``config.yaml`` and ``checkpoint.pt``) with its model and validation set."""
     run_dir = Path(run_dir)
-    config, checkpoint = run_dir / CONFIG_NAME, run_dir / CHECKPOINT_NAME
-    if not config.is_file() or not checkpoint.is_file():
-        raise FigureError(f"{run_dir} holds no {CONFIG_NAME} and {CHECKPOINT_NAME}; name a finished run folder")
-    cfg = OmegaConf.load(config)
-    if cfg.task.name != "detection":
-        raise FigureError(f"{run_dir} is a {cfg.task.name} run, not a detection one")
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device(device))
-    task = task_class(cfg)(cfg, world)
+    try:
+        cfg, task, model = load_finished_run(run_dir, "detection", world)
+    except (FileNotFoundError, ValueError) as error:
+        raise FigureError(str(error)) from error
     _, val_set = prepared_datasets(task, world)
-    model = load_weights(task.build_model(), checkpoint).to(world.device).eval()
     record = json.loads((run_dir / METRICS_NAME).read_text()) if (run_dir / METRICS_NAME).is_file() else {}
     return DetectionRun(run_dir, cfg, model, val_set, record)
 
