@@ -270,10 +270,12 @@ def draw_reassembly(pixels: np.ndarray, sources: ReassemblySources, point: int, 
     return Image.alpha_composite(canvas, overlay).convert("RGB")
 
 
-def default_points(val_set: CocoDetection, index: int, count: int) -> list[tuple[float, float]]:
+def default_points(val_set: CocoDetection, index: int, count: int, spacing: float = 4.0
+                   ) -> list[tuple[float, float]]:
     """Points on the largest annotated objects of validation image ``index``: for each, the centre of its mask's
     bounding box and the mask's left boundary on that row (the paper picks units inside objects and on their
-    edges); ``count`` points in all. FigureError if the image has no annotation."""
+    edges); ``count`` points in all, each at least ``spacing`` px (P2's stride) from the others in x or y, so no
+    two fall on the same P2 unit. FigureError if the image has no annotation."""
     image_id = val_set.image_ids[index]
     annotations = sorted(val_set.coco.imgToAnns.get(image_id, []), key=lambda a: -a["area"])
     if not annotations:
@@ -285,9 +287,10 @@ def default_points(val_set: CocoDetection, index: int, count: int) -> list[tuple
         x, y, w, h = annotation["bbox"]
         cy = min(int(y + h / 2), mask.shape[0] - 1)
         columns = np.flatnonzero(mask[cy])
-        points.append((x + w / 2, y + h / 2))
-        if columns.size:
-            points.append((float(columns[0]), float(cy)))
+        candidates = [(x + w / 2, y + h / 2)] + ([(float(columns[0]), float(cy))] if columns.size else [])
+        for p in candidates:
+            if all(max(abs(p[0] - q[0]), abs(p[1] - q[1])) >= spacing for q in points):
+                points.append(p)
         if len(points) >= count:
             break
     return points[:count]
