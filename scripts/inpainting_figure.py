@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 from tasks.common.distributed import World
-from tasks.common.engine import prepared_datasets
-from tasks.common.qualitative import (check_same_data, enlarge, figure_main, load_finished_run, provenance,
-                                      validation_data, write_figure)
+from tasks.common.qualitative import (enlarge, figure_main, provenance, runs_on_the_same_data, validation_data,
+                                      write_figure)
 from tasks.inpainting.figures import comparison_grid, masked_input
 
 SHARED_DATA_KEYS = ("root", "image_size", "val_mask_kind", "val_mask_seed")
@@ -36,19 +35,16 @@ def figure(run_dirs: list[Path], count: int, out: Path, device: str = "cpu", zoo
     """Write the grid of ``count`` validation images for the runs in ``run_dirs`` (in that column order) to ``out``,
     each cell enlarged ``zoom`` times (nearest neighbour, so pixels stay exact), and its provenance beside it."""
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device(device))
-    columns, data, images, masks, val_set = [], [], None, None, None
-    for run_dir in run_dirs:
-        cfg, task, model = load_finished_run(run_dir, "inpainting", world)
-        data.append((run_dir, validation_data(cfg, SHARED_DATA_KEYS)))
-        check_same_data(data, "the columns would show different holes")
-        if val_set is None:
-            _, val_set = prepared_datasets(task, world)
+    columns, images, masks, reference = [], None, None, None
+    for cfg, _, model, val_set in runs_on_the_same_data(run_dirs, "inpainting", SHARED_DATA_KEYS,
+                                                        "the columns would show different holes", world):
+        if reference is None:
+            reference = validation_data(cfg, SHARED_DATA_KEYS)
             items = [val_set[i] for i in range(min(count, len(val_set)))]
             images, masks = (torch.stack(t).to(world.device) for t in zip(*items))
         with torch.no_grad():
             columns.append(model(images, masks))
     grid = comparison_grid([masked_input(images, masks), *columns, images])
-    reference = data[0][1]
     labels = labels or [r.name for r in run_dirs]
     summary = ("Rows: the first {} validation images with their fixed masks ({} masks, seed {}); columns: masked "
                "input (holes white), {}, original.".format(len(images), reference["val_mask_kind"],

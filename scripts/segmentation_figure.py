@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from tasks.common.distributed import World
-from tasks.common.engine import prepared_datasets
-from tasks.common.qualitative import (check_same_data, enlarge, figure_main, image_grid, load_finished_run,
-                                      provenance, validation_data, write_figure)
+from tasks.common.qualitative import (enlarge, figure_main, image_grid, provenance, runs_on_the_same_data,
+                                      validation_data, write_figure)
 from tasks.segmentation.figures import PALETTE, colour_labels
 
 SHARED_DATA_KEYS = ("root", "num_classes", "test_size", "max_size")
@@ -45,13 +44,12 @@ def figure(run_dirs: list[Path], count: int, out: Path, device: str = "cpu", zoo
     ``run_dirs``, in that column order) to ``out``, enlarged ``zoom`` times (nearest neighbour, so pixels stay
     exact), and its provenance beside it."""
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device(device))
-    data, rows, names, val_set = [], [], [], None
-    for run_dir in run_dirs:
-        cfg, task, model = load_finished_run(run_dir, "segmentation", world)
-        data.append((run_dir, validation_data(cfg, SHARED_DATA_KEYS)))
-        check_same_data(data, "the columns would show different images or classes")
-        if val_set is None:
-            _, val_set = prepared_datasets(task, world)
+    rows, names, reference = [], [], None
+    for cfg, task, model, val_set in runs_on_the_same_data(run_dirs, "segmentation", SHARED_DATA_KEYS,
+                                                           "the columns would show different images or classes",
+                                                           world):
+        if reference is None:
+            reference = validation_data(cfg, SHARED_DATA_KEYS)
             originals = [val_set.original(i) for i in range(min(count, len(val_set)))]
             rows = [[np.asarray(image), colour_labels(label)] for image, label in originals]
             names = task.class_names()
@@ -61,7 +59,6 @@ def figure(run_dirs: list[Path], count: int, out: Path, device: str = "cpu", zoo
             scores = task.label_scores(model, batch)[0]
             row.append(colour_labels((scores[0].argmax(0) + 1).cpu().numpy()))
     labels = labels or [r.name for r in run_dirs]
-    reference = data[0][1]
     summary = (f"Rows: the first {len(rows)} validation images, predicted at the single test scale (shorter side "
                f"{reference['test_size']}, longer at most {reference['max_size']}) and shown at the annotation's "
                f"size; columns: input image, ground truth, {', '.join(labels)}.")

@@ -14,7 +14,7 @@ import argparse
 import io
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from tasks.common.distributed import World
-from tasks.common.engine import load_weights
+from tasks.common.engine import load_weights, prepared_datasets
 from tasks.common.experiment import CONFIG_NAME, METRICS_NAME, task_class
 from tasks.common.io import write_bytes_atomic, write_text_atomic
 from tasks.common.provenance import REPO_ROOT, git_commit, utc_now
@@ -117,6 +117,21 @@ def load_finished_run(run_dir: Path, task_name: str, world: World) -> tuple[Any,
         raise ValueError(f"{run_dir} is a {cfg.task.name} run, not a {task_name} one")
     task = task_class(cfg)(cfg, world)
     return cfg, task, load_weights(task.build_model(), checkpoint).to(world.device).eval()
+
+
+def runs_on_the_same_data(run_dirs: Sequence[Path], task_name: str, keys: Sequence[str], consequence: str,
+                          world: World) -> Iterator[tuple[Any, Task, nn.Module, Any]]:
+    """(config, task, model, validation set) of each finished run of ``run_dirs`` in turn; the validation set is
+    built once, from the first run, and every later run must have the same ``validation_data`` for ``keys``
+    (``check_same_data`` raises ``ValueError`` with ``consequence`` otherwise)."""
+    data, val_set = [], None
+    for run_dir in run_dirs:
+        cfg, task, model = load_finished_run(run_dir, task_name, world)
+        data.append((run_dir, validation_data(cfg, keys)))
+        check_same_data(data, consequence)
+        if val_set is None:
+            _, val_set = prepared_datasets(task, world)
+        yield cfg, task, model, val_set
 
 
 def validation_data(cfg: Any, keys: Sequence[str]) -> dict[str, Any]:
