@@ -54,19 +54,20 @@ def backbone_name(cfg: DictConfig) -> str:
 
 
 def classification_command(cfg: DictConfig) -> str:
-    """The classification run whose ``checkpoint.pt`` is the backbone ``cfg`` needs."""
+    """The classification run whose ``checkpoint.pt`` is the backbone ``cfg`` needs, as markdown: the command in
+    backticks, then any remark."""
     name = downsampler_name(cfg.get("downsampler"))
     command = f"scripts/train.py task=classification model=resnet{cfg.model.depth} scale=paper data.root=<ImageNet>"
     if name is None:
-        return f"{command}` (or torchvision's ImageNet ResNet-{cfg.model.depth} file)"
+        return f"`{command}` (or torchvision's ImageNet ResNet-{cfg.model.depth} file)"
     if (CONF_DIR / "downsampler" / f"{name}.yaml").is_file():
-        return f"{command} downsampler={name}`"
-    return f"{command}` with the downsampler settings {OmegaConf.to_container(cfg.downsampler, resolve=True)}"
+        return f"`{command} downsampler={name}`"
+    return f"`{command}` with the downsampler settings {OmegaConf.to_container(cfg.downsampler, resolve=True)}"
 
 
 def missing_backbones(needed: dict[Path, DictConfig]) -> str:
     """A message listing each backbone file of ``needed`` (path -> a config that needs it) that does not exist,
     with the command that produces it; empty when all exist."""
-    lines = [f"  {path}: the checkpoint.pt of `{classification_command(cfg)}"
+    lines = [f"  {path}: the checkpoint.pt of {classification_command(cfg)}"
              for path, cfg in sorted(needed.items()) if not path.is_file()]
     return "\n".join(lines)
