@@ -34,12 +34,13 @@ def detection_smoke(data_dir: Path, iters: int = 1, num_val: int = 4) -> list[st
 
 def segmentation_smoke(data_dir: Path, iters: int = 1, num_val: int = 2) -> list[str]:
     """A segmentation run of ``iters`` batches of 2 on a 64-pixel embedded ADE20k-layout dataset in ``data_dir``
-    (decoder width 32). Not smaller: at 32 px C5 is 1 x 1 and BatchNorm over two values per channel makes the first
-    step's gradients explode (1e7 at conv1), so the evaluation after it is NaN."""
+    (decoder and head widths 32). Not smaller: at 32 px C5 is 1 x 1 and BatchNorm over two values per channel makes
+    the first step's gradients explode (1e7 at conv1), so the evaluation after it is NaN."""
     return ["task=segmentation", "schedule.epochs=1", "schedule.batch_size=2", f"run.max_iters_per_epoch={iters}",
             "run.num_workers=0", "run.progress=false", "data.embedded.num_train=2",
             f"data.embedded.num_val={num_val}", "data.embedded.image_size=64", f"data.embedded.dir={data_dir}",
-            "data.train_scales=[64]", "data.test_size=64", "data.max_size=64", "model.fpn_dim=32"]
+            "data.train_scales=[64]", "data.test_size=64", "data.max_size=64", "model.fpn_dim=32",
+            "model.head_dim=32"]
 
 
 def inpainting_smoke(data_dir: Path, epochs: int = 1, iters: int = 1) -> list[str]:

@@ -53,6 +53,27 @@ def test_pspnet_is_output_stride_8_and_has_only_the_ppm_slot() -> None:
         build_segmenter("pspnet", fpn_upsampler="carafe")
 
 
+@pytest.mark.parametrize("arch", ["upernet", "pspnet", "psanet"])
+def test_head_dim_sets_every_head_width_the_papers_fix_at_512(arch: str) -> None:
+    """head_dim is the PPM branches' width (all three), PSPNet's / PSANet's head conv and PSANet's attention branches;
+    the default is the papers' 512, and a narrower model still gives logits of the right shape."""
+    default = build_segmenter(arch, num_classes=4, fpn_dim=16, psa_mask_size=(9, 9))
+    narrow = build_segmenter(arch, num_classes=4, fpn_dim=16, psa_mask_size=(9, 9), head_dim=24)
+    widths = {
+        "upernet": lambda m: [c.out_channels for c in (s[0] for s in m.head.ppm.convs)],
+        "pspnet": lambda m: [c.out_channels for c in (s[0] for s in m.head.ppm.convs)] + [m.head.conv[0].out_channels],
+        "psanet": lambda m: [m.head.reduce[k][0].out_channels for k in ("collect", "distribute")]
+        + [m.head.attention["collect"][0][0].out_channels, m.head.conv[0].out_channels,
+           m.head.project[0].in_channels // 2],
+    }[arch]
+    assert set(widths(default)) == {512} and set(widths(narrow)) == {24}
+    with torch.no_grad():
+        stride = 4 if arch == "upernet" else 8
+        assert narrow.eval()(torch.randn(1, 3, 64, 48)).shape == (1, 4, 64 // stride, 48 // stride)
+    with pytest.raises(ValueError, match="head_dim"):
+        build_segmenter(arch, head_dim=0)
+
+
 def test_psanet_is_output_stride_8_on_odd_sizes_and_has_no_slot() -> None:
     model = build_segmenter("psanet", num_classes=4, psa_mask_size=(9, 7)).eval()
     with torch.no_grad():  # C5 9 x 5 is shrunk to 5 x 3: the 9 x 7 mask covers every offset

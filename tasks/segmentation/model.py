@@ -4,7 +4,7 @@ papers' upsampler slots (ICCV 2019 section 4.3, CARAFE++ section 4.4).
 UperNet on a torchvision ResNet (C2..C5 at strides 4, 8, 16, 32; the backbone's seven downsamplers swappable as in
 ``tasks.common.resnet``):
 
-    PPM:   C5 -> for s in (1, 2, 3, 6): avg-pool to s x s -> upsample to C5's size -> conv1x1 2048->512 + BN + ReLU;
+    PPM:   C5 -> for s in (1, 2, 3, 6): avg-pool to s x s -> upsample to C5's size -> conv1x1 2048->head_dim + BN + ReLU;
            concat [C5, the four] -> conv3x3 -> fpn_dim + BN + ReLU                                 = F5
     FPN:   F = F5; for C4, C3, C2: lateral conv1x1 + BN + ReLU -> fpn_dim; F = lateral + upsample(F);
            P_i = conv3x3 + BN + ReLU (F)                                                    P5 = F5
@@ -28,11 +28,11 @@ as the papers put CARAFE there:
 PPM placement (open in both papers): ``ppm_placement="before_conv"`` (default) upsamples the pooled 2048-channel
 maps and then applies the 1x1 conv, which is CSAIL's order, the code both papers built on, and the literal reading of
 "the pooled maps are upsampled to half the conv5 size, then CARAFE"; with ``None`` in the slot it is exactly CSAIL's
-PPM. ``"after_conv"`` (mmsegmentation's order) reduces to 512 channels first, a quarter of the operator's
+PPM. ``"after_conv"`` (mmsegmentation's order) reduces to head_dim (512) channels first, a quarter of the operator's
 channels and of its reassembly cost; ``ppm_operator_costs`` gives the FLOPs and parameters of both.
 
 PSPNet: the same ResNet with layer3 / layer4 dilated (output stride 8, Zhao et al.'s setting) and a PPM head
-(pool scales 1, 2, 3, 6; conv3x3 -> 512 + BN + ReLU, dropout 0.1, conv1x1 to the logits); the logits are resized
+(pool scales 1, 2, 3, 6; conv3x3 -> head_dim (512) + BN + ReLU, dropout 0.1, conv1x1 to the logits); the logits are resized
 bilinearly to the label's size. Simplified from the original: torchvision's ResNet stem (not the deep stem). A
 dilated ResNet has no stride-2 places in layer3 / layer4, so PSPNet takes no backbone downsampler.
 
@@ -46,12 +46,12 @@ PSANet (Zhao et al. 2018, "PSANet: Point-wise Spatial Attention Network for Scen
 ResNet of PSPNet (output stride 8, C5 of h x w) and the bi-directional point-wise spatial attention head:
 
     for each branch, collect and distribute (own weights):
-        R = conv1x1 2048->512 + BN + ReLU (C5), shrunk bilinearly to h' x w' = ((h-1)//2+1) x ((w-1)//2+1)
-        M = conv1x1 512->512 + BN + ReLU -> conv1x1 -> mh * mw       the "over-completed" mask of every position
-        A = the masks cropped to the map -> Tensor[N, h'w', h'w']     (``point_wise_attention``)
-        Z = R @ A                                                     512 channels
-    conv1x1 1024->2048 + BN + ReLU (concat[Z_collect, Z_distribute]), resized back to h x w;
-    concat with C5 (4096) -> conv3x3 -> 512 + BN + ReLU -> dropout 0.1 -> conv1x1 to the logits (stride 8).
+        R = conv1x1 2048->head_dim + BN + ReLU (C5), shrunk bilinearly to h' x w' = ((h-1)//2+1) x ((w-1)//2+1)
+        M = conv1x1 head_dim->head_dim + BN + ReLU -> conv1x1 -> mh * mw   the "over-completed" mask of every position
+        A = the masks cropped to the map -> Tensor[N, h'w', h'w']  (``point_wise_attention``)
+        Z = R @ A                                                  head_dim channels
+    conv1x1 2 head_dim->2048 + BN + ReLU (concat[Z_collect, Z_distribute]), resized back to h x w;
+    concat with C5 (4096) -> conv3x3 -> head_dim + BN + ReLU -> dropout 0.1 -> conv1x1 to the logits (stride 8).
 
 Position i's mask holds one weight per offset d in [-(mh-1)/2, (mh-1)/2] x [-(mw-1)/2, (mw-1)/2]. Collect: i gathers
 z_i = sum_j a_i[j - i] r_j with its own mask; distribute: z_i = sum_j a_j[i - j] r_j, each j spreading its feature
@@ -92,10 +92,9 @@ ARCHS = ("upernet", "pspnet", "psanet")
 DILATED_ARCHS = ("pspnet", "psanet")  # output stride 8: layer3 / layer4 dilated
 PSA_MODES = ("collect", "distribute")
 PSA_MASK_SIZE = (59, 59)                 # the authors' ADE20k mask (465 px crops: C5 59, shrunk 30 = (59 + 1) / 2)
-PSA_CHANNELS = 512                       # the reduced width of each attention branch
 PPM_PLACEMENTS = ("before_conv", "after_conv")
 POOL_SCALES = (1, 2, 3, 6)
-PPM_CHANNELS = 512                       # CSAIL's per-scale 1x1 conv width
+HEAD_DIM = 512                           # CSAIL's PPM branch width; PSPNet's and PSANet's head width (head_dim)
 AUX_CHANNELS = 256                       # mmsegmentation's auxiliary FCNHead width
 AUX_LEVEL = 2                            # the auxiliary head reads C4 (layer3), the third of C2..C5
 RESNET_CHANNELS = (256, 512, 1024, 2048)  # C2..C5 of a bottleneck ResNet
@@ -137,7 +136,7 @@ class PyramidPooling(nn.Module):
     Shape: Tensor[N, C, H, W] -> Tensor[N, C + len(pool_scales) * branch_channels, H, W] (the input first).
     """
 
-    def __init__(self, in_channels: int = 2048, branch_channels: int = PPM_CHANNELS,
+    def __init__(self, in_channels: int = 2048, branch_channels: int = HEAD_DIM,
                  pool_scales: Sequence[int] = POOL_SCALES, upsampler: object = None,
                  placement: str = "before_conv") -> None:
         super().__init__()
@@ -181,11 +180,12 @@ class UperNetHead(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: Sequence[int] = RESNET_CHANNELS, fpn_dim: int = 512,
                  pool_scales: Sequence[int] = POOL_SCALES, ppm_upsampler: object = None, fpn_upsampler: object = None,
-                 fuse_upsampler: object = None, ppm_placement: str = "before_conv") -> None:
+                 fuse_upsampler: object = None, ppm_placement: str = "before_conv", head_dim: int = HEAD_DIM) -> None:
         super().__init__()
         num_classes = check_int("num_classes", num_classes, 1)
         fpn_dim = check_int("fpn_dim", fpn_dim, 1)
-        self.ppm = PyramidPooling(in_channels[-1], PPM_CHANNELS, pool_scales, ppm_upsampler, ppm_placement)
+        head_dim = check_int("head_dim", head_dim, 1)
+        self.ppm = PyramidPooling(in_channels[-1], head_dim, pool_scales, ppm_upsampler, ppm_placement)
         self.ppm_last_conv = conv_bn_relu(self.ppm.out_channels, fpn_dim, 3)
         self.fpn_in = nn.ModuleList(conv_bn_relu(c, fpn_dim, 1) for c in in_channels[:-1])
         self.fpn_out = nn.ModuleList(conv_bn_relu(fpn_dim, fpn_dim, 3) for _ in in_channels[:-1])
@@ -219,18 +219,19 @@ class UperNetHead(nn.Module):
 
 
 class PSPHead(nn.Module):
-    """PSPNet's head: PPM -> conv3x3 -> 512 + BN + ReLU -> dropout 0.1 -> conv1x1 to the logits.
+    """PSPNet's head: PPM -> conv3x3 -> head_dim + BN + ReLU -> dropout 0.1 -> conv1x1 to the logits.
 
     Shape: [..., Tensor[N, 2048, h, w]] -> Tensor[N, num_classes, h, w] (only the last map is used).
     """
 
     def __init__(self, num_classes: int, in_channels: int = 2048, pool_scales: Sequence[int] = POOL_SCALES,
-                 ppm_upsampler: object = None, ppm_placement: str = "before_conv") -> None:
+                 ppm_upsampler: object = None, ppm_placement: str = "before_conv", head_dim: int = HEAD_DIM) -> None:
         super().__init__()
-        self.ppm = PyramidPooling(in_channels, PPM_CHANNELS, pool_scales, ppm_upsampler, ppm_placement)
-        self.conv = conv_bn_relu(self.ppm.out_channels, PPM_CHANNELS, 3)
+        head_dim = check_int("head_dim", head_dim, 1)
+        self.ppm = PyramidPooling(in_channels, head_dim, pool_scales, ppm_upsampler, ppm_placement)
+        self.conv = conv_bn_relu(self.ppm.out_channels, head_dim, 3)
         self.dropout = nn.Dropout2d(0.1)
-        self.classifier = nn.Conv2d(PPM_CHANNELS, check_int("num_classes", num_classes, 1), 1)
+        self.classifier = nn.Conv2d(head_dim, check_int("num_classes", num_classes, 1), 1)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         return self.classifier(self.dropout(self.conv(self.ppm(features[-1]))))
@@ -309,7 +310,7 @@ class PSAHead(nn.Module):
     """
 
     def __init__(self, num_classes: int, in_channels: int = 2048, mask_size: Sequence[int] = PSA_MASK_SIZE,
-                 shrink_factor: int = 2, softmax: bool = True) -> None:
+                 shrink_factor: int = 2, softmax: bool = True, head_dim: int = HEAD_DIM) -> None:
         super().__init__()
         self.mask_size = tuple(check_int("psa_mask_size", s, 3) for s in mask_size)
         if len(self.mask_size) != 2 or any(s % 2 == 0 for s in self.mask_size):
@@ -317,14 +318,15 @@ class PSAHead(nn.Module):
         self.shrink_factor = check_int("psa_shrink_factor", shrink_factor, 1)
         self.softmax = bool(softmax)
         mask_channels = self.mask_size[0] * self.mask_size[1]
-        self.reduce = nn.ModuleDict({mode: conv_bn_relu(in_channels, PSA_CHANNELS, 1) for mode in PSA_MODES})
-        self.attention = nn.ModuleDict({mode: nn.Sequential(conv_bn_relu(PSA_CHANNELS, PSA_CHANNELS, 1),
-                                                            nn.Conv2d(PSA_CHANNELS, mask_channels, 1, bias=False))
+        head_dim = check_int("head_dim", head_dim, 1)
+        self.reduce = nn.ModuleDict({mode: conv_bn_relu(in_channels, head_dim, 1) for mode in PSA_MODES})
+        self.attention = nn.ModuleDict({mode: nn.Sequential(conv_bn_relu(head_dim, head_dim, 1),
+                                                            nn.Conv2d(head_dim, mask_channels, 1, bias=False))
                                         for mode in PSA_MODES})
-        self.project = conv_bn_relu(len(PSA_MODES) * PSA_CHANNELS, in_channels, 1)
-        self.conv = conv_bn_relu(2 * in_channels, PPM_CHANNELS, 3)
+        self.project = conv_bn_relu(len(PSA_MODES) * head_dim, in_channels, 1)
+        self.conv = conv_bn_relu(2 * in_channels, head_dim, 3)
         self.dropout = nn.Dropout2d(0.1)
-        self.classifier = nn.Conv2d(PPM_CHANNELS, check_int("num_classes", num_classes, 1), 1)
+        self.classifier = nn.Conv2d(head_dim, check_int("num_classes", num_classes, 1), 1)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         x = features[-1]
@@ -380,7 +382,7 @@ def build_segmenter(arch: str = "upernet", depth: int = 50, num_classes: int = 1
                     fpn_upsampler: object = None, fuse_upsampler: object = None, backbone_downsampler: object = None,
                     ppm_placement: str = "before_conv", aux_head: bool = False,
                     psa_mask_size: Sequence[int] = PSA_MASK_SIZE, psa_shrink_factor: int = 2,
-                    psa_softmax: bool = True) -> SegmentationModel:
+                    psa_softmax: bool = True, head_dim: int = HEAD_DIM) -> SegmentationModel:
     """UperNet, PSPNet or PSANet on ResNet-``depth`` (no pretrained weights) for ``num_classes`` classes.
 
     Args:
@@ -391,6 +393,8 @@ def build_segmenter(arch: str = "upernet", depth: int = 50, num_classes: int = 1
         ppm_placement: ``"before_conv"`` (CSAIL's order) or ``"after_conv"``.
         aux_head: add the auxiliary FCN head on C4 (built last, so the other parameters draw the same random
             numbers with or without it).
+        head_dim: the width of the PPM's per-scale 1x1 convs (all three archs; CSAIL's 512), of PSPNet's and
+            PSANet's 3x3 head conv and of PSANet's attention branches (512 in Zhao et al.'s models).
         psa_mask_size, psa_shrink_factor, psa_softmax: PSANet's mask size (mh, mw), both odd, shrink before the
             attention and normalisation (see the module doc). PSANet only.
     """
@@ -401,7 +405,7 @@ def build_segmenter(arch: str = "upernet", depth: int = 50, num_classes: int = 1
     if arch == "upernet":
         resnet = build_resnet(depth, 1000, backbone_downsampler)
         head: nn.Module = UperNetHead(num_classes, RESNET_CHANNELS, fpn_dim, pool_scales, ppm_upsampler,
-                                      fpn_upsampler, fuse_upsampler, ppm_placement)
+                                      fpn_upsampler, fuse_upsampler, ppm_placement, head_dim)
     else:
         slots = (("ppm_upsampler", ppm_upsampler),) if arch == "psanet" else ()
         slots += (("fpn_upsampler", fpn_upsampler), ("fuse_upsampler", fuse_upsampler),
@@ -413,9 +417,9 @@ def build_segmenter(arch: str = "upernet", depth: int = 50, num_classes: int = 1
                              f"{'' if arch == 'pspnet' else ' or PPM'}); leave them null")
         resnet = ResNet(Bottleneck, list(RESNET_LAYERS[depth]), replace_stride_with_dilation=[False, True, True])
         if arch == "pspnet":
-            head = PSPHead(num_classes, RESNET_CHANNELS[-1], pool_scales, ppm_upsampler, ppm_placement)
+            head = PSPHead(num_classes, RESNET_CHANNELS[-1], pool_scales, ppm_upsampler, ppm_placement, head_dim)
         else:
-            head = PSAHead(num_classes, RESNET_CHANNELS[-1], psa_mask_size, psa_shrink_factor, psa_softmax)
+            head = PSAHead(num_classes, RESNET_CHANNELS[-1], psa_mask_size, psa_shrink_factor, psa_softmax, head_dim)
     for m in head.modules():
         if isinstance(m, nn.Conv2d) and not _inside_upsampler(m, head):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -433,13 +437,14 @@ def _inside_upsampler(conv: nn.Conv2d, head: nn.Module) -> bool:
     return any(conv is m for slot in slots if slot is not None for m in slot.modules())
 
 
-def ppm_operator_costs(upsampler: object, in_channels: int = 2048) -> dict[str, dict[str, int]]:
+def ppm_operator_costs(upsampler: object, in_channels: int = 2048,
+                       head_dim: int = HEAD_DIM) -> dict[str, dict[str, int]]:
     """FLOPs per input pixel and parameters of one PPM operator in each placement (``carafe.costs`` conventions):
     ``{"before_conv": {"flops": ..., "params": ...}, "after_conv": {...}}``; the PPM holds one per pool scale."""
     from carafe.costs import flops_per_pixel, num_params
 
     costs = {}
-    for placement, channels in (("before_conv", in_channels), ("after_conv", PPM_CHANNELS)):
+    for placement, channels in (("before_conv", in_channels), ("after_conv", head_dim)):
         module = build_upsampler(upsampler, channels=channels, scale_factor=2)
         costs[placement] = {"flops": int(flops_per_pixel(module)), "params": int(num_params(module))}
     return costs

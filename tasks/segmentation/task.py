@@ -45,8 +45,9 @@ class SegmentationTask(Task):
             raise ValueError(f"model.depth={m.depth!r} is not one of {sorted(RESNET_LAYERS)}")
         if m.ppm_placement not in PPM_PLACEMENTS:
             raise ValueError(f"model.ppm_placement={m.ppm_placement!r} is not one of {', '.join(PPM_PLACEMENTS)}")
-        if not isinstance(m.fpn_dim, int) or m.fpn_dim < 1:
-            raise ValueError(f"model.fpn_dim must be an integer >= 1, got {m.fpn_dim!r}")
+        for key in ("fpn_dim", "head_dim"):
+            if isinstance(m[key], bool) or not isinstance(m[key], int) or m[key] < 1:
+                raise ValueError(f"model.{key} must be an integer >= 1, got {m[key]!r}")
         check_backbone_weights(m.backbone_weights)
         if isinstance(m.aux_weight, bool) or not isinstance(m.aux_weight, (int, float)) or m.aux_weight < 0:
             raise ValueError(f"model.aux_weight must be a number >= 0 (0: no auxiliary head), got {m.aux_weight!r}")
@@ -106,7 +107,7 @@ class SegmentationTask(Task):
             return instantiate(node) if node is not None else None
 
         model = build_segmenter(arch=m.arch, depth=m.depth, num_classes=self.cfg.data.num_classes,
-                                fpn_dim=m.fpn_dim, pool_scales=tuple(m.pool_scales),
+                                fpn_dim=m.fpn_dim, head_dim=m.head_dim, pool_scales=tuple(m.pool_scales),
                                 ppm_upsampler=slot("ppm_upsampler"), fpn_upsampler=slot("fpn_upsampler"),
                                 fuse_upsampler=slot("fuse_upsampler"), backbone_downsampler=slot("downsampler"),
                                 ppm_placement=m.ppm_placement, aux_head=m.aux_weight > 0,
