@@ -288,6 +288,15 @@ def _tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+def _run_lengths(mask: np.ndarray) -> list[int]:
+    """Lengths of the runs of True along each row of a boolean map."""
+    runs = []
+    for row in mask.astype(np.int8):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row, [0]])))
+        runs += (edges[1::2] - edges[::2]).tolist()
+    return runs
+
+
 def test_embedded_dataset_is_deterministic_and_read_by_the_ade_loader(tmp_path: Path) -> None:
     a = ensure_synthetic_ade(tmp_path / "a", seed=1, num_train=4, num_val=2, image_size=48)
     b = ensure_synthetic_ade(tmp_path / "b", seed=1, num_train=4, num_val=2, image_size=48)
@@ -309,12 +318,19 @@ def test_embedded_dataset_is_deterministic_and_read_by_the_ade_loader(tmp_path: 
     batch = collate_segmentation([val[0], train[0]], pad_to=32)
     assert batch["images"].shape[-2:] == (64, 64) and batch["image_sizes"].tolist()[0] == [40, 40]
     assert batch["labels"][0, 48:].eq(0).all() and batch["label_sizes"].tolist()[0] == [48, 48]
-    # thin structures are there: every scene has a pole and a wire
+    # thin structures are there: every scene has a pole and a wire, about one stride-4 logit cell wide (the median
+    # run across a pole, counted along rows, and across a wire, along columns; balls or clutter may cut a few)
+    pole_runs, wire_runs = [], []
     for path in sorted((a / "ADEChallengeData2016/annotations/training").glob("*.png")):
-        values = set(np.unique(np.asarray(Image.open(path))).tolist())
-        assert {POLE, WIRE} <= values
+        label = np.asarray(Image.open(path))
+        assert {POLE, WIRE} <= set(np.unique(label).tolist())
+        pole_runs += _run_lengths(label == POLE)
+        wire_runs += _run_lengths((label == WIRE).T)
+    assert np.median(pole_runs) >= 3 and np.median(wire_runs) >= 2
     with pytest.raises(FileNotFoundError, match="ADEChallengeData2016/images/training"):
         ADE20kSegmentation(tmp_path / "nothing", "train", train=True, num_classes=8)
+    with pytest.raises(ValueError, match="data.embedded.version=1"):
+        ensure_synthetic_ade(tmp_path / "v1", version=1)
 
 
 @pytest.fixture(scope="module")

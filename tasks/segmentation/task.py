@@ -88,11 +88,13 @@ class SegmentationTask(Task):
 
     def write_embedded_dataset(self, embedded: Any) -> None:
         self.require_embedded_classes(len(CLASS_NAMES), f"{len(CLASS_NAMES)} classes")
-        ensure_synthetic_ade(embedded.dir, embedded.seed, embedded.num_train, embedded.num_val, embedded.image_size)
+        ensure_synthetic_ade(embedded.dir, embedded.seed, embedded.num_train, embedded.num_val, embedded.image_size,
+                             embedded.version)
 
     def describe_embedded_dataset(self, embedded: Any) -> str:
         return (f"embedded ADE20k-layout default ({len(CLASS_NAMES)} classes, {embedded.image_size} px scenes, "
-                f"{embedded.num_train}/{embedded.num_val} train/val images, seed {embedded.seed})")
+                f"{embedded.num_train}/{embedded.num_val} train/val images, seed {embedded.seed}, generator "
+                f"version {embedded.version})")
 
     def class_names(self) -> list[str]:
         if self.cfg.data.root is None:
