@@ -4,7 +4,8 @@ papers' upsampler slots (ICCV 2019 section 4.3, CARAFE++ section 4.4).
 UperNet on a torchvision ResNet (C2..C5 at strides 4, 8, 16, 32; the backbone's seven downsamplers swappable as in
 ``tasks.common.resnet``):
 
-    PPM:   C5 -> for s in (1, 2, 3, 6): avg-pool to s x s -> upsample to C5's size -> conv1x1 2048->head_dim + BN + ReLU;
+    PPM:   C5 -> for s in (1, 2, 3, 6): avg-pool to s x s -> upsample to C5's size -> conv1x1 2048->head_dim
+           + BN + ReLU;
            concat [C5, the four] -> conv3x3 -> fpn_dim + BN + ReLU                                 = F5
     FPN:   F = F5; for C4, C3, C2: lateral conv1x1 + BN + ReLU -> fpn_dim; F = lateral + upsample(F);
            P_i = conv3x3 + BN + ReLU (F)                                                    P5 = F5
@@ -28,12 +29,12 @@ as the papers put CARAFE there:
 PPM placement (open in both papers): ``ppm_placement="before_conv"`` (default) upsamples the pooled 2048-channel
 maps and then applies the 1x1 conv, which is CSAIL's order, the code both papers built on, and the literal reading of
 "the pooled maps are upsampled to half the conv5 size, then CARAFE"; with ``None`` in the slot it is exactly CSAIL's
-PPM. ``"after_conv"`` (mmsegmentation's order) reduces to head_dim (512) channels first, a quarter of the operator's
-channels and of its reassembly cost; ``ppm_operator_costs`` gives the FLOPs and parameters of both.
+PPM. ``"after_conv"`` (mmsegmentation's order) reduces to head_dim channels first (the papers' 512: a quarter of
+the operator's channels and of its reassembly cost); ``ppm_operator_costs`` gives the FLOPs and parameters of both.
 
 PSPNet: the same ResNet with layer3 / layer4 dilated (output stride 8, Zhao et al.'s setting) and a PPM head
-(pool scales 1, 2, 3, 6; conv3x3 -> head_dim (512) + BN + ReLU, dropout 0.1, conv1x1 to the logits); the logits are resized
-bilinearly to the label's size. Simplified from the original: torchvision's ResNet stem (not the deep stem). A
+(pool scales 1, 2, 3, 6; conv3x3 -> head_dim (512) + BN + ReLU, dropout 0.1, conv1x1 to the logits); the logits are
+resized bilinearly to the label's size. Simplified from the original: torchvision's ResNet stem (not the deep stem). A
 dilated ResNet has no stride-2 places in layer3 / layer4, so PSPNet takes no backbone downsampler.
 
 Auxiliary head (``aux_head=True``, the task's ``model.aux_weight`` > 0): mmsegmentation's ``FCNHead`` on C4 (layer3,
