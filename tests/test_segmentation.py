@@ -478,3 +478,18 @@ def test_figure_8_refuses_runs_validated_on_other_data(figure_runs: list[Path], 
     with pytest.raises(ValueError, match=r"validated on other data than .*'test_size': \(48, 64\)"):
         load_script("segmentation_figure").figure([figure_runs[0], other], count=1, out=tmp_path / "f.png")
     assert not (tmp_path / "f.png").exists()
+
+
+def test_ppm_costs_in_the_table_notes_are_the_operators_costs():
+    """The PPM placement costs printed in the segmentation table notes are what ``ppm_operator_costs`` measures, and
+    its parameter counts are CARAFE's compressor (C x 64 + 64) plus encoder (64 x 9 x 100 + 100), counted by hand."""
+    from tasks.segmentation.model import ppm_operator_costs
+
+    notes = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "table" / "notes" / "segmentation.yaml")
+    for scale, head_dim in (("tiny", 128), ("paper", 512)):
+        costs = ppm_operator_costs("carafe", 2048, head_dim)
+        text = " ".join(notes[scale].split())
+        for placement, channels in (("before_conv", 2048), ("after_conv", head_dim)):
+            assert costs[placement]["params"] == channels * 64 + 64 + 64 * 9 * 100 + 100
+            assert f"{costs[placement]['flops']:,}" in text, (scale, placement)
+            assert f"{costs[placement]['params']:,}" in text, (scale, placement)
