@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -424,13 +426,18 @@ def test_grid_of_cells_of_different_sizes_is_top_left_aligned_on_white() -> None
 
 
 @pytest.fixture(scope="module")
-def figure_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """One-iteration UperNet and UperNet w/ CARAFE runs on the module's tiny data (two 64 px validation images)."""
+def figure_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Path]]:
+    """One-iteration UperNet and UperNet w/ CARAFE runs on the module's tiny data (two 64 px validation images).
+
+    Their checkpoints (~0.5 GB) are removed when the module is done.
+    """
     runs = [tmp_path_factory.mktemp("upernet"), tmp_path_factory.mktemp("upernet_carafe")]
     for experiment, run_dir in zip(["segmentation/upernet_r50", "segmentation/upernet_r50_carafe"], runs):
         assert run_experiment(compose([f"experiment={experiment}", *segmentation_smoke(data_dir),
                                        "data.num_classes=8"]), run_dir)
-    return runs
+    yield runs
+    for run_dir in runs:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_figure_8_cells_are_the_image_the_coloured_label_and_each_runs_argmax(
