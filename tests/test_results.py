@@ -224,6 +224,28 @@ def test_the_journal_tables_share_the_runs_of_the_same_experiments() -> None:
     assert len(set(hashes)) == 8 and not set(hashes) & {h for h, _ in table2.values()}
 
 
+def test_a_table_can_extend_another_with_rows_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CARAFE++ Table IX prints ICCV Table 6's rows (the same runs and figures), then two rows of its own."""
+    table6, table9 = load_table_spec("6"), load_table_spec("pp-9")
+    compose_rows(table6, "tiny", seeds=1)
+    compose_rows(table9, "tiny", seeds=1)
+    assert [(r.label, r.config_hash, r.paper) for r in table9.rows[:8]] == [
+        (r.label, r.config_hash, r.paper) for r in table6.rows]
+    assert [(r.label, r.paper) for r in table9.rows[8:]] == [
+        ("Backbone", {"mIoU": 41.93, "PA": 80.35}), ("PPM + FPN + FUSE + Backbone", {"mIoU": 43.05, "PA": 80.81})]
+    assert len({r.config_hash for r in table9.rows}) == 10 and table9.title.startswith("CARAFE++ Table IX")
+    assert table9.notes == table6.notes
+    row = "{label: extra, overrides: [], paper: {}}"
+    (tmp_path / "base.yaml").write_text("title: b\ncolumns: [{key: AP}]\nrows: [{label: a, overrides: []}]\n")
+    (tmp_path / "both.yaml").write_text(f"extends: base\nrows: []\nappend_rows: [{row}]\n")
+    (tmp_path / "stray.yaml").write_text(f"title: t\ncolumns: [{{key: AP}}]\nrows: []\nappend_rows: [{row}]\n")
+    monkeypatch.setattr(results, "TABLE_DIR", tmp_path)
+    with pytest.raises(TableSpecError, match="either rows .* or append_rows"):
+        load_table_spec("both")
+    with pytest.raises(TableSpecError, match="append_rows only apply to a table with 'extends'"):
+        load_table_spec("stray")
+
+
 def test_speed_cost_and_not_applicable_cells_render() -> None:
     spec = TableSpec("demo", "Demo", "paper", [], [
         Column("AP", "AP", "bbox_AP", 1), Column("mAP", "mask AP", "segm_AP", 1),

@@ -14,6 +14,13 @@ A table spec::
     plot: {column: top1, x_title: "C_m", x_ticks: ["4", ...]}  # optional: results/figures/table-<name>.png
     notes: {tiny: "...", paper: "..."}                      # optional, printed under the table
 
+A table that reprints another's rows names it instead of copying them (the rows keep their runs)::
+
+    extends: "6"                 # every key of conf/table/6.yaml, overridden by this file's own
+    relabel: {CARAFE: CARAFE++}  # optional: rows renamed
+    paper_update: {CARAFE++: {APS: 23.2}}  # optional: published figures that differ, per (renamed) row
+    append_rows: [{label: Backbone, overrides: [downsampler=carafe], paper: {mIoU: 41.93}}]  # optional: rows after
+
 A column group defined once in ``conf/table/columns/<group>.yaml`` (a list of columns) is used by
 ``columns: [{group: bbox_ap}, ...]``.
 
@@ -191,7 +198,8 @@ def _expand_column_groups(columns: list[Any], where: str) -> list[dict[str, Any]
 
 def _raw_spec(name: str, seen: tuple[str, ...] = (), shared_notes: bool = True) -> dict[str, Any]:
     """A table file as a dict, with column groups expanded, ``extends`` (another table whose keys it overrides;
-    ``relabel`` renames rows, ``paper_update`` sets paper figures per row label) and ``notes_from``
+    ``relabel`` renames rows, ``paper_update`` sets paper figures per row label, ``append_rows`` adds rows after the
+    base's) and ``notes_from``
     (``conf/table/notes/<name>.yaml``, shared notes printed before the table's own) applied."""
     path = TABLE_DIR / f"{name}.yaml"
     if not path.is_file():
@@ -202,9 +210,16 @@ def _raw_spec(name: str, seen: tuple[str, ...] = (), shared_notes: bool = True) 
     if "columns" in raw:
         raw["columns"] = _expand_column_groups(raw["columns"] or [], f"conf/table/{name}.yaml")
     base_name = raw.pop("extends", None)
+    stray = [key for key in ("relabel", "paper_update", "append_rows") if key in raw]
+    if base_name is None and stray:
+        raise TableSpecError(f"conf/table/{name}.yaml: {', '.join(stray)} only apply to a table with 'extends'")
     if base_name is not None:
         base = _raw_spec(str(base_name), (*seen, name), shared_notes=False)
         relabel, updates = raw.pop("relabel", None) or {}, raw.pop("paper_update", None) or {}
+        appended = raw.pop("append_rows", None) or []
+        if "rows" in raw and appended:
+            raise TableSpecError(f"conf/table/{name}.yaml: give either rows (replacing {base_name}'s) or append_rows "
+                                 "(added after them), not both")
         raw = {**base, **raw}
         rows = []
         for row in raw.get("rows", []):
@@ -212,9 +227,10 @@ def _raw_spec(name: str, seen: tuple[str, ...] = (), shared_notes: bool = True) 
             rows.append({**row, "label": label, "paper": {**(row.get("paper") or {}), **updates.pop(label, {})}})
         if updates:
             raise TableSpecError(f"conf/table/{name}.yaml: paper_update names no row: {sorted(updates)}")
+        rows += appended
         keys = {c["key"] for c in raw.get("columns", [])}
         for row in rows:  # figures of the base's columns that this table does not show
-            row["paper"] = {k: v for k, v in row["paper"].items() if k in keys}
+            row["paper"] = {k: v for k, v in (row.get("paper") or {}).items() if k in keys}
         raw["rows"] = rows
     shared = raw.pop("notes_from", None) if shared_notes else None
     if shared is not None:
