@@ -4,11 +4,14 @@ was raised: the code in a malicious checkpoint must not have run, the run must n
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -115,6 +118,40 @@ def test_stale_temporaries_of_a_killed_checkpoint_write_are_removed(data_dir: Pa
     stale.write_bytes(b"half a checkpoint")
     assert run_experiment(compose(smoke_overrides(data_dir)), tmp_path) is not None  # the engine cleans on start
     assert not stale.exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux) to fail writes with ENOSPC")
+def test_a_checkpoint_write_on_a_full_disk_says_so_and_keeps_the_old_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.common.io as io_module
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"epoch": 1})
+    before = path.read_bytes()
+    temporary = tmp_path / ".checkpoint.pt.full.tmp"
+
+    def mkstemp_on_a_full_disk(**_: Any) -> tuple[int, str]:  # every write to /dev/full fails with ENOSPC
+        temporary.write_bytes(b"")
+        return os.open("/dev/full", os.O_WRONLY), str(temporary)
+
+    monkeypatch.setattr(io_module.tempfile, "mkstemp", mkstemp_on_a_full_disk)
+    with pytest.raises(OSError, match=r"writing .*checkpoint\.pt failed: the disk holding .* is full") as failure:
+        save_checkpoint(path, {"model": {"w": torch.randn(512, 512)}, "epoch": 2})
+    assert failure.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before and not temporary.exists()
+    assert load_checkpoint(path)["epoch"] == 1
+    # torch.save may report the full disk only as its own RuntimeError: then the free space decides.
+    def save_failing_in_torch(*_: Any) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 7 vs 3")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(io_module.torch, "save", save_failing_in_torch)
+    monkeypatch.setattr(io_module.shutil, "disk_usage", lambda _: SimpleNamespace(free=1 << 20))
+    with pytest.raises(OSError, match=r"is full \(1\.0 MiB free\)"):
+        save_checkpoint(path, {"epoch": 3})
+    monkeypatch.setattr(io_module.shutil, "disk_usage", lambda _: SimpleNamespace(free=9 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos 7"):  # with room to spare it is not called a full disk
+        save_checkpoint(path, {"epoch": 3})
+    assert load_checkpoint(path)["epoch"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
 def test_atomic_writes_keep_a_new_files_usual_mode(tmp_path: Path) -> None:

@@ -102,9 +102,34 @@ def _atomic_write(path: Path, write) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, Exception) and _disk_full(err, path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, f"writing {path} failed: the disk holding {path.parent} is full "
+                                        f"({full}); {path.name} was left as it was. Free some space and run the "
+                                        "command again") from err
         raise
+
+
+# Below this much free space a failed write is taken to be a full disk even when the writer's error does not say so
+# (torch.save reports one as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...").
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+def _disk_full(err: BaseException, folder: Path) -> str:
+    """Why a failed write looks like a full disk ("" when it does not): ENOSPC / EDQUOT anywhere in the error's chain,
+    or almost no free space left in ``folder`` while the partial file still takes its share."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f"{free / 2**20:.1f} MiB free" if free < _NEARLY_FULL_BYTES else ""
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
