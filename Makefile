@@ -20,7 +20,7 @@ OVERRIDES ?=
 SEEDS     ?=
 BACKBONES ?=
 
-.PHONY: setup lock test test-fast bench op-costs clean reproduce-tables figure-4 figure-5 figure-8 figure-9
+.PHONY: setup lock test test-fast check-results bench op-costs clean reproduce-tables figure-4 figure-5 figure-8 figure-9
 
 setup: $(STAMP)
 
@@ -42,7 +42,13 @@ lock:
 		--generate-hashes --quiet -o $(LOCK)
 
 test: $(STAMP)
+	$(PY) scripts/check_results.py
 	$(PY) -m pytest --durations=25
+
+# Every committed table rendered again from conf/table/ and the run records in results/runs/, compared byte for byte;
+# fails on a hand-edited or stale table, a run without a record, or a SUMMARY.md that the tables do not render.
+check-results: $(STAMP)
+	$(PY) scripts/check_results.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"

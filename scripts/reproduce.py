@@ -8,10 +8,14 @@
     python scripts/reproduce.py --list                      # every table: title, rows, runs shared with others
 
 Each row is ``scripts/train.py <shared overrides> <row overrides> scale=<scale>`` (plus ``run.seed=k`` for seed
-k >= 1), run in ``<runs>/<task>/<hash>`` (the hash of its resolved config). A finished run with the same hash, in the
-runs store, in a ``--from`` folder (for instance a Hydra multirun sweep) or in a ``--from`` table JSON, is reused; an
-interrupted one resumes from its checkpoint. Stopping this script (Ctrl-C, SIGTERM, SIGHUP, or killing it outright)
-stops the training it started.
+k >= 1), run in ``<runs>/<task>/<hash>`` (the hash of its resolved config). Every finished run has one record,
+``results/runs/<hash>.json`` (``tasks/common/records.py``): a seed whose config has a record is not trained again,
+unless a run folder (in the runs store or a ``--from`` folder, for instance a Hydra multirun sweep) holds a run of it
+that finished later, which then replaces the record. An interrupted run resumes from its checkpoint. Training is
+refused from a tree with uncommitted changes (every record names the commit its code is at) unless
+``--allow-dirty`` is given; ``--retrain-stale`` trains again the seeds whose runs' result-affecting code has changed
+since they were trained. Stopping this script (Ctrl-C, SIGTERM, SIGHUP, or killing it outright) stops the training it
+started. After each table, ``results/SUMMARY.md`` is written again from every rendered table.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.common.experiment import read_record
-from tasks.common.provenance import REPO_ROOT, git_commit, utc_now
-from tasks.common.results import (TableSpecError, attach_run, compose_rows, index_runs, load_table_spec,
-                                  measure_costs, measure_speed, row_overrides, shared_runs, shown_path,
-                                  table_names, write_table)
+import json
+
+from tasks.common.provenance import REPO_ROOT, git_commit, uncommitted_changes, utc_now
+from tasks.common.records import RECORDS_DIR_NAME, RecordError, load_records, write_record
+from tasks.common.results import (TableSpec, TableSpecError, attach_records, code_provenance, compose_rows,
+                                  index_runs, load_table_spec, mark_code, measure_costs, measure_speed,
+                                  record_of_run_folder, row_overrides, shared_runs, shown_path, table_names,
+                                  write_summary, write_table)
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -47,8 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the real dataset (required at --scale paper); default: the embedded one")
     parser.add_argument("--runs", type=Path, default=REPO_ROOT / "runs", help="where runs are stored")
     parser.add_argument("--from", dest="extra", type=Path, action="append", default=[],
-                        help="a folder (e.g. a multirun sweep) or a rendered table JSON to take finished runs "
-                             "from; repeatable")
+                        help="a folder of run folders (e.g. a multirun sweep) to take finished runs from; repeatable")
+    parser.add_argument("--records", type=Path, default=None,
+                        help=f"the run records (default: <out>/{RECORDS_DIR_NAME}, i.e. results/{RECORDS_DIR_NAME})")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="train even though the tree has uncommitted changes (each record then keeps a hash of "
+                             "the change; its table marks the run)")
+    parser.add_argument("--retrain-stale", action="store_true",
+                        help="train again the seeds whose runs were trained at other result-affecting code than "
+                             "this commit's, or from an uncommitted tree")
     parser.add_argument("--backbones", type=Path, default=os.environ.get("BACKBONES") or None,
                         help="a folder of ImageNet backbone weights, <name>.pt per backbone (resnet50, "
                              "resnet50-carafe, ...): each detection / segmentation row loads its own "
@@ -147,6 +161,34 @@ def shown_command(argv: list[str]) -> str:
     return "python scripts/reproduce.py " + " ".join(words)
 
 
+def carry_speed(spec: TableSpec, previous: Path) -> str | None:
+    """Speed columns that cannot be timed now (the trained models are not on this machine) taken from the table's
+    previous rendering, for rows whose seed-0 run is the same; returns where that rendering measured them."""
+    if not spec.speed or not previous.is_file():
+        return None
+    try:
+        data = json.loads(previous.read_text())
+        metrics = {c["key"]: c["metric"] for c in data["columns"]}
+        by_label = {row["label"]: row for row in data["rows"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    carried = False
+    for row in spec.rows:
+        old = by_label.get(row.label)
+        if old is None or old.get("config_hash") != row.config_hash or any(k.startswith("speed.") for k in row.measured):
+            continue
+        values = old.get("render_measured") if "render_measured" in old else {
+            metrics[k]: v for k, v in (old.get("measured") or {}).items() if k in metrics}
+        speed = {k: float(v) for k, v in (values or {}).items() if k.startswith("speed.") and isinstance(v, (int, float))}
+        if speed:
+            row.measured.update(speed)
+            row.measure_problem = ""
+            carried = True
+    where = (data.get("provenance") or {}).get("speed measured on")
+    return f"{where} (carried over from the previous rendering: the trained models are not on this machine)" \
+        if carried and where else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -154,22 +196,45 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     extra = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
+    records_dir = args.records or args.out / RECORDS_DIR_NAME
     try:
         spec = load_table_spec(args.table)
         compose_rows(spec, args.scale, extra, args.seeds, args.backbones)
-        found = index_runs(args.runs, *args.extra)
-    except TableSpecError as error:
+        records = load_records(records_dir)
+        folders = index_runs(args.runs, *args.extra)
+    except (TableSpecError, RecordError) as error:
         print(f"reproduce: {error}", file=sys.stderr)
         return 2
-    failures = 0
+    for record in attach_records(spec, records, folders):
+        print(f"[{spec.name}] run {record['config_hash']}: the run folder's result replaces its record",
+              file=sys.stderr)
+        write_record(record, records_dir)
+    head = git_commit()
+    if args.retrain_stale:
+        mark_code(spec, head)
+        for row in spec.rows:
+            for run in row.runs:
+                if run.record is not None and run.code != "current":
+                    print(f"[{spec.name}] {row.label}, seed {run.seed} ({run.config_hash}): trained at "
+                          f"{run.record.get('commit', '?')[:12]} ({run.code}); training it again", file=sys.stderr)
+                    run.record, run.run_dir = None, ""
     runs = [(row, run) for row in spec.rows for run in row.runs]
+    to_train = [(row, run) for row, run in runs if run.record is None]
+    if to_train and not args.render_only and not args.allow_dirty:
+        changed = uncommitted_changes()
+        if changed:
+            print(f"reproduce: {len(to_train)} run(s) of table {spec.name} would be trained from a tree with "
+                  f"uncommitted changes ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}), so their "
+                  "records could not name the code that produced them. Commit first, or pass --allow-dirty (the "
+                  "records then keep a hash of the change and the table marks the runs).", file=sys.stderr)
+            return 2
+    failures = 0
     for index, (row, run) in enumerate(runs, 1):
         run_dir = args.runs / run.config.task.name / run.config_hash
         seed = f", seed {run.seed}" if len(row.runs) > 1 else ""
         prefix = f"[{spec.name} {index}/{len(runs)}] {row.label}{seed} ({run.config_hash})"
-        if run.config_hash in found:
-            attach_run(run, found[run.config_hash])
-            print(f"{prefix}: reusing the finished run in {run.run_dir or run.source}", file=sys.stderr)
+        if run.record is not None:
+            print(f"{prefix}: reusing the run's record ({RECORDS_DIR_NAME}/{run.config_hash}.json)", file=sys.stderr)
             continue
         run.run_dir = str(run_dir)
         if args.render_only:
@@ -180,31 +245,46 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         returncode = run_child(train_command(row_overrides(spec, row, args.scale, extra, run), run_dir, args.nproc),
                                REPO_ROOT)
-        run.record = read_record(run_dir)
+        try:
+            run.record = record_of_run_folder(run_dir)
+        except RecordError as error:
+            run.record, run.problem = None, f"run finished with a malformed result: {error}"
         if run.record is None:
             failures += 1
-            run.problem = f"run failed (exit {returncode}); see {shown_path(run_dir)}/train.log"
+            run.problem = run.problem or f"run failed (exit {returncode}); see {shown_path(run_dir)}/train.log"
             print(f"{prefix}: {run.problem}", file=sys.stderr)
+        else:
+            records[run.config_hash] = run.record
+            write_record(run.record, records_dir)
     if spec.costs:
         measure_costs(spec)
     speed_device = None
     finished = [run for row in spec.rows for run in row.finished_runs()]
     if spec.speed and finished:
-        print(f"[{spec.name}] timing the trained models of the rows together", file=sys.stderr, flush=True)
-        speed_device = measure_speed(spec)
-    datasets = sorted({run.record["dataset"] for run in finished})
+        timed = all(any(r.run_dir and (Path(r.run_dir) / "checkpoint.pt").is_file() for r in row.finished_runs())
+                    for row in spec.rows if row.finished_runs())
+        if timed or not args.render_only:
+            print(f"[{spec.name}] timing the trained models of the rows together", file=sys.stderr, flush=True)
+            speed_device = measure_speed(spec)
+        carried = carry_speed(spec, args.out / f"table-{spec.name}.json")
+        if carried is not None:
+            speed_device = carried
+    mark_code(spec, head)
+    datasets = sorted({str(run.record["dataset"]) for run in finished})
     devices = sorted({f"{run.record['device']} x{run.record.get('world_size', 1)}" for run in finished})
-    run_seconds = sum(run.record.get("wall_seconds", 0) for run in finished)
+    train_seconds = sum(float(run.record.get("train_seconds") or 0) for run in finished)
     provenance = {
-        "commit": git_commit(), "scale": args.scale, "seeds": spec.seed_count,
+        "commit": head, "scale": args.scale, "seeds": spec.seed_count,
         "dataset": "; ".join(datasets) or "–", "device": "; ".join(devices) or "–", "date": utc_now(),
-        "wall time": f"{time.perf_counter() - started:.0f} s for this command; {run_seconds:.0f} s summed over "
-                     "the runs (each run's own wall time)",
+        "wall time": f"{time.perf_counter() - started:.0f} s for this command; {train_seconds:.0f} s of training "
+                     "summed over the runs' records (every resumed segment of a run counted)",
         "command": shown_command(argv if argv is not None else sys.argv[1:]),
+        **code_provenance(spec),
     }
     if speed_device is not None:
         provenance["speed measured on"] = speed_device
     written = write_table(spec, provenance, args.out)
+    written.append(write_summary(args.out))
     print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
     return 1 if failures else 0
 

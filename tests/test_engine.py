@@ -64,8 +64,14 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(data_dir: 
     for name in reference:
         assert torch.equal(reference[name], final[name]), name
     a = json.loads((straight / "metrics.json").read_text())["metrics"]
-    b = json.loads((interrupted / "metrics.json").read_text())["metrics"]
-    assert a == b
+    resumed = json.loads((interrupted / "metrics.json").read_text())
+    assert a == resumed["metrics"]
+    # the record counts both processes: one segment each, times summed over them, not only the last one's
+    segments = resumed["segments"]
+    assert len(segments) == 2 and all(s["wall_seconds"] > 0 and s["train_seconds"] > 0 for s in segments)
+    assert resumed["wall_seconds"] == pytest.approx(sum(s["wall_seconds"] for s in segments), abs=0.15)
+    assert resumed["train_seconds"] == pytest.approx(sum(s["train_seconds"] for s in segments), abs=0.15)
+    assert len(json.loads((straight / "metrics.json").read_text())["segments"]) == 1
 
 
 def test_checkpoint_of_another_config_is_not_resumed(data_dir: Path, tmp_path: Path) -> None:

@@ -83,6 +83,8 @@ class FitResult:
     metrics: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+    #: One entry per process that trained this run (the first and every resume): its wall and training seconds.
+    segments: list[dict[str, float]] = field(default_factory=list)
     finished: bool = True
 
 
@@ -240,7 +242,8 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
     optimizers, schedulers = build_optimizers(task, model, schedule, iters_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=settings.amp and world.device.type == "cuda")
 
-    start_epoch, history, train_seconds = 0, [], 0.0
+    segment_started = time.perf_counter()
+    start_epoch, history, train_seconds, segments = 0, [], 0.0, []
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if world.is_main:  # a checkpoint write killed half-way leaves its temporary file; the run's lock is held
         remove_stale_temporaries(checkpoint_path)
@@ -255,6 +258,7 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, history, train_seconds = state["epoch"], state["history"], state["train_seconds"]
+        segments = list(state.get("segments") or [])
         if world.is_main:
             log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, schedule.epochs)
 
@@ -267,16 +271,23 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
             writer.add_text("hyper-parameters", hyperparameters_markdown(task.cfg), 0)
 
     metrics: dict[str, float] = history[-1].get("val", {}) if history else {}
+    segment_train_seconds = 0.0
+
+    def all_segments() -> list[dict[str, float]]:
+        return [*segments, {"wall_seconds": round(time.perf_counter() - segment_started, 1),
+                            "train_seconds": round(segment_train_seconds, 1)}]
+
     try:
         for epoch in range(start_epoch, schedule.epochs):
             if settings.stop_after_epochs is not None and epoch >= settings.stop_after_epochs:
-                return FitResult(metrics, history, train_seconds, finished=False)
+                return FitResult(metrics, history, train_seconds, all_segments(), finished=False)
             seed_everything(derive_seed(settings.seed, epoch, world.rank))
             reseed_loader(train_loader, settings.seed, epoch, world.rank)
             started = time.perf_counter()
             losses = train_one_epoch(task, model, train_loader, optimizers, schedulers, scaler, world, epoch,
                                      settings, schedule.clip_grad_norm, writer)
             train_seconds += time.perf_counter() - started
+            segment_train_seconds += time.perf_counter() - started
             record: dict[str, Any] = {"epoch": epoch + 1, "train": losses}
             if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == schedule.epochs:
                 metrics = evaluate(task, model, val_loader, settings)
@@ -293,12 +304,12 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
                     "model": unwrap(model).state_dict(), **optimizer_state(optimizers, "optimizer"),
                     **optimizer_state(schedulers, "scheduler"), "scaler": scaler.state_dict(),
                     "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
-                    "config_hash": config_hash})
+                    "segments": all_segments(), "config_hash": config_hash})
             barrier()
     finally:
         if writer is not None:
             writer.close()
-    return FitResult(metrics, history, train_seconds)
+    return FitResult(metrics, history, train_seconds, all_segments())
 
 
 def hyperparameters_markdown(cfg: Any) -> str:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, ValidationError
 from tasks.common.distributed import World, close_world, init_world
 from tasks.common.engine import RunSettings, Schedule, fit
 from tasks.common.io import run_folder_lock, write_json_atomic, write_text_atomic
-from tasks.common.provenance import REPO_ROOT, device_name, git_commit, utc_now
+from tasks.common.provenance import REPO_ROOT, device_name, git_state, utc_now
 from tasks.common.schedule import OPTIMIZERS, POLICIES, WEIGHT_DECAY_SCOPES
 from tasks.common.task import Task
 
@@ -223,13 +223,17 @@ def _run_locked(cfg: DictConfig, run_dir: Path, world: World, started: float) ->
     result = fit(task, schedule_from(cfg), settings_from(cfg), run_dir, world, chash)
     if not result.finished:
         return None
+    # This process's segment is timed from its start (config checks and data preparation included); the earlier
+    # segments of a resumed run come from its checkpoint.
+    segments = [*result.segments[:-1], {**result.segments[-1], "wall_seconds": round(time.perf_counter() - started, 1)}]
     record = {
         "status": "finished", "task": cfg.task.name, "scale": cfg.scale.name, "config_hash": chash,
         "metrics": result.metrics, "primary_metric": task.primary_metric, "history": result.history,
         "dataset": task.dataset_description(), "device": device_name(world.device),
-        "world_size": world.world_size, "train_seconds": round(result.train_seconds, 1),
-        "wall_seconds": round(time.perf_counter() - started, 1), "commit": git_commit(),
-        "finished_at": utc_now(), "torch": torch.__version__,
+        "world_size": world.world_size, "threads": torch.get_num_threads(),
+        "train_seconds": round(result.train_seconds, 1),
+        "wall_seconds": round(sum(segment["wall_seconds"] for segment in segments), 1), "segments": segments,
+        **git_state(), "finished_at": utc_now(), "torch": torch.__version__,
     }
     if world.is_main:
         write_json_atomic(run_dir / METRICS_NAME, record)

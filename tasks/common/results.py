@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,9 +58,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from carafe.costs import paper_round
 from tasks.common.backbones import BACKBONE_KEY, backbone_name, missing_backbones, takes_backbone_weights
-from tasks.common.experiment import CONF_DIR, METRICS_NAME, compose, config_hash, read_record, validate
+from tasks.common.experiment import CONF_DIR, CONFIG_NAME, METRICS_NAME, compose, config_hash, read_record, validate
 from tasks.common.io import write_json_atomic, write_text_atomic
-from tasks.common.provenance import REPO_ROOT
+from tasks.common.provenance import REPO_ROOT, code_status
+from tasks.common.records import RECORD_FORMAT, RECORDS_DIR_NAME, RecordError, newer, record_from_run, record_path
+from tasks.common.stats import Comparison, welch
 
 TABLE_DIR = CONF_DIR / "table"
 NOTES_DIR = TABLE_DIR / "notes"
@@ -68,6 +70,7 @@ COLUMN_GROUPS_DIR = TABLE_DIR / "columns"
 FIGURES_DIR_NAME = "figures"
 SEED_KEY = "run.seed"
 STD_NAME = "sample standard deviation (ddof=1)"
+TABLE_FORMAT = 2   # a rendered table JSON: seeds reference run records (results/runs/) and keep no values of their own
 
 
 class TableSpecError(ValueError):
@@ -75,7 +78,6 @@ class TableSpecError(ValueError):
 
 
 MEASURED_AT_RENDER = ("speed.", "cost.")  # column metrics measured by the renderer, not read from a run
-RUN_INFO_KEYS = ("wall_seconds", "train_seconds", "device", "world_size", "commit", "finished_at", "dataset", "scale")
 
 
 @dataclass
@@ -99,9 +101,9 @@ class SeedRun:
     config: DictConfig | None = None
     config_hash: str = ""
     record: dict[str, Any] | None = None
-    run_dir: str = ""
-    source: str = ""            # where a result not read from a run folder came from (a table JSON and its commit)
+    run_dir: str = ""           # the run folder, when this machine has it (the trained model, for speed columns)
     problem: str = ""           # why the seed has no measured numbers
+    code: str = ""              # its code against the commit the table is rendered at (provenance.code_status)
 
     @property
     def overrides(self) -> list[str]:
@@ -140,6 +142,16 @@ class Plot:
 
 
 @dataclass
+class Compare:
+    """What the seeds are asked: each row in ``baselines`` (row -> its baseline row) against its baseline, on every
+    column read from the runs, with ``column`` the one the rendered table and ``results/SUMMARY.md`` state;
+    ``headline`` is the comparison the summary's line is about (a key of ``baselines``)."""
+    column: str
+    baselines: dict[str, str]
+    headline: str
+
+
+@dataclass
 class TableSpec:
     name: str
     title: str
@@ -152,6 +164,10 @@ class TableSpec:
     costs: dict[str, Any] | None = None
     seeds: int | dict[str, int] = 1
     plot: Plot | None = None
+    compare: Compare | None = None
+
+    def row(self, label: str) -> Row:
+        return next(row for row in self.rows if row.label == label)
 
     def baseline_row(self) -> Row | None:
         label = (self.speed or {}).get("baseline")
@@ -220,6 +236,13 @@ def _raw_spec(name: str, seen: tuple[str, ...] = (), shared_notes: bool = True) 
         if "rows" in raw and appended:
             raise TableSpecError(f"conf/table/{name}.yaml: give either rows (replacing {base_name}'s) or append_rows "
                                  "(added after them), not both")
+        if "compare" not in raw and isinstance(base.get("compare"), dict) and relabel:
+            compare = dict(base["compare"])
+            baseline = compare.get("baseline")
+            compare["baseline"] = ({relabel.get(k, k): relabel.get(v, v) for k, v in baseline.items()}
+                                   if isinstance(baseline, dict) else relabel.get(baseline, baseline))
+            compare["headline"] = relabel.get(compare.get("headline"), compare.get("headline"))
+            raw["compare"] = compare
         raw = {**base, **raw}
         rows = []
         for row in raw.get("rows", []):
@@ -266,6 +289,35 @@ def _plot_setting(value: dict[str, Any], columns: list[Column], rows: list[Any],
     return Plot(value["column"], str(value.get("x_title", "")), None if ticks is None else [str(t) for t in ticks])
 
 
+def _compare_setting(value: Any, columns: list[Column], rows: list[Row], where: str) -> Compare:
+    """``compare: {baseline: <row> | {<row>: <its baseline row>, ...}, headline: <row>, column: <key>}``: with one
+    baseline row every other row is compared with it. Every table names one (the papers' tables each have the model
+    without the operator, or the default setting of an ablation)."""
+    if not isinstance(value, dict) or set(value) - {"baseline", "headline", "column"} or "baseline" not in value \
+            or "headline" not in value:
+        raise TableSpecError(f"{where}: compare takes baseline (a row, or a mapping row -> baseline row), headline (a "
+                             f"compared row) and column (optional; default the first column read from the runs); got "
+                             f"{value!r}")
+    labels = [row.label for row in rows]
+    baseline = value["baseline"]
+    baselines = ({str(k): str(v) for k, v in baseline.items()} if isinstance(baseline, dict)
+                 else {label: str(baseline) for label in labels if label != baseline})
+    for row, base in baselines.items():
+        for label in (row, base):
+            if label not in labels:
+                raise TableSpecError(f"{where}: compare names no row {label!r}; rows are {labels}")
+        if row == base:
+            raise TableSpecError(f"{where}: compare: row {row!r} is its own baseline")
+    if value["headline"] not in baselines:
+        raise TableSpecError(f"{where}: compare.headline={value['headline']!r} is not a compared row; compared rows are "
+                             f"{sorted(baselines)}")
+    trained = [c.key for c in columns if not c.measured_at_render]
+    column = value.get("column", trained[0] if trained else None)
+    if column not in trained:
+        raise TableSpecError(f"{where}: compare.column={column!r} is not a column read from the runs ({trained})")
+    return Compare(str(column), baselines, str(value["headline"]))
+
+
 def load_table_spec(name: str) -> TableSpec:
     name = normalize_table_name(name)
     raw = _raw_spec(name)
@@ -298,9 +350,10 @@ def load_table_spec(name: str) -> TableSpec:
                                  f"{sorted(unknown)}; columns are {sorted(keys)}")
         rows.append(Row(row["label"], list(row.get("overrides") or []), paper))
     plot = _plot_setting(raw["plot"], columns, rows, where) if raw.get("plot") else None
+    compare = _compare_setting(raw.get("compare"), columns, rows, where)
     spec = TableSpec(name, raw["title"], raw.get("source", ""), list(raw.get("overrides") or []), columns, rows,
                      dict(raw.get("notes") or {}), raw.get("speed"), raw.get("costs"),
-                     _seeds_setting(raw.get("seeds", 1), where), plot)
+                     _seeds_setting(raw.get("seeds", 1), where), plot, compare)
     if spec.speed is not None and spec.baseline_row() is None:
         raise TableSpecError(f"{where}: speed.baseline={spec.speed.get('baseline')!r} names no row; rows are "
                              f"{[r.label for r in rows]}")
@@ -352,10 +405,10 @@ def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int 
 
 @dataclass
 class FinishedRun:
-    """A finished run found by ``index_runs``: its record (``metrics.json``'s content) and where it came from."""
+    """A finished run found in a run folder by ``index_runs``: its record (``tasks.common.records``) and its folder
+    (which also holds the trained model)."""
     record: dict[str, Any]
-    run_dir: Path | None = None   # None for a result taken from a table JSON (no folder, no checkpoint)
-    source: str = ""              # for a table JSON: the file and its commit
+    run_dir: Path | None = None
 
 
 def shown_path(path: str | Path) -> str:
@@ -367,93 +420,70 @@ def shown_path(path: str | Path) -> str:
     return f"<outside the repository>/{path.name}"
 
 
-def file_commit(path: Path) -> str:
-    """The last commit that changed ``path``, ``+modified`` when the file differs from it; ``not committed``."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=path.parent, capture_output=True, text=True,
-                              check=True).stdout.strip()
+def record_of_run_folder(run_dir: Path) -> dict[str, Any] | None:
+    """The record of the finished run in ``run_dir`` (its ``metrics.json`` and resolved ``config.yaml``), None if it
+    has not finished; ``RecordError`` if what it holds is malformed."""
     try:
-        commit = git("log", "-1", "--format=%H", "--", path.name)
-        modified = git("status", "--porcelain", "--", path.name)
-    except (OSError, subprocess.CalledProcessError):
-        return "not committed"
-    if not commit:
-        return "not committed"
-    return commit + ("+modified" if modified else "")
-
-
-def _nested(dotted: str, value: float) -> dict[str, Any]:
-    node: dict[str, Any] = {}
-    head, *rest = dotted.split(".")
-    node[head] = _nested(".".join(rest), value) if rest else value
-    return node
-
-
-def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
-    for key, value in other.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
-def runs_from_table_json(path: str | Path) -> dict[str, FinishedRun]:
-    """The finished runs a rendered ``table-<name>.json`` holds, by config hash: each seed's measured cells mapped
-    back to metrics through the file's own columns (speed and cost columns are left out: they are measured when a
-    table is rendered, not by a run)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-        columns = {c["key"]: c["metric"] for c in data["columns"]}
-        rows = data["rows"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise TableSpecError(f"{path} is not a rendered table JSON (table-<name>.json): {error}") from error
-    source = f"{shown_path(path)} at commit {file_commit(path)}"
-    found: dict[str, FinishedRun] = {}
-    for row in rows:
-        for seed in row.get("seeds") or [row]:  # a single-seed file written before seeds keeps its runs in the row
-            measured = seed.get("measured")
-            if not seed.get("config_hash") or seed.get("run") is None or not measured:
-                continue
-            metrics: dict[str, Any] = {}
-            for key, value in measured.items():
-                metric = columns.get(key)
-                if metric is not None and not metric.startswith(MEASURED_AT_RENDER) and value is not None:
-                    _merge(metrics, _nested(metric, float(value)))
-            record = {**seed["run"], "status": "finished", "config_hash": seed["config_hash"], "metrics": metrics}
-            found[seed["config_hash"]] = FinishedRun(record, None, source)
-    return found
+        metrics = read_record(run_dir)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecordError(f"{run_dir / METRICS_NAME}: not readable ({error})") from None
+    if metrics is None:
+        return None
+    config_file = run_dir / CONFIG_NAME
+    config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
+    return record_from_run({"format": RECORD_FORMAT, **metrics}, config)
 
 
 def index_runs(*sources: str | Path) -> dict[str, FinishedRun]:
-    """Finished runs found under ``sources``, by config hash: folders (run folders, a runs store, Hydra sweep
-    folders) and rendered table JSON files. Of several runs of one config in folders the most recently finished
-    wins; a table JSON only fills hashes that no run folder has (a folder also holds the trained model)."""
+    """Finished runs found in the folders ``sources`` (run folders, a runs store, Hydra sweep folders), by config
+    hash; of several runs of one config the most recently finished wins. A folder whose ``metrics.json`` is malformed
+    is named on stderr and skipped."""
     found: dict[str, FinishedRun] = {}
-    from_tables: dict[str, FinishedRun] = {}
     for source in sources:
         source = Path(source)
         if source.is_file():
-            from_tables.update(runs_from_table_json(source))
-            continue
+            raise TableSpecError(f"{source} is a file; --from takes folders of run folders (a rendered table keeps no "
+                                 f"results of its own: its runs' records are in results/{RECORDS_DIR_NAME}/)")
         if not source.exists():
             continue
         for path in sorted(source.rglob(METRICS_NAME)):
             try:
-                record = read_record(path.parent)
-            except (OSError, json.JSONDecodeError):
+                record = record_of_run_folder(path.parent)
+            except (RecordError, OSError, ValueError) as error:
+                print(f"skipping {shown_path(path.parent)}: {error}", file=sys.stderr)
                 continue
-            if record is None or "config_hash" not in record:
+            if record is None:
                 continue
             previous = found.get(record["config_hash"])
-            if previous is None or record.get("finished_at", "") >= previous.record.get("finished_at", ""):
+            if previous is None or newer(record, previous.record) or record == previous.record:
                 found[record["config_hash"]] = FinishedRun(record, path.parent)
-    return {**from_tables, **found}
+    return found
 
 
 def attach_run(run: SeedRun, finished: FinishedRun) -> None:
-    run.record, run.source = finished.record, finished.source
+    run.record = finished.record
     run.run_dir = str(finished.run_dir) if finished.run_dir is not None else ""
+
+
+def attach_records(spec: TableSpec, records: dict[str, dict[str, Any]],
+                   folders: dict[str, FinishedRun] | None = None) -> list[dict[str, Any]]:
+    """Give every seed of ``spec`` its run: the record of its config hash, or a finished run folder's when that one
+    finished later (a retrained config replaces its record). Returns the records that are new or replace one in
+    ``records`` (the caller writes them)."""
+    replaced = []
+    for row in spec.rows:
+        for run in row.runs:
+            folder = (folders or {}).get(run.config_hash)
+            record = records.get(run.config_hash)
+            if folder is not None and newer(folder.record, record):
+                replaced.append(folder.record)
+                records[run.config_hash] = folder.record
+                attach_run(run, folder)
+            elif record is not None:
+                run.record = record
+                if folder is not None and folder.record.get("finished_at") == record.get("finished_at"):
+                    run.run_dir = str(folder.run_dir)
+    return replaced
 
 
 def shared_runs(specs: list[TableSpec]) -> dict[str, list[tuple[str, str]]]:
@@ -645,13 +675,78 @@ def seed_statement(spec: TableSpec) -> str:
             "changes a model's weights, not its architecture (speed is timed on the first finished seed's model).")
 
 
+#: How a run's code relates to the commit a table is rendered at (``provenance.code_status``): its mark and meaning.
+CODE_MARKS = {"current": "", "changed": "†", "uncommitted": "‡", "unknown": "?"}
+CODE_MEANING = {
+    "changed": "trained at an earlier commit whose result-affecting code (the operator, the shared and the task's code, "
+               "the configs, the pinned environment) differs from this render's commit",
+    "uncommitted": "trained from a tree with uncommitted changes (`+dirty`): the code that produced it cannot be "
+                   "recovered",
+    "unknown": "trained at a commit this clone does not have",
+}
+
+
+def md_text(value: Any) -> str:
+    """A string from a record or the command line as markdown shows it literally: one line, no HTML, no links, no
+    table cells broken by pipes."""
+    text = " ".join(str(value).split())
+    for char, escaped in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"), ("[", "\\["), ("]", "\\]"),
+                          ("`", "'")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def _on_gpu(record: dict[str, Any]) -> bool:
+    device = str(record.get("device", ""))
+    return not device.endswith("threads)") and device not in ("", "cpu")
+
+
+def mark_code(spec: TableSpec, against: str, cache: dict | None = None) -> None:
+    """Set each finished seed's ``code`` against ``against`` (the commit the table is rendered at)."""
+    against = against.removesuffix("+dirty")
+    cache = {} if cache is None else cache
+    for row in spec.rows:
+        for run in row.runs:
+            run.code = "" if run.record is None else code_status(
+                str(run.record.get("commit", "unknown")), str(run.record.get("task", "")), _on_gpu(run.record),
+                against, cache)
+
+
+def code_provenance(spec: TableSpec) -> dict[str, str]:
+    """The provenance lines about the runs' code: which commits the runs come from, and how many are marked."""
+    finished = [run for row in spec.rows for run in row.finished_runs()]
+    if not finished:
+        return {}
+    commits: dict[str, int] = {}
+    for run in finished:
+        commit = str(run.record.get("commit", "unknown"))
+        commits[commit] = commits.get(commit, 0) + 1
+    shown = ", ".join(f"{c[:12]}{'+dirty' if c.endswith('+dirty') else ''} ({n})"
+                      for c, n in sorted(commits.items(), key=lambda item: (-item[1], item[0])))
+    lines = {"runs' commits": f"{len(finished)} runs from {len(commits)} commits: {shown}"}
+    marked = []
+    for code in ("changed", "uncommitted", "unknown"):
+        count = sum(run.code == code for run in finished)
+        if count:
+            marked.append(f"{count} of {len(finished)} runs {CODE_MARKS[code]} {CODE_MEANING[code]}")
+    lines["runs' code"] = "; ".join(marked) if marked else \
+        f"all {len(finished)} runs were trained at this render's result-affecting code"
+    return lines
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.0f} s" if isinstance(value, (int, float)) else "? s"
+
+
 def _run_line(run: SeedRun) -> str:
     text = f"run `{run.config_hash}`"
-    if run.source:
-        text += f" (from {run.source})"
     if run.record is not None:
-        text += (f"; {run.record.get('wall_seconds', '?')} s on {run.record.get('device', '?')}"
-                 f" x{run.record.get('world_size', 1)}, commit {str(run.record.get('commit', '?'))[:12]}")
+        record = run.record
+        recovered = ", recovered from an older table" if record.get("recovered_from") else ""
+        text += (f" (record {RECORDS_DIR_NAME}/{run.config_hash}.json{recovered}): "
+                 f"{_seconds(record.get('train_seconds'))} "
+                 f"training on {md_text(record.get('device', '?'))} x{record.get('world_size', 1)}, commit "
+                 f"{md_text(str(record.get('commit', '?'))[:12])}{CODE_MARKS.get(run.code, '')}")
     elif run.problem and len(run.problem) < 200:
         text += f": {run.problem}"
     return text
@@ -670,15 +765,99 @@ def figure_caption(spec: TableSpec, provenance: dict[str, Any]) -> str:
             f"scale={provenance.get('scale', '?')}, commit {str(provenance.get('commit', '?'))[:12]}.")
 
 
+def _row_values(row: Row, column: Column) -> list[float]:
+    return [value for run in row.runs if run.record is not None
+            for value in [metric_value(run.record, column.metric)] if value is not None]
+
+
+def comparisons(spec: TableSpec) -> dict[str, dict[str, dict[str, Any]]]:
+    """For each compared row of ``spec.compare``: per column read from the runs, Δ against its baseline row (Welch's t,
+    its degrees of freedom and the 95 % interval of Δ over the seeds), the paper's Δ, and what that says."""
+    if spec.compare is None:
+        return {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for label, base_label in spec.compare.baselines.items():
+        row, base = spec.row(label), spec.row(base_label)
+        per_column = {}
+        for column in spec.columns:
+            if column.measured_at_render:
+                continue
+            mine, theirs = _row_values(row, column), _row_values(base, column)
+            paper_mine, paper_theirs = row.paper.get(column.key), base.paper.get(column.key)
+            paper_delta = (paper_mine - paper_theirs if isinstance(paper_mine, (int, float))
+                           and isinstance(paper_theirs, (int, float)) else None)
+            comparison = welch(mine, theirs) if mine and theirs else None
+            per_column[column.key] = {
+                "baseline": base_label, "paper_delta": paper_delta,
+                "delta": None if comparison is None else comparison.delta,
+                "t": None if comparison is None else comparison.t, "df": None if comparison is None else comparison.df,
+                "low": None if comparison is None else comparison.low,
+                "high": None if comparison is None else comparison.high,
+                "n": len(mine), "n_baseline": len(theirs),
+                "verdict": verdict(comparison, paper_delta)}
+        out[label] = per_column
+    return out
+
+
+def verdict(comparison: Comparison | None, paper_delta: float | None) -> str:
+    """What the seeds say about one Δ, in words."""
+    if comparison is None:
+        return "not measured (a row has no finished run)"
+    if comparison.separated is None:
+        return ("spread not measured (one seed)" if min(comparison.n_a, comparison.n_b) < 2
+                else "no spread over the seeds (identical values)")
+    if not comparison.separated:
+        return "not separated from seed noise"
+    if paper_delta is None or paper_delta == 0:
+        return "separated (the paper shows no difference)"
+    same = (comparison.delta > 0) == (paper_delta > 0)
+    return "separated, in the paper's direction" if same else "separated, opposite to the paper's direction"
+
+
+def _signed(value: float | None, decimals: int) -> str:
+    return "–" if value is None else f"{value:+.{decimals}f}"
+
+
+def comparison_lines(spec: TableSpec, compared: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """The markdown section that states what the seeds say about ``spec.compare.column``."""
+    if spec.compare is None:
+        return []
+    column = next(c for c in spec.columns if c.key == spec.compare.column)
+    d = column.decimals + 1   # one more than the table's cells: a Δ is a small difference of two of them
+    lines = [f"What the seeds say about {column.header}: Δ = the row's mean − its baseline's, the 95 % interval of Δ "
+             "and Welch's t (degrees of freedom) from the seeds; a Δ is separated from seed noise when its interval "
+             "excludes 0.", "",
+             "| row | baseline | Δ (paper) | Δ (ours) | 95 % interval | t (df) | n | what the seeds say |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label in spec.compare.baselines:
+        c = compared[label][column.key]
+        interval = "–" if c["low"] is None else f"[{c['low']:+.{d}f}, {c['high']:+.{d}f}]"
+        t = "–" if c["t"] is None else f"{c['t']:+.2f} ({c['df']:.1f})"
+        lines.append(f"| {label} | {c['baseline']} | {_signed(c['paper_delta'], d)} | {_signed(c['delta'], d)} | "
+                     f"{interval} | {t} | {c['n']} / {c['n_baseline']} | {c['verdict']} |")
+    return lines
+
+
+PROVENANCE_ORDER = ("commit", "scale", "seeds", "dataset", "device", "date", "wall time", "command", "runs' commits",
+                    "runs' code", "speed measured on")
+
+
+def provenance_order(provenance: dict[str, Any]) -> list[str]:
+    """The provenance keys in the order a table prints them (the JSON file keeps them sorted)."""
+    return [k for k in PROVENANCE_ORDER if k in provenance] + sorted(set(provenance) - set(PROVENANCE_ORDER))
+
+
 def render_markdown(spec: TableSpec, provenance: dict[str, Any]) -> str:
     """The table with, for every column, the paper's figure and the measured one side by side."""
     seeds = spec.seed_count
     lines = [f"# {spec.title}", "",
-             "Generated by `scripts/reproduce.py`; do not edit by hand. Paper: the published figure "
-             f"({spec.source}). Ours: measured by the run named in the last column"
+             "Generated by `scripts/reproduce.py` from the run records in "
+             f"[`{RECORDS_DIR_NAME}/`]({RECORDS_DIR_NAME}/); do not edit by hand (`make check-results` renders it "
+             f"again and fails on any difference). Paper: the published figure ({spec.source}). Ours: measured by "
+             "the run named in the last column"
              + (f" and its seeds (mean ± {STD_NAME}, n = {seeds})." if seeds > 1 else "."), "",
              "| provenance | |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in provenance.items()]
+    lines += [f"| {md_text(key)} | {md_text(provenance[key])} |" for key in provenance_order(provenance)]
     header = ["row"]
     for column in spec.columns:
         ours = "ours" if seeds == 1 or column.measured_at_render else f"ours, n={seeds}"
@@ -690,14 +869,21 @@ def render_markdown(spec: TableSpec, provenance: dict[str, Any]) -> str:
         for column in spec.columns:
             paper = paper_value(spec, row, column)
             cells += [_fmt(paper, column), measured_cell(row, column, paper)]
-        cells.append(f"`{row.config_hash}`" if row.config_hash else "–")
+        marks = "".join(sorted({CODE_MARKS.get(run.code, "") for run in row.runs}))
+        cells.append(f"`{row.config_hash}`{marks}" if row.config_hash else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    used = [code for code in ("changed", "uncommitted", "unknown")
+            if any(run.code == code for row in spec.rows for run in row.runs)]
+    if used:
+        lines += [""] + [f"{CODE_MARKS[code]} a run {CODE_MEANING[code]}." for code in used]
     if spec.plot is not None:
         lines += ["", f"![{spec.title}]({figure_path(spec)})", "", f"Figure: {figure_caption(spec, provenance)}"]
     note = spec.notes.get(provenance.get("scale", ""))
     if note:
         lines += ["", note.strip()]
     lines += ["", seed_statement(spec)]
+    if spec.compare is not None:
+        lines += [""] + comparison_lines(spec, comparisons(spec))
     lines += ["", "Rows (overrides of `scripts/train.py`, shared ones first: "
               f"`{' '.join(spec.overrides) or '(none)'}`):", ""]
     for row in spec.rows:
@@ -715,9 +901,30 @@ def _json_value(value: float | str | None) -> float | None:
     return None if isinstance(value, str) else value
 
 
+def plot_data(spec: TableSpec) -> dict[str, Any] | None:
+    """The numbers the table's figure draws, per row: the paper's figure, every seed's value, their mean and std,
+    and the FLOPs of a table with a FLOPs column."""
+    if spec.plot is None:
+        return None
+    column = next(c for c in spec.columns if c.key == spec.plot.column)
+    flops = [row.measured.get("cost.flops") for row in spec.rows] \
+        if any(c.metric == "cost.flops" for c in spec.columns) else None
+    summaries = [seed_summary(row, column, paper_value(spec, row, column)) for row in spec.rows]
+    return {"column": column.key, "x_title": spec.plot.x_title,
+            "x_ticks": spec.plot.x_ticks or [row.label for row in spec.rows],
+            "paper": [_json_value(paper_value(spec, row, column)) if not isinstance(paper_value(spec, row, column), str)
+                      else None for row in spec.rows],
+            "values": [[] if s is None else [s.values[k] for k in sorted(s.values)] for s in summaries],
+            "mean": [None if s is None else s.mean for s in summaries],
+            "std": [None if s is None else s.std for s in summaries], "flops": flops}
+
+
 def table_json(spec: TableSpec, provenance: dict[str, Any]) -> dict[str, Any]:
-    """The rendered table as data: per row the paper's figures, the measured mean (``measured``), ``std`` and ``n``
-    per column, and every seed's run and values (``seeds``)."""
+    """The rendered table as data: per row the paper's figures, the mean over the seeds (``measured``), ``std`` and
+    ``n`` per column, what the seeds say against the row's baseline (``vs_baseline``), the values measured when the
+    table was rendered (``render_measured``: speed, cost), and every seed's run as a reference to its record (the
+    record holds the values; the table keeps no copy)."""
+    compared = comparisons(spec)
     rows = []
     for row in spec.rows:
         paper = {c.key: paper_value(spec, row, c) for c in spec.columns}
@@ -729,32 +936,186 @@ def table_json(spec: TableSpec, provenance: dict[str, Any]) -> dict[str, Any]:
             std = {k: s.std if s else None for k, s in summaries.items()}
             count = {k: s.n if s else None for k, s in summaries.items()}
         seeds = [{"seed": run.seed, "overrides": run.overrides, "config_hash": run.config_hash,
-                  "run_dir": shown_path(run.run_dir) if run.run_dir else None, "source": run.source or None,
+                  "record": None if run.record is None else f"{RECORDS_DIR_NAME}/{run.config_hash}.json",
                   "problem": None if run.record is not None else (run.problem or None),
-                  "measured": None if run.record is None else {
-                      c.key: metric_value(run.record, c.metric) for c in spec.columns if not c.measured_at_render},
-                  "run": None if run.record is None else {k: run.record.get(k) for k in RUN_INFO_KEYS}}
+                  "code": run.code or None}
                  for run in row.runs]
         rows.append({"label": row.label, "overrides": row.overrides, "config_hash": row.config_hash,
-                     "paper": paper, "measured": measured, "std": std, "n": count, "seeds": seeds,
-                     "measure_problem": row.measure_problem or None})
-    return {"table": spec.name, "title": spec.title, "source": spec.source, "provenance": provenance,
-            "seeds": spec.seed_count, "std": STD_NAME, "columns": [c.__dict__ for c in spec.columns],
-            "shared_overrides": spec.overrides, "speed": spec.speed, "costs": spec.costs, "rows": rows}
+                     "paper": paper, "measured": measured, "std": std, "n": count,
+                     "vs_baseline": compared.get(row.label), "render_measured": dict(sorted(row.measured.items())),
+                     "measure_problem": row.measure_problem or None, "seeds": seeds})
+    compare = None if spec.compare is None else {"column": spec.compare.column, "headline": spec.compare.headline,
+                                                 "baselines": spec.compare.baselines}
+    return {"format": TABLE_FORMAT, "table": spec.name, "title": spec.title, "source": spec.source,
+            "provenance": provenance, "seeds": spec.seed_count, "std": STD_NAME,
+            "columns": [c.__dict__ for c in spec.columns], "shared_overrides": spec.overrides, "speed": spec.speed,
+            "costs": spec.costs, "compare": compare, "plot": plot_data(spec), "rows": rows}
 
 
-def write_table(spec: TableSpec, provenance: dict[str, Any], out_dir: str | Path) -> list[Path]:
+def json_text(data: Any) -> str:
+    """How the results' JSON files are written (``write_json_atomic``'s format)."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def write_table(spec: TableSpec, provenance: dict[str, Any], out_dir: str | Path, figure: bool = True) -> list[Path]:
     """Write ``table-<name>.md``, ``table-<name>.json`` and, for a spec with ``plot``, ``figures/table-<name>.png``
     under ``out_dir``, each replaced atomically. Returns the paths written."""
     out_dir = Path(out_dir)
     written = []
-    if spec.plot is not None:
+    if spec.plot is not None and figure:
         from tasks.common.figures import write_table_figure
 
-        figure = out_dir / figure_path(spec)
-        write_table_figure(spec, provenance, figure)
-        written.append(figure)
+        path = out_dir / figure_path(spec)
+        write_table_figure(spec, provenance, path)
+        written.append(path)
     md, js = out_dir / f"table-{spec.name}.md", out_dir / f"table-{spec.name}.json"
     write_text_atomic(md, render_markdown(spec, provenance))
     write_json_atomic(js, table_json(spec, provenance))
     return [md, js, *written]
+
+
+# --- rendering again from the committed files: make check-results ---------------------------------------------------
+
+class ResultsCheckError(ValueError):
+    pass
+
+
+def spec_from_table_json(data: dict[str, Any], records: dict[str, dict[str, Any]], where: str) -> TableSpec:
+    """The spec of a rendered table with its rows' seeds as the table JSON names them and their runs' values from
+    ``records`` (what ``make check-results`` renders again). ``ResultsCheckError`` for a table that cannot be: an old
+    format that keeps its own copies of values, rows that differ from the spec, a run without a record."""
+    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+        raise ResultsCheckError(f"{where}: not a table JSON of format {TABLE_FORMAT} (an older rendering keeps its own "
+                                "copies of the runs' values); render it again with scripts/reproduce.py")
+    spec = load_table_spec(str(data.get("table")))
+    labels = [row.get("label") for row in data.get("rows", [])]
+    if labels != [row.label for row in spec.rows]:
+        raise ResultsCheckError(f"{where}: its rows {labels} are not conf/table/{spec.name}.yaml's "
+                                f"{[row.label for row in spec.rows]}; render it again")
+    for row, saved in zip(spec.rows, data["rows"]):
+        row.runs = []
+        for seed in saved.get("seeds") or []:
+            run = SeedRun(int(seed["seed"]), None, str(seed["config_hash"]), problem=seed.get("problem") or "",
+                          code=seed.get("code") or "")
+            if seed.get("record") is not None:
+                if seed["record"] != f"{RECORDS_DIR_NAME}/{run.config_hash}.json":
+                    raise ResultsCheckError(f"{where}: row {row.label!r} seed {run.seed} names the record "
+                                            f"{seed['record']!r}, not {RECORDS_DIR_NAME}/{run.config_hash}.json")
+                if run.config_hash not in records:
+                    raise ResultsCheckError(f"{where}: row {row.label!r} seed {run.seed} uses run {run.config_hash}, "
+                                            f"which has no record in results/{RECORDS_DIR_NAME}/")
+                run.record = records[run.config_hash]
+            elif run.config_hash in records:
+                raise ResultsCheckError(f"{where}: row {row.label!r} seed {run.seed} shows no result ({run.problem}) "
+                                        f"but run {run.config_hash} has a record: render the table again")
+            row.runs.append(run)
+        row.measured = dict(saved.get("render_measured") or {})
+        row.measure_problem = saved.get("measure_problem") or ""
+    return spec
+
+
+def check_table(json_path: Path, records: dict[str, dict[str, Any]]) -> list[str]:
+    """Render the table in ``json_path`` again from its spec, the records and its own provenance and render-time
+    measurements; the differences from the committed ``.md`` and ``.json`` (empty when there are none)."""
+    where = str(json_path)
+    try:
+        data = json.loads(json_path.read_text())
+        spec = spec_from_table_json(data, records, where)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        return [str(error)]
+    provenance = data.get("provenance") or {}
+    problems = []
+    md_path = json_path.with_suffix(".md")
+    expected = {md_path: render_markdown(spec, provenance), json_path: json_text(table_json(spec, provenance))}
+    for path, text in expected.items():
+        committed = path.read_text() if path.is_file() else None
+        if committed != text:
+            problems.append(f"{path}: differs from what its spec and the run records render"
+                            + ("" if committed is None else f" ({_first_difference(committed, text)})"))
+    if spec.plot is not None and not (json_path.parent / figure_path(spec)).is_file():
+        problems.append(f"{json_path.parent / figure_path(spec)}: the table's figure is missing")
+    return problems
+
+
+def _first_difference(committed: str, rendered: str) -> str:
+    for number, (a, b) in enumerate(zip(committed.splitlines(), rendered.splitlines()), 1):
+        if a != b:
+            return f"line {number}: committed {a[:160]!r}, rendered {b[:160]!r}"
+    return f"{len(committed.splitlines())} committed lines, {len(rendered.splitlines())} rendered"
+
+
+# --- results/SUMMARY.md -------------------------------------------------------------------------------------------
+
+SUMMARY_NAME = "SUMMARY.md"
+
+
+def _table_order(name: str) -> tuple[int, int]:
+    journal = name.startswith("pp-")
+    return (int(journal), int(name.removeprefix("pp-")))
+
+
+def _table_title(name: str) -> str:
+    if name.startswith("pp-"):
+        number = int(name[3:])
+        roman = ["", "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII", "XIII", "XIV"][number]
+        return f"CARAFE++ Table {roman}"
+    return f"ICCV Table {name}"
+
+
+def render_summary(tables: list[dict[str, Any]]) -> str:
+    """One line per rendered table (its JSON data): the headline comparison, the paper's Δ beside ours, and what the
+    seeds say about it."""
+    tables = sorted(tables, key=lambda data: _table_order(data["table"]))
+    scales = sorted({str(data.get("provenance", {}).get("scale", "?")) for data in tables})
+    lines = ["# What the seeds say, table by table", "",
+             "Generated by `scripts/reproduce.py` from the rendered tables (`make check-results` renders it again); do "
+             "not edit by hand. One line per table: its headline row against its baseline row (each table's spec "
+             "names both), the paper's Δ beside ours (the mean over our seeds), the 95 % interval of our Δ and "
+             "Welch's t over the seeds, and whether our Δ is separated from seed noise (its interval excludes 0) "
+             "and in the paper's direction.", "",
+             f"Scale: {', '.join(scales)}."
+             + (" Numbers at scale=tiny come from minutes-long runs on small embedded datasets: they are not the "
+                "paper's and only their differences, read against the seeds, are compared." if "tiny" in scales
+                else ""), "",
+             "| table | comparison | metric | Δ (paper) | Δ (ours) | 95 % interval | t (df) | n | what the seeds say "
+             "| runs' code |", "|---|---|---|---|---|---|---|---|---|---|"]
+    counts: dict[str, int] = {}
+    for data in tables:
+        compare = data.get("compare")
+        name = data["table"]
+        link = f"[{_table_title(name)}](table-{name}.md)"
+        if not compare:
+            lines.append(f"| {link} | no baseline row | | | | | | | | |")
+            continue
+        column = next(c for c in data["columns"] if c["key"] == compare["column"])
+        row = next(r for r in data["rows"] if r["label"] == compare["headline"])
+        c = (row.get("vs_baseline") or {}).get(compare["column"]) or {}
+        d = int(column.get("decimals", 2)) + 1
+        interval = "–" if c.get("low") is None else f"[{c['low']:+.{d}f}, {c['high']:+.{d}f}]"
+        t = "–" if c.get("t") is None else f"{c['t']:+.2f} ({c['df']:.1f})"
+        seeds = [seed for r in data["rows"] for seed in r["seeds"] if seed.get("record")]
+        marked = sum(seed.get("code") not in (None, "current") for seed in seeds)
+        code = f"{marked} of {len(seeds)} runs marked" if marked else f"all {len(seeds)} current"
+        text = c.get("verdict", "not measured")
+        counts[text] = counts.get(text, 0) + 1
+        lines.append(f"| {link} | {compare['headline']} vs {c.get('baseline', '?')} | {column['header']} | "
+                     f"{_signed(c.get('paper_delta'), d)} | {_signed(c.get('delta'), d)} | {interval} | {t} | "
+                     f"{c.get('n', 0)} / {c.get('n_baseline', 0)} | {text} | {code} |")
+    lines += ["", "Over the tables: " + "; ".join(f"{n} {text}" for text, n in
+                                                  sorted(counts.items(), key=lambda item: (-item[1], item[0]))) + ".",
+              "", "A run is marked when it was trained at a commit whose result-affecting code differs from the commit "
+              "its table was rendered at, or from an uncommitted tree; each table's provenance says which and how "
+              "many."]
+    return "\n".join(lines) + "\n"
+
+
+def committed_tables(results_dir: Path) -> list[Path]:
+    return sorted(results_dir.glob("table-*.json"), key=lambda p: _table_order(p.stem.removeprefix("table-")))
+
+
+def write_summary(results_dir: str | Path) -> Path:
+    results_dir = Path(results_dir)
+    tables = [json.loads(path.read_text()) for path in committed_tables(results_dir)]
+    path = results_dir / SUMMARY_NAME
+    write_text_atomic(path, render_summary([t for t in tables if t.get("format") == TABLE_FORMAT]))
+    return path
