@@ -123,16 +123,25 @@ def test_two_process_gan_run_under_torchrun(data_dir: Path, tmp_path: Path) -> N
 
 
 def test_figure_runs_come_from_the_rendered_table(tmp_path: Path) -> None:
-    rows = [{"label": "A", "seeds": [{"seed": 0, "run_dir": "runs/inpainting/aaa"},
-                                     {"seed": 1, "run_dir": "<outside the repository>/bbb"}]}]
+    """A table names runs by config hash; the figure finds each in the runs store, and nothing a table JSON says can
+    point it at another folder (a path, '..', an absolute one)."""
+    rows = [{"label": "A", "seeds": [{"seed": 0, "config_hash": "aaaaaaaaaaaa"},
+                                     {"seed": 1, "config_hash": "bbbbbbbbbbbb"},
+                                     {"seed": 2, "config_hash": "../../../etc", "run_dir": "/etc"}]}]
     (tmp_path / "table-7.json").write_text(json.dumps({"rows": rows}))
-    assert runs_of_table("7", ["A"], 0, tmp_path) == [REPO / "runs/inpainting/aaa"]
-    with pytest.raises(FigureError, match="no run folder in this repository for 'A' at seed 1"):
-        runs_of_table("7", ["A"], 1, tmp_path)
+    runs_root = tmp_path / "runs"
+    (runs_root / "inpainting" / "aaaaaaaaaaaa").mkdir(parents=True)
+    (runs_root / "inpainting" / "aaaaaaaaaaaa" / "checkpoint.pt").write_bytes(b"")
+    (runs_root / "inpainting" / "bbbbbbbbbbbb").mkdir(parents=True)  # no checkpoint: not a trained model
+    assert runs_of_table("7", ["A"], 0, tmp_path, runs_root) == [runs_root / "inpainting" / "aaaaaaaaaaaa"]
+    with pytest.raises(FigureError, match="no run folder of 'A' seed 1 .run bbbbbbbbbbbb. with its checkpoint"):
+        runs_of_table("7", ["A"], 1, tmp_path, runs_root)
+    with pytest.raises(FigureError, match="row 'A' has no seed 2"):
+        runs_of_table("7", ["A"], 2, tmp_path, runs_root)
     with pytest.raises(FigureError, match="no row 'B'; its rows: A"):
-        runs_of_table("7", ["B"], 0, tmp_path)
+        runs_of_table("7", ["B"], 0, tmp_path, runs_root)
     with pytest.raises(FigureError, match="make reproduce-table-pp-10"):
-        runs_of_table("pp-10", ["A"], 0, tmp_path)
+        runs_of_table("pp-10", ["A"], 0, tmp_path, runs_root)
 
 
 def partial_conv_by_definition(conv: PartialConv2d, x: torch.Tensor, mask: torch.Tensor

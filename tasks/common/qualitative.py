@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from tasks.common.distributed import World
-from tasks.common.engine import load_weights, prepared_datasets
+from tasks.common.engine import CHECKPOINT_NAME, load_weights, prepared_datasets
 from tasks.common.experiment import CONFIG_NAME, METRICS_NAME, task_class
 from tasks.common.io import write_bytes_atomic, write_text_atomic
 from tasks.common.provenance import REPO_ROOT, git_commit, utc_now
@@ -38,8 +39,11 @@ class FigureError(ValueError):
     """Runs that cannot make the figure asked for; the message says what to run first."""
 
 
-def runs_of_table(table: str, rows: list[str], seed: int, results: Path = REPO_ROOT / "results") -> list[Path]:
-    """The run folders of ``rows`` (labels) at ``seed`` as the rendered ``results/table-<table>.json`` records them."""
+def runs_of_table(table: str, rows: list[str], seed: int, results: Path = REPO_ROOT / "results",
+                  runs_root: Path = REPO_ROOT / "runs") -> list[Path]:
+    """The run folders of ``rows`` (labels) at ``seed`` of the rendered ``results/table-<table>.json``: each seed's run
+    is found by its config hash in the runs store, ``<runs_root>/<task>/<hash>`` (the table names runs by hash only,
+    never by a path)."""
     path = results / f"table-{table}.json"
     if not path.is_file():
         raise FigureError(f"{path} does not exist; run `make reproduce-table-{table}` first")
@@ -49,11 +53,16 @@ def runs_of_table(table: str, rows: list[str], seed: int, results: Path = REPO_R
         if label not in by_label:
             raise FigureError(f"table {table} has no row {label!r}; its rows: {', '.join(by_label)}")
         runs = {run["seed"]: run for run in by_label[label].get("seeds") or []}
-        run_dir = runs.get(seed, {}).get("run_dir")
-        if not run_dir or run_dir.startswith("<"):
-            raise FigureError(f"{path} holds no run folder in this repository for {label!r} at seed {seed} (seeds "
-                              f"{sorted(runs)}); the figure needs its checkpoint: run `make reproduce-table-{table}`")
-        folders.append(REPO_ROOT / run_dir)
+        config_hash = str(runs.get(seed, {}).get("config_hash") or "")
+        if not re.fullmatch(r"[0-9a-f]{12}", config_hash):
+            raise FigureError(f"{path}: row {label!r} has no seed {seed} (seeds {sorted(runs)})")
+        found = sorted(p for p in runs_root.glob(f"*/{config_hash}") if (p / CHECKPOINT_NAME).is_file())
+        if not found:
+            raise FigureError(f"no run folder of {label!r} seed {seed} (run {config_hash}) with its checkpoint under "
+                              f"{runs_root}: the figure needs the trained model; run `make reproduce-table-{table}` "
+                              "(it trains the runs whose folders this machine lacks only when their records are "
+                              "missing: delete results/runs/<hash>.json or use --retrain-stale)")
+        folders.append(found[0])
     return folders
 
 

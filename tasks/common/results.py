@@ -40,8 +40,19 @@ row (the seed changes a model's weights, not its architecture):
 ``format: si`` prints as the papers print costs (``199k``, ``4.7M``); a paper figure may be such a string.
 ``paper_ratio_of: fps`` fills the paper's cell from its own figures: this row's fps / the baseline row's.
 
-Finished results are found by config hash in run folders (a runs store, Hydra sweep folders) and in rendered table
-JSON files (``results/table-<name>.json``: their measured cells, mapped back to metrics, for rows whose hash matches).
+Every table names its baseline rows for what the seeds say (each paper table has the model without the operator, or an
+ablation's default setting)::
+
+    compare: {baseline: Nearest, headline: CARAFE, column: AP}   # every other row against Nearest
+    compare: {baseline: {"w/ CARAFE": "baseline"}, headline: "w/ CARAFE"}   # or row -> its own baseline row
+
+Each compared row gets Δ against its baseline with Welch's t and the 95 % interval of Δ over the seeds (in the table
+and, for the headline row, in ``results/SUMMARY.md``).
+
+A run's values live only in its record, ``results/runs/<config hash>.json`` (``tasks.common.records``): a rendered
+table's JSON names each seed's record and keeps no copy of its values, so ``make check-results`` can render every
+committed table again from the records and find any difference. A run folder (the runs store, a Hydra sweep) whose
+run finished later than a config's record replaces that record.
 """
 
 from __future__ import annotations
