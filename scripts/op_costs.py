@@ -29,10 +29,11 @@ import torch
 
 from carafe import DOWNSAMPLERS, UPSAMPLERS, build_downsampler, build_upsampler
 from carafe.costs import as_number, carafe_paper_flops, flops_per_pixel, num_params, paper_round
+from reproduction.measure import measure_costs
+from reproduction.spec import SeedRun, load_table_spec, row_overrides
+from tasks.common.experiment import compose
 from tasks.common.io import write_text_atomic
 from tasks.common.provenance import git_commit
-from tasks.common.experiment import compose
-from tasks.common.results import SeedRun, load_table_spec, measure_costs, row_overrides
 
 UP_LABELS = {"dysample": "DySample (ICCV 2023)"}  # upsamplers beyond Table 2; its rows name the others
 DOWN_LABELS = {"strided_conv": "Strided Conv", "max_pool": "Max Pool", "avg_pool": "Avg Pool", "dpp": "DPP",

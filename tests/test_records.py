@@ -4,16 +4,16 @@ uncommitted tree refused, and a resumed run's segments summed."""
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import pytest
 from scipy import stats as scipy_stats
 
-from tasks.common import stats
-from tasks.common.records import RecordError, read_record_file, validate_record, write_record
-from tasks.common.results import Column, Compare, Row, SeedRun, TableSpec, comparisons, md_text, render_markdown
+from reproduction import stats
+from reproduction.records import RecordError, read_record_file, validate_record, write_record
+from reproduction.render import md_text, render_markdown
+from reproduction.seeds import comparisons
+from reproduction.spec import Column, Compare, Row, SeedRun, TableSpec
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -118,9 +118,7 @@ def test_strings_from_records_reach_markdown_as_text() -> None:
 
 def test_reproduce_refuses_to_train_from_an_uncommitted_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from experiment_helpers import load_script
-
-    reproduce = load_script("reproduce")
+    from reproduction import reproduce
     monkeypatch.setattr(reproduce, "uncommitted_changes", lambda: ["carafe/ops.py"])
     monkeypatch.setattr(reproduce, "run_child", lambda *a, **k: pytest.fail("trained from a dirty tree"))
     assert reproduce.main(["pp-12", "--seeds", "1", "--runs", str(tmp_path / "runs"), "--out",

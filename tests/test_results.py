@@ -16,19 +16,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.common import results
-from tasks.common.experiment import compose, resolved
-from experiment_helpers import load_script
-from tasks.common.records import load_records, write_record
-from tasks.common.results import (Column, Row, SeedRun, TableSpec, TableSpecError, attach_run, compose_rows,
-                                  index_runs, load_table_spec, render_markdown, table_names)
+import reproduction.reproduce
+import reproduction.spec
+from reproduction.check import check, check_table
+from reproduction.check import main as check_main
+from reproduction.measure import measure_costs, measure_speed
+from reproduction.records import load_records, write_record
+from reproduction.render import TABLE_FORMAT, paper_value, render_markdown, table_json
+from reproduction.reproduce import write_table
+from reproduction.runs import attach_run, index_runs
+from reproduction.spec import (Column, Plot, Row, SeedRun, TableSpec, TableSpecError, _plot_setting, _seeds_setting,
+                               compose_rows, load_table_spec, table_names)
+from tasks.common.experiment import compose, config_hash, resolved
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED_TABLES = sorted((REPO / "results").glob("table-*.json"))
 
 
 def load_reproduce():
-    return load_script("reproduce")
+    return reproduction.reproduce
 
 
 def row_with_runs(label: str, paper: dict, *hashes: str, overrides: list[str] = (), problem: str = "") -> Row:
@@ -162,7 +168,6 @@ def test_a_bad_row_fails_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -
     spec.rows[1].overrides = ["downsampler.compressed_channels=0"]
     with pytest.raises(TableSpecError, match=r"C_m = 8.*compressed_channels"):
         compose_rows(spec, "tiny", seeds=1)
-    assert results  # the module under test
 
 
 def test_each_row_gets_the_imagenet_backbone_it_has(tmp_path: Path) -> None:
@@ -192,7 +197,7 @@ def test_table_2_costs_are_the_papers_printed_figures() -> None:
 
     spec = load_table_spec("2")
     compose_rows(spec, "tiny", seeds=1)
-    results.measure_costs(spec)
+    measure_costs(spec)
     for row in spec.rows:
         assert paper_round(row.measured["cost.flops"], like=row.paper["flops"]) == row.paper["flops"], row.label
         assert paper_round(row.measured["cost.params"], like=row.paper["params"]) == row.paper["params"], row.label
@@ -207,7 +212,7 @@ def test_a_table_that_extends_another_reuses_its_runs_with_its_own_figures() -> 
     assert table2.rows[-1].paper["APS"] == 23.1 and "flops" not in table4.rows[0].paper
     gum = next(r for r in table4.rows if r.label == "GUM")
     ratio = next(c for c in table4.columns if c.key == "fps_ratio")
-    assert results.paper_value(table4, gum, ratio) == pytest.approx(11.8 / 12.5)
+    assert paper_value(table4, gum, ratio) == pytest.approx(11.8 / 12.5)
     assert table4.notes["tiny"].startswith(load_table_spec("3").notes["tiny"])  # shared detection note first
 
 
@@ -252,7 +257,7 @@ def test_a_table_can_extend_another_with_rows_of_its_own(tmp_path: Path, monkeyp
     (tmp_path / "base.yaml").write_text("title: b\ncolumns: [{key: AP}]\nrows: [{label: a, overrides: []}]\n")
     (tmp_path / "both.yaml").write_text(f"extends: base\nrows: []\nappend_rows: [{row}]\n")
     (tmp_path / "stray.yaml").write_text(f"title: t\ncolumns: [{{key: AP}}]\nrows: []\nappend_rows: [{row}]\n")
-    monkeypatch.setattr(results, "TABLE_DIR", tmp_path)
+    monkeypatch.setattr(reproduction.spec, "TABLE_DIR", tmp_path)
     with pytest.raises(TableSpecError, match="either rows .* or append_rows"):
         load_table_spec("both")
     with pytest.raises(TableSpecError, match="append_rows only apply to a table with 'extends'"):
@@ -301,7 +306,7 @@ def test_measure_speed_times_each_finished_rows_trained_model(tmp_path: Path) ->
                      [row("A", record=record, run_dir=str(tmp_path / "run")),
                       row("B", record=record, run_dir=str(tmp_path / "run")), row("C", problem="run failed")],
                      speed={"baseline": "B", "warmup": 1, "iterations": 3})
-    device = results.measure_speed(spec)
+    device = measure_speed(spec)
     assert device and all(spec.rows[i].measured["speed.fps"] > 0 for i in (0, 1))
     assert spec.rows[1].measured["speed.ratio"] == 1.0 and spec.rows[2].measure_problem == "run failed"
 
@@ -324,7 +329,7 @@ def test_a_seed_differs_from_seed_0_by_run_seed_alone() -> None:
     compose_rows(spec, "tiny", seeds=3)
     row = spec.rows[0]
     base = compose([*spec.overrides, *row.overrides, "scale=tiny"])  # what scripts/train.py runs for seed 0
-    assert row.runs[0].config_hash == results.config_hash(base)
+    assert row.runs[0].config_hash == config_hash(base)
     for run in row.runs[1:]:
         mine, theirs = resolved(run.config), resolved(base)
         assert mine["run"].pop("seed") == run.seed and theirs["run"].pop("seed") == 0
@@ -342,8 +347,8 @@ def test_column_groups_expand_to_the_columns_they_name(tmp_path: Path, monkeypat
     assert [c.header for c in load_table_spec("3").columns][0] == "mask AP"
     (tmp_path / "columns").mkdir()
     (tmp_path / "bad.yaml").write_text("title: t\ncolumns: [{group: nope}]\nrows: []\n")
-    monkeypatch.setattr(results, "TABLE_DIR", tmp_path)
-    monkeypatch.setattr(results, "COLUMN_GROUPS_DIR", tmp_path / "columns")
+    monkeypatch.setattr(reproduction.spec, "TABLE_DIR", tmp_path)
+    monkeypatch.setattr(reproduction.spec, "COLUMN_GROUPS_DIR", tmp_path / "columns")
     with pytest.raises(TableSpecError, match="no column group 'nope'"):
         load_table_spec("bad")
 
@@ -361,7 +366,7 @@ def seeded_spec() -> TableSpec:
                      [row_with_runs("A", {"top1": 70.0}, "a0", "a1", "a2"),
                       row_with_runs("B", {"top1": 71.0}, "b0", "b1", "b2"),
                       row_with_runs("C", {"top1": 72.0}, "c0", "c1", "c2")],
-                     notes={"tiny": "Seeds: see below."}, plot=results.Plot("top1", "variant"))
+                     notes={"tiny": "Seeds: see below."}, plot=Plot("top1", "variant"))
 
 
 def test_seeds_render_mean_and_sample_std_and_name_a_failed_seed(tmp_path: Path) -> None:
@@ -386,7 +391,7 @@ def test_seeds_render_mean_and_sample_std_and_name_a_failed_seed(tmp_path: Path)
     assert "3 seeds per row" in markdown and "One seed" not in markdown
     assert "  - seed 2 (`run.seed=2`): run `b2`: run failed (exit 1)" in markdown
 
-    data = results.table_json(spec, {"scale": "tiny"})
+    data = table_json(spec, {"scale": "tiny"})
     a, b, c = data["rows"]
     assert [s["record"] for s in a["seeds"]] == ["runs/a0.json", "runs/a1.json", "runs/a2.json"]
     assert all("measured" not in s for row in data["rows"] for s in row["seeds"])  # values live in the records
@@ -451,40 +456,39 @@ def _rendered_demo(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def test_check_results_renders_a_table_again_and_fails_on_a_hand_edited_cell(tmp_path: Path) -> None:
-    check = load_script("check_results")
     path, records = _rendered_demo(tmp_path)
-    assert results.check_table(path, records) == []
-    assert check.main(["--results", str(tmp_path)]) == 0
+    assert check_table(path, records) == []
+    assert check_main(["--results", str(tmp_path)]) == 0
     markdown = path.with_suffix(".md")
     original = markdown.read_text()
     edited = original.replace("| C_m = 4 | 77.31 | 60.25 ± 0.25 |", "| C_m = 4 | 77.31 | 61.25 ± 0.25 |")
     assert edited != original
     markdown.write_text(edited)
-    problems = results.check_table(path, records)
+    problems = check_table(path, records)
     assert len(problems) == 1 and "table-pp-12.md: differs" in problems[0] and "61.25" in problems[0]
-    assert check.main(["--results", str(tmp_path)]) == 1
+    assert check_main(["--results", str(tmp_path)]) == 1
     markdown.write_text(original)
     # a record changed after the table was rendered (retrained): the table is stale
     changed = dict(records)
     first = json.loads(path.read_text())["rows"][0]["seeds"][0]["config_hash"]
     changed[first] = {**records[first], "metrics": {"top1": 1.0, "top5": 2.0}}
-    assert any("differs" in p for p in results.check_table(path, changed))
+    assert any("differs" in p for p in check_table(path, changed))
     # a run without a record, and a hand-edited JSON value
     del changed[first]
-    assert any("has no record" in p for p in results.check_table(path, changed))
+    assert any("has no record" in p for p in check_table(path, changed))
     data = json.loads(path.read_text())
     data["rows"][1]["measured"]["top1"] = 99.0
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    assert any("table-pp-12.json: differs" in p for p in results.check_table(path, records))
+    assert any("table-pp-12.json: differs" in p for p in check_table(path, records))
     # the summary is checked too
     path.write_text(json.dumps({**data, "rows": json.loads(json.dumps(data["rows"]))}, indent=2, sort_keys=True))
     (tmp_path / "SUMMARY.md").write_text("hand-written\n")
-    assert check.main(["--results", str(tmp_path)]) == 1
+    assert check_main(["--results", str(tmp_path)]) == 1
 
 
 def test_the_committed_results_render_again_from_their_records() -> None:
     """make check-results on this checkout: every committed table is what its spec and results/runs/ render."""
-    problems, _ = load_script("check_results").check(REPO / "results")
+    problems, _ = check(REPO / "results")
     assert problems == []
 
 
@@ -492,7 +496,7 @@ def test_no_run_id_shows_two_values_and_every_seed_names_its_record() -> None:
     records = load_records(REPO / "results" / "runs")
     for path in COMMITTED_TABLES:
         data = json.loads(path.read_text())
-        assert data["format"] == results.TABLE_FORMAT, path.name
+        assert data["format"] == TABLE_FORMAT, path.name
         for row in data["rows"]:
             for seed in row["seeds"]:
                 assert "measured" not in seed and "run" not in seed, (path.name, row["label"])
@@ -509,7 +513,7 @@ def test_the_figure_is_a_png_with_every_row(tmp_path: Path) -> None:
         for run in row.runs:
             run.record = {"metrics": {"top1": base + run.seed, "top5": 90.0}}
     spec.rows[2].runs[2].record, spec.rows[2].runs[2].problem = None, "run failed"
-    written = results.write_table(spec, {"scale": "tiny", "commit": "abc"}, tmp_path)
+    written = write_table(spec, {"scale": "tiny", "commit": "abc"}, tmp_path)
     figure = tmp_path / "figures" / "table-demo.png"
     assert figure in written and Image.open(figure).format == "PNG" and Image.open(figure).size[0] > 300
     markdown = (tmp_path / "table-demo.md").read_text()
@@ -518,17 +522,17 @@ def test_the_figure_is_a_png_with_every_row(tmp_path: Path) -> None:
 
 
 def test_a_grid_with_a_flops_column_plots_the_flops_on_a_second_axis(tmp_path: Path) -> None:
-    from tasks.common.figures import flops_per_row
+    from reproduction.figures import flops_per_row
 
     spec = load_table_spec("8")
     compose_rows(spec, "tiny", seeds=1)
-    results.measure_costs(spec)
+    measure_costs(spec)
     flops = flops_per_row(spec)
     assert flops[:5] == sorted(flops[:5]) and all(v > 0 for v in flops)  # C_m = 16 ... 256: more channels, more FLOPs
     assert flops_per_row(load_table_spec("pp-12")) is None  # no FLOPs column
     for row, ap in zip(spec.rows, range(len(spec.rows))):
         row.runs[0].record = {"metrics": {"bbox_AP": 10.0 + ap}}
-    written = results.write_table(spec, {"scale": "tiny", "commit": "abc"}, tmp_path)
+    written = write_table(spec, {"scale": "tiny", "commit": "abc"}, tmp_path)
     assert tmp_path / "figures" / "table-8.png" in written
 
 
@@ -537,12 +541,12 @@ def test_plot_and_seeds_settings_are_checked() -> None:
     assert spec.plot.column == "top1" and len(spec.plot.x_ticks) == len(spec.rows)
     assert load_table_spec("2").plot.column == "AP" and load_table_spec("pp-4").plot is None
     with pytest.raises(TableSpecError, match="3 labels for 5 rows"):
-        results._plot_setting({"column": "top1", "x_ticks": [1, 2, 3]}, spec.columns, spec.rows, "here")
+        _plot_setting({"column": "top1", "x_ticks": [1, 2, 3]}, spec.columns, spec.rows, "here")
     with pytest.raises(TableSpecError, match="'AP' is no column"):
-        results._plot_setting({"column": "AP"}, spec.columns, spec.rows, "here")
+        _plot_setting({"column": "AP"}, spec.columns, spec.rows, "here")
     assert spec.seeds_at("tiny") == 3 and spec.seeds_at("paper") == 1
     with pytest.raises(TableSpecError, match="seeds for tiny is 0; give a whole number >= 1"):
-        results._seeds_setting({"tiny": 0}, "here")
+        _seeds_setting({"tiny": 0}, "here")
 
 
 def test_list_tables_names_the_runs_tables_share(capsys: pytest.CaptureFixture[str]) -> None:
@@ -556,10 +560,8 @@ def test_list_tables_names_the_runs_tables_share(capsys: pytest.CaptureFixture[s
 
 
 CHILD_SCRIPT = textwrap.dedent("""
-    import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("reproduce", sys.argv[1])
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    import sys
+    from reproduction import reproduce
     sleeper = "import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(120)" % sys.argv[2]
     sys.exit(reproduce.run_child([sys.executable, "-c", sleeper], ".."))
 """)
@@ -575,8 +577,7 @@ def _alive(pid: int) -> bool:
 
 def _start_parent_with_child(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     pid_file = tmp_path / "child.pid"
-    parent = subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT, str(REPO / "scripts" / "reproduce.py"),
-                               str(pid_file)], cwd=REPO)
+    parent = subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT, "unused", str(pid_file)], cwd=REPO)
     deadline = time.monotonic() + 60
     while not (pid_file.is_file() and pid_file.read_text()):
         assert time.monotonic() < deadline and parent.poll() is None, "the child never started"

@@ -490,7 +490,7 @@ def test_figure_8_refuses_runs_validated_on_other_data(figure_runs: list[Path], 
 def test_ppm_costs_in_the_table_notes_are_the_operators_costs():
     """The PPM placement costs printed in the segmentation table notes are what ``ppm_operator_costs`` measures, and
     its parameter counts are CARAFE's compressor (C x 64 + 64) plus encoder (64 x 9 x 100 + 100), counted by hand."""
-    from tasks.common.results import NOTES_DIR
+    from reproduction.spec import NOTES_DIR
     from tasks.segmentation.model import ppm_operator_costs
 
     notes = OmegaConf.load(NOTES_DIR / "segmentation.yaml")

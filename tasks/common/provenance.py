@@ -45,7 +45,7 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _git(*args: str, root: Path = REPO_ROOT, text: bool = True) -> str | bytes:
+def git_output(*args: str, root: Path = REPO_ROOT, text: bool = True) -> str | bytes:
     """``git -C <root> <args>``'s output (always run in this repository, never in a folder taken from input)."""
     return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=text, check=True).stdout
 
@@ -54,7 +54,7 @@ def uncommitted_changes(root: Path = REPO_ROOT) -> list[str]:
     """The paths that differ from the checked-out commit (tracked changes and untracked files that git does not
     ignore), leaving out the generated ``results/``; ``["(not a git checkout)"]`` outside git."""
     try:
-        lines = str(_git("status", "--porcelain", "--", ".", ":!results", root=root)).splitlines()
+        lines = str(git_output("status", "--porcelain", "--", ".", ":!results", root=root)).splitlines()
     except (OSError, subprocess.CalledProcessError):
         return ["(not a git checkout)"]
     return [line[3:] for line in lines if line.strip()]
@@ -71,8 +71,8 @@ def git_state(root: Path = REPO_ROOT) -> dict[str, object]:
         return {"commit": commit, "clean": None, "diff_sha256": None}
     if not commit.endswith("+dirty") and not uncommitted_changes(root):
         return {"commit": commit, "clean": True, "diff_sha256": None}
-    digest = hashlib.sha256(bytes(_git("diff", "HEAD", "--binary", "--", ".", ":!results", root=root, text=False)))
-    untracked = str(_git("ls-files", "--others", "--exclude-standard", "-z", "--", ".", ":!results", root=root))
+    digest = hashlib.sha256(bytes(git_output("diff", "HEAD", "--binary", "--", ".", ":!results", root=root, text=False)))
+    untracked = str(git_output("ls-files", "--others", "--exclude-standard", "-z", "--", ".", ":!results", root=root))
     for name in sorted(filter(None, untracked.split("\0"))):
         digest.update(b"\0" + name.encode())
         try:
@@ -81,45 +81,3 @@ def git_state(root: Path = REPO_ROOT) -> dict[str, object]:
             pass
     base = commit.removesuffix("+dirty")
     return {"commit": base + "+dirty", "clean": False, "diff_sha256": digest.hexdigest()}
-
-
-#: The code a trained result depends on, per task: the operator package, the shared task code, the task's own code,
-#: the configs (not the table specs), the training entry point and the pinned environment. Rendering code
-#: (``tasks/common/results.py``, ``figures.py``) and the CUDA sources for a run on the CPU are left out.
-RESULT_CODE = ("carafe", "tasks/common", "tasks/{task}", "conf", "scripts/train.py", "requirements.lock",
-               "pyproject.toml")
-NOT_RESULT_CODE = ("conf/table", "tasks/common/results.py", "tasks/common/figures.py", "tasks/common/records.py",
-                   "tasks/common/stats.py", "tasks/common/qualitative.py")
-CUDA_CODE = ("cuda", "carafe/backends/cuda.py")
-
-
-def result_code_paths(task: str, on_gpu: bool) -> list[str]:
-    paths = [p.format(task=task) for p in RESULT_CODE]
-    excluded = list(NOT_RESULT_CODE) + ([] if on_gpu else list(CUDA_CODE))
-    return paths + (["cuda"] if on_gpu else []) + [f":(exclude){p}" for p in excluded]
-
-
-def code_status(run_commit: str, task: str, on_gpu: bool, against: str, cache: dict | None = None) -> str:
-    """How the code a run was trained at relates to commit ``against`` (the commit a table is rendered at):
-    ``current`` (no result-affecting file differs), ``changed`` (some did), ``uncommitted`` (the run was trained
-    from a tree with uncommitted changes: its code cannot be recovered), or ``unknown`` (a commit this clone does not
-    have)."""
-    key = (run_commit, task, on_gpu, against)
-    if cache is not None and key in cache:
-        return cache[key]
-    if run_commit.endswith("+dirty"):
-        status = "uncommitted"
-    elif run_commit == "unknown" or against in ("", "unknown"):
-        status = "unknown"
-    else:
-        try:
-            _git("cat-file", "-e", f"{run_commit}^{{commit}}")
-            _git("cat-file", "-e", f"{against}^{{commit}}")
-            changed = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "--quiet", run_commit, against, "--",
-                                      *result_code_paths(task, on_gpu)], capture_output=True).returncode
-            status = {0: "current", 1: "changed"}.get(changed, "unknown")
-        except (OSError, subprocess.CalledProcessError):
-            status = "unknown"
-    if cache is not None:
-        cache[key] = status
-    return status

@@ -10,8 +10,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from reproduction.render import figure_caption, paper_value
+from reproduction.seeds import seed_summary
+from reproduction.spec import TableSpec
 from tasks.common.io import write_bytes_atomic
-from tasks.common.results import TableSpec, figure_caption, paper_value, seed_summary
 
 
 def _ours(spec: TableSpec, column_key: str) -> list[tuple[list[float], float | None, float | None, int]]:

@@ -1,0 +1,18 @@
+"""The reproduction of the papers' tables, between the entry points in ``scripts/`` and the tasks in ``tasks/``.
+
+One module per job, each importing only those before it:
+
+- ``spec``: the table-spec format (``conf/table/<name>.yaml``) and composing each row and seed into a config;
+- ``records``: one record per finished run, ``results/runs/<config hash>.json``, the only home of a run's values;
+- ``runs``: finding finished runs (records, run folders, sweeps) and how each run's code relates to a commit;
+- ``stats``: the Student t distribution and Welch's comparison of two rows' seeds;
+- ``seeds``: a column over a row's seeds, and each row against its baseline;
+- ``measure``: the values measured when a table is rendered (operator costs, inference speed);
+- ``render``: a table's markdown and JSON, and ``results/SUMMARY.md``;
+- ``figures``: a table's figure;
+- ``check``: rendering a committed table again from its spec and the records (``make check-results``);
+- ``recover``: records from tables rendered before records existed;
+- ``reproduce``: the loop that trains what is missing and writes the table.
+
+``scripts/reproduce.py``, ``scripts/check_results.py`` and ``scripts/recover_records.py`` are their command lines.
+"""
