@@ -297,12 +297,21 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
 
 
+SHAPE_COMMENT = re.compile(r"^(\w+) = .*#.*-> \(([\d, ]+)\)", re.M)
+
+
 @pytest.mark.parametrize("path", [p for p in doc_files() if python_blocks(p)], ids=rel)
-def test_the_python_examples_run(path: Path) -> None:
-    """Each file's ``python`` blocks run in order in one namespace (a later block may use an earlier one's names)."""
+def test_the_python_examples_run_and_give_the_shapes_they_claim(path: Path) -> None:
+    """Each file's ``python`` blocks run in order in one namespace (a later block may use an earlier one's names);
+    a line ``name = ...  # -> (N, C, H, W)`` must leave ``name`` with that shape."""
     namespace: dict = {}
+    claims = 0
     for block in python_blocks(path):
         exec(compile(block, str(path), "exec"), namespace)
+        for name, shape in SHAPE_COMMENT.findall(block):
+            claims += 1
+            assert tuple(namespace[name].shape) == tuple(int(d) for d in shape.split(",")), (path.name, name)
+    assert claims or path != README, "the README's example states its output shapes"
 
 
 # --- the links --------------------------------------------------------------------------------------------------
