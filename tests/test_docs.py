@@ -1,7 +1,8 @@
 """README.md and docs/ stay runnable: every fenced shell command they show names a real Makefile target (pattern
 rules included, with a stem the rule accepts) and real make variables, every script they run exists, exits 0 on
-``--help`` and knows the options shown, every config group option they pass exists under conf/, every relative link
-points to an existing file (and heading), and the README stays short.
+``--help`` and knows the options shown, every config group option they pass exists under conf/, the Python examples
+run and give the shapes they claim, every relative link points to an existing file (and heading), every repository
+path named in inline code exists, and the README stays short.
 
 Commands are taken from fenced code blocks tagged ``bash``, ``sh``, ``shell`` or ``console``; a line ending in ``\\``
 continues on the next, ``#`` starts a comment. Each distinct script's ``--help`` runs once, in a child forked from
@@ -27,11 +28,11 @@ CONF = REPO / "conf"
 README = REPO / "README.md"
 README_LIMIT_BYTES = 12 * 1024
 
-# Names that exist only once the lead has merged the other branches of this round (make check-results and
-# results/SUMMARY.md: the results-trust issue; the rest: the CUDA and packaging work). The lead must empty both
-# lists after merging; a listed name that exists fails the test below as the reminder.
+# Names that exist only once the lead has merged the other branches of this round (make check-results,
+# results/SUMMARY.md and results/runs/: the results-trust issue; the rest: the CUDA and packaging work). The lead
+# must empty both lists after merging; a listed name that exists fails the test below as the reminder.
 PENDING_TARGETS = {"check-results", "bench-cuda-static", "test-compat"}
-PENDING_FILES = {"results/SUMMARY.md", "docs/cuda.md", "docs/packaging.md", "docs/detection-tiny.md"}
+PENDING_FILES = {"results/SUMMARY.md", "results/runs", "docs/cuda.md", "docs/packaging.md", "docs/detection-tiny.md"}
 
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
 OPERATORS = {"&&", "||", ";", "|"}
@@ -357,6 +358,24 @@ def test_every_relative_link_points_to_an_existing_file_and_heading() -> None:
             elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
                 problems.append(f"{rel(path)}: {target}: {name} has no heading #{anchor}")
     assert count >= 20, "README.md and docs/ link to results/ and to each other; the extraction found too few"
+    assert not problems, "\n".join(problems)
+
+
+# `carafe/...`, `conf/...` and the like in inline code: repository paths, which must exist (placeholders aside).
+CODE_PATH = re.compile(r"`((?:carafe|cuda|tasks|conf|scripts|results|tests|docs)/[^`\s]*)`")
+
+
+def test_every_repository_path_named_in_inline_code_exists() -> None:
+    problems, count = [], 0
+    for path in doc_files():
+        text = re.sub(r"^\s*```.*?^\s*```", "", path.read_text(), flags=re.S | re.M)
+        for name in CODE_PATH.findall(text):
+            if any(c in name for c in "<*{") or name.rstrip("/") in PENDING_FILES:
+                continue   # a placeholder (results/table-<name>.md, op-<gpu name>.md) or not merged yet
+            count += 1
+            if not (REPO / name).exists():
+                problems.append(f"{rel(path)}: `{name}` does not exist")
+    assert count >= 20, "the docs name files of the repository; the extraction found too few"
     assert not problems, "\n".join(problems)
 
 
