@@ -387,7 +387,7 @@ def test_the_pending_names_do_not_exist_yet() -> None:
 
 # --- the README -------------------------------------------------------------------------------------------------
 
-def test_the_readme_is_short_and_types_in_no_measured_statistics() -> None:
+def test_the_readme_is_short_and_no_doc_types_in_mean_std_figures() -> None:
     size = README.stat().st_size
     assert size < README_LIMIT_BYTES, f"README.md is {size} bytes; move detail to docs/ (limit {README_LIMIT_BYTES})"
     for path in doc_files():
