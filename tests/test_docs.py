@@ -362,7 +362,7 @@ def test_every_relative_link_points_to_an_existing_file_and_heading() -> None:
 
 
 # `carafe/...`, `conf/...` and the like in inline code: repository paths, which must exist (placeholders aside).
-CODE_PATH = re.compile(r"`((?:carafe|cuda|tasks|conf|scripts|results|tests|docs)/[^`\s]*)`")
+CODE_PATH = re.compile(r"`((?:carafe|cuda|tasks|reproduction|conf|scripts|results|tests|docs)/[^`\s]*)`")
 
 
 def test_every_repository_path_named_in_inline_code_exists() -> None:
