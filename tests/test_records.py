@@ -4,6 +4,7 @@ uncommitted tree refused, and a resumed run's segments summed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,35 @@ def test_git_state_hashes_an_uncommitted_change(tmp_path: Path) -> None:
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "new.py").write_text("y = 1\n")  # an untracked file counts as a change too
     assert git_state(tmp_path)["clean"] is False
+
+
+def test_retrain_stale_trains_the_marked_seeds_again_and_replaces_their_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records at a commit this clone does not have are marked ('?'); --retrain-stale trains them again (here the
+    child is replaced by one that writes a finished run), and the new records replace the old."""
+    from reproduction import reproduce
+    from reproduction.records import load_records
+    from reproduction.spec import compose_rows, load_table_spec
+
+    table = load_table_spec("pp-12")
+    compose_rows(table, "tiny", seeds=1)
+    out = tmp_path / "out"
+    for row in table.rows:
+        write_record(record(config_hash=row.config_hash, commit="f" * 40), out / "runs")
+    trained = []
+
+    def fake_training(command: list[str], cwd: Path) -> int:
+        run_dir = Path(next(word for word in command if word.startswith("hydra.run.dir=")).split("=", 1)[1])
+        trained.append(run_dir.name)
+        (run_dir / "metrics.json").write_text(json.dumps({**record(config_hash=run_dir.name), "format": None,
+                                                           "metrics": {"top1": 70.0, "top5": 90.0},
+                                                           "finished_at": "2026-12-02 00:00:00 UTC"}))
+        return 0
+    monkeypatch.setattr(reproduce, "run_child", fake_training)
+    monkeypatch.setattr(reproduce, "uncommitted_changes", lambda: [])
+    argv = ["pp-12", "--seeds", "1", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert reproduce.main([*argv, "--render-only"]) == 0 and trained == []
+    assert "?" in (out / "table-pp-12.md").read_text()  # marked: the commit is not in this clone
+    assert reproduce.main([*argv, "--retrain-stale"]) == 0
+    assert sorted(trained) == sorted(row.config_hash for row in table.rows)
+    assert {r["metrics"]["top1"] for r in load_records(out / "runs").values()} == {70.0}
