@@ -38,8 +38,14 @@ class FigureError(ValueError):
     """Runs that cannot make the figure asked for; the message says what to run first."""
 
 
-def runs_of_table(table: str, rows: list[str], seed: int, results: Path = REPO_ROOT / "results") -> list[Path]:
-    """The run folders of ``rows`` (labels) at ``seed`` as the rendered ``results/table-<table>.json`` records them."""
+#: Where ``scripts/reproduce.py`` trains runs by default (its ``--runs``); a table's run folders must lie below it.
+RUNS_ROOT = REPO_ROOT / "runs"
+
+
+def runs_of_table(table: str, rows: list[str], seed: int, results: Path = REPO_ROOT / "results",
+                  runs_root: Path = RUNS_ROOT) -> list[Path]:
+    """The run folders of ``rows`` (labels) at ``seed`` as the rendered ``results/table-<table>.json`` records them,
+    each checked by ``table_run_folder`` to lie under ``runs_root``."""
     path = results / f"table-{table}.json"
     if not path.is_file():
         raise FigureError(f"{path} does not exist; run `make reproduce-table-{table}` first")
@@ -50,21 +56,47 @@ def runs_of_table(table: str, rows: list[str], seed: int, results: Path = REPO_R
             raise FigureError(f"table {table} has no row {label!r}; its rows: {', '.join(by_label)}")
         runs = {run["seed"]: run for run in by_label[label].get("seeds") or []}
         run_dir = runs.get(seed, {}).get("run_dir")
-        if not run_dir or run_dir.startswith("<"):
+        if not run_dir or (isinstance(run_dir, str) and run_dir.startswith("<")):
             raise FigureError(f"{path} holds no run folder in this repository for {label!r} at seed {seed} (seeds "
                               f"{sorted(runs)}); the figure needs its checkpoint: run `make reproduce-table-{table}`")
-        folders.append(REPO_ROOT / run_dir)
+        folders.append(table_run_folder(run_dir, runs_root, f"{path}, row {label!r}, seed {seed}"))
     return folders
+
+
+def table_run_folder(run_dir: object, runs_root: Path, where: str) -> Path:
+    """The folder a table JSON's ``run_dir`` names (a path relative to the repository, as ``scripts/reproduce.py``
+    writes it), if it lies under ``runs_root`` once symbolic links are followed; ``FigureError`` naming ``where``
+    for anything else: not a string, an absolute path, a ``..`` component, or a folder outside ``runs_root``. A
+    run folder is loaded and its config built, so a table file must not be able to point at any folder on the
+    machine."""
+    if not isinstance(run_dir, str) or not run_dir:
+        raise FigureError(f"{where}: run_dir must be a path relative to the repository, got {run_dir!r}")
+    relative = Path(run_dir)
+    if relative.is_absolute():
+        raise FigureError(f"{where}: run_dir {run_dir!r} is an absolute path; a table names its run folders relative "
+                          f"to the repository, under {runs_root}")
+    if ".." in relative.parts:
+        raise FigureError(f"{where}: run_dir {run_dir!r} climbs out with '..'; a table names its run folders "
+                          f"relative to the repository, under {runs_root}")
+    folder = REPO_ROOT / relative
+    root = Path(runs_root).resolve()
+    if not folder.resolve().is_relative_to(root):
+        raise FigureError(f"{where}: run_dir {run_dir!r} is not under the runs folder {root}; if the table's runs "
+                          "are elsewhere, name that folder with --runs")
+    return folder
 
 
 def figure_parser(description: str, default_rows: Sequence[str], default_out: str) -> argparse.ArgumentParser:
     """The command line both figure scripts take: run folders or ``--table`` (with ``--rows``, ``--seed``), and
     ``--zoom``, ``--labels``, ``--count``, ``--out``, ``--device``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="*", type=Path, help="finished run folders, one output column each")
+    parser.add_argument("folders", nargs="*", type=Path, metavar="runs",
+                        help="finished run folders, one output column each")
     parser.add_argument("--table", help="take the runs from results/table-<TABLE>.json (e.g. 7 or pp-10)")
     parser.add_argument("--rows", nargs="+", default=list(default_rows), help="with --table: the rows, one column each")
     parser.add_argument("--seed", type=int, default=0, help="with --table: which seed's runs")
+    parser.add_argument("--runs", type=Path, default=RUNS_ROOT,
+                        help="with --table: the folder the table's runs must lie under (reproduce.py's --runs)")
     parser.add_argument("--zoom", type=int, default=1, help="enlarge each cell this many times (nearest neighbour)")
     parser.add_argument("--labels", nargs="*", default=None, help="a label per run, for the caption")
     parser.add_argument("--count", type=int, default=6, help="validation images, one row each")
@@ -80,10 +112,10 @@ def runs_and_labels(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
         sys.exit(f"--count must be >= 1, got {args.count}")
     if args.zoom < 1:
         sys.exit(f"--zoom must be >= 1, got {args.zoom}")
-    if bool(args.table) == bool(args.runs):
+    if bool(args.table) == bool(args.folders):
         sys.exit("name the runs either as folders or with --table, not both and not neither")
     try:
-        runs = runs_of_table(args.table, args.rows, args.seed) if args.table else args.runs
+        runs = runs_of_table(args.table, args.rows, args.seed, runs_root=args.runs) if args.table else args.folders
     except FigureError as error:
         sys.exit(f"error: {error}")
     labels = args.labels or (args.rows if args.table else [str(r) for r in runs])
