@@ -396,7 +396,8 @@ def test_a_complete_schedule_without_its_evaluation_evaluates_again(forgery: str
 def test_a_resume_checkpoint_without_its_epoch_is_named(data_dir: Path, finished_run: tuple[Path, dict[str, Any]],
                                                         tmp_path: Path) -> None:
     run_dir = _forged_resume(finished_run, tmp_path, lambda state: state.pop("epoch"))
-    with pytest.raises(CheckpointError, match=r"checkpoint\.pt is not a resume checkpoint .*lacks the key\(s\) 'epoch'"):
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt is not a resume checkpoint .*lacks the key\(s\) "
+                                              r"'epoch'"):
         run_experiment(compose(smoke_overrides(data_dir)), run_dir)
     assert not (run_dir / "metrics.json").exists()
 

@@ -324,9 +324,10 @@ def check_resume_state(state: Any, path: Path, epochs: int, optimizer_keys: tupl
         raise CheckpointError(f"{path} is not a resume checkpoint: it holds a {type(state).__name__}, not a dict")
     missing = [key for key in (*RESUME_KEYS, *optimizer_keys) if key not in state]
     if missing:
+        held = ", ".join(map(repr, sorted(map(str, state))))
         raise CheckpointError(f"{path} is not a resume checkpoint this engine wrote: it lacks the key(s) "
-                              f"{', '.join(map(repr, missing))} (it holds {', '.join(map(repr, sorted(map(str, state))))}); "
-                              "delete it to start the run again, or use another run folder")
+                              f"{', '.join(map(repr, missing))} (it holds {held}); delete it to start the run "
+                              "again, or use another run folder")
     for key, kind in RESUME_KEYS.items():
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
             raise CheckpointError(f"{path}: {key!r} is a {type(state[key]).__name__}, which a resume checkpoint never "
