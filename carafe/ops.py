@@ -15,13 +15,24 @@ from carafe.decomposition import reassemble_standard_ops
 from carafe.library import OPS
 
 
-def check_int(name: str, value: object, minimum: int) -> int:
+#: The largest integer the operators' ``int`` arguments carry (the dispatcher's ``int`` is a signed 64-bit one).
+INT64_MAX = 2**63 - 1
+#: The dtypes every backend computes in (the compiled CPU kernels take float32 and float64; the reference and CUDA
+#: backends the four). Other floating-point dtypes (float8 variants) have no arithmetic to reassemble with.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_int(name: str, value: object, minimum: int, maximum: int = INT64_MAX) -> int:
     """``value`` as an int; ``TypeError`` if it is not an integer (bools are not), ``ValueError`` if below
-    ``minimum``; both messages name ``name`` and the value."""
+    ``minimum`` or above ``maximum`` (by default the largest signed 64-bit integer, the most the operators can
+    carry); the messages name ``name`` and the value."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}" + (" (2**63 - 1, the largest a signed 64-bit integer holds)"
+                         if maximum == INT64_MAX else "") + f", got {value}")
     return int(value)
 
 
@@ -42,6 +53,9 @@ def _check_tensor(name: str, t: object) -> Tensor:
         raise ValueError(f"{name} must be a 4-D tensor (N, C, H, W), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}, which the reassembly does not support; use one of "
+                        f"{', '.join(str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES)} (e.g. .float())")
     return t
 
 

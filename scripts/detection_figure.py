@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from tasks.common.provenance import git_commit, utc_now
-from tasks.common.qualitative import FigureError, runs_of_table, write_figure
+from tasks.common.qualitative import RUNS_ROOT, FigureError, runs_of_table, write_figure
 from tasks.detection.figures import (DetectionRun, draw_detections, fit_scale, grid, kept_detections, load_run,
                                      runs_table, to_pixels)
 
@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(FIGURE_4_ROWS), help="with --table: the rows, one column "
                         "each")
     parser.add_argument("--seed", type=int, default=0, help="with --table: which seed's runs")
+    parser.add_argument("--runs", dest="runs_root", type=Path, default=RUNS_ROOT,
+                        help="with --table: the folder the table's runs must lie under (reproduce.py's --runs)")
     parser.add_argument("--labels", nargs="*", default=None, help="a label per run, for the column headers")
     parser.add_argument("--count", type=int, default=4, help="validation images, one row each")
     parser.add_argument("--threshold", type=float, default=0.5, help="draw detections with at least this score")
@@ -103,7 +105,7 @@ def main() -> None:
     if bool(args.table) == bool(args.runs):
         sys.exit("name the runs either as folders or with --table, not both and not neither")
     try:
-        runs = runs_of_table(args.table, args.rows, args.seed) if args.table else args.runs
+        runs = runs_of_table(args.table, args.rows, args.seed, runs_root=args.runs_root) if args.table else args.runs
         labels = args.labels or (args.rows if args.table else [r.name for r in runs])
         path = figure(runs, args.out, args.count, args.threshold, args.max_per_image, args.cell, args.device, labels)
     except FigureError as error:

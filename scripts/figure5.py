@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from tasks.common.provenance import git_commit, utc_now
-from tasks.common.qualitative import FigureError, runs_of_table, write_figure
+from tasks.common.qualitative import RUNS_ROOT, FigureError, runs_of_table, write_figure
 from tasks.detection.figures import (DetectionRun, ReassemblySources, default_points, draw_reassembly,
                                      first_annotated, fpn_carafes, grid, load_run, reassembly_sources,
                                      runs_table, to_pixels, top_units)
@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--table", help="take the run from results/table-<TABLE>.json (e.g. 1 or 2)")
     parser.add_argument("--row", default=FIGURE_5_ROW, help="with --table: the row (default %(default)r)")
     parser.add_argument("--seed", type=int, default=0, help="with --table: which seed's run")
+    parser.add_argument("--runs", dest="runs_root", type=Path, default=RUNS_ROOT,
+                        help="with --table: the folder the table's runs must lie under (reproduce.py's --runs)")
     parser.add_argument("--image", type=int, default=None, help="validation image index (default: the first "
                         "with an annotated object)")
     parser.add_argument("--points", nargs="+", type=parse_point, default=None, help="x,y points in image pixels")
@@ -123,7 +125,7 @@ def main() -> None:
     if bool(args.table) == bool(args.run):
         sys.exit("name the run either as a folder or with --table, not both and not neither")
     try:
-        run = runs_of_table(args.table, [args.row], args.seed)[0] if args.table else args.run
+        run = runs_of_table(args.table, [args.row], args.seed, runs_root=args.runs_root)[0] if args.table else args.run
         path = figure(run, args.out, args.image, args.points, args.count, tuple(args.levels), args.cell,
                       args.device, args.row if args.table else None)
     except FigureError as error:

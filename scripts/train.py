@@ -17,7 +17,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from tasks.common.experiment import ConfigError, run_experiment
+from tasks.common.experiment import ConfigError, hold_named_run_folder, run_experiment
+from tasks.common.io import RunFolderLocked
 
 
 def _check_shared_run_dir() -> None:
@@ -36,4 +37,8 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     _check_shared_run_dir()
-    main()
+    try:
+        with hold_named_run_folder(sys.argv[1:]):  # before Hydra writes .hydra/ into the folder
+            main()
+    except RunFolderLocked as error:
+        sys.exit(f"error: {error}")

@@ -244,3 +244,247 @@ def test_a_truncated_image_is_named_and_verify_finds_it_before_training(tmp_path
 def test_iteration_limits_below_one_name_the_key(key: str) -> None:
     with pytest.raises(ConfigError, match=rf"run\.{key} must be null.*got 0"):
         validate(compose([f"run.{key}=0"]))
+
+
+# --- files handed to the project run no code (issue 26) -----------------------------------------------------------
+
+def _finished_run(tmp_path: Path, data_dir: Path, **slots: Any) -> Path:
+    """A run folder as a finished classification run leaves it, its config's slots replaced by ``slots``."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = compose(smoke_overrides(data_dir))
+    for key, value in slots.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    save_checkpoint(run_dir / "checkpoint.pt", {"model": {}})
+    return run_dir
+
+
+def _world() -> Any:
+    from tasks.common.distributed import World
+    return World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("slot", ["open", "torch_load"])
+def test_a_finished_runs_config_cannot_call_anything_outside_the_zoo(slot: str, data_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    from tasks.common.qualitative import load_finished_run
+
+    marker = tmp_path / "pwned"
+    evil = _malicious_checkpoint(tmp_path / "evil.pt", marker)
+    node = ({"_target_": "builtins.open", "file": str(marker), "mode": "w"} if slot == "open" else
+            {"_target_": "torch.load", "f": str(evil), "weights_only": False})
+    run_dir = _finished_run(tmp_path, data_dir, downsampler=node)
+    try:  # (UntrustedConfigError is a ValueError, so the figure scripts print it as an error)
+        with pytest.raises(ValueError, match=rf"downsampler\._target_={node['_target_']} is not an operator"):
+            load_finished_run(run_dir, "classification", _world())
+    finally:
+        assert not marker.exists(), "the config's callable ran"
+
+
+def test_operator_configs_take_only_plain_arguments_and_no_hydra_keys(data_dir: Path, tmp_path: Path) -> None:
+    from tasks.common.factories import UntrustedConfigError, build_operator
+
+    carafe_node = {"_target_": "carafe.modules.CARAFEDownPack", "_partial_": True, "compressed_channels": 8}
+    module = build_operator(carafe_node, "downsampler")(channels=16, scale_factor=2)
+    assert type(module).__name__ == "CARAFEDownPack" and module.scale_factor == 2
+    nested = {**carafe_node, "compressed_channels": {"_target_": "os.getcwd"}}
+    with pytest.raises(UntrustedConfigError, match=r"downsampler\.compressed_channels is a mapping"):
+        build_operator(nested, "downsampler")
+    with pytest.raises(UntrustedConfigError, match=r"downsampler holds _args_"):
+        build_operator({**carafe_node, "_args_": ["x"]}, "downsampler")
+    with pytest.raises(UntrustedConfigError, match=r"downsampler\._partial_ must be true"):
+        build_operator({**carafe_node, "_partial_": False}, "downsampler")
+    # Training refuses the same configs before any work, as a ConfigError naming the key.
+    with pytest.raises(ConfigError, match=r"downsampler\._target_=shutil\.rmtree is not an operator"):
+        validate(compose([*smoke_overrides(data_dir), "+downsampler._target_=shutil.rmtree",
+                          f"+downsampler.path={tmp_path}"]))
+    assert tmp_path.exists()
+
+
+def test_a_task_target_outside_the_projects_tasks_is_not_even_imported(data_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.common.qualitative import load_finished_run
+
+    marker = tmp_path / "imported"
+    (tmp_path / "sideeffect_module.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Task: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = _finished_run(tmp_path, data_dir, **{"task._target_": "sideeffect_module.Task"})
+    with pytest.raises(ValueError, match=r"task\._target_=sideeffect_module\.Task cannot be imported"):
+        load_finished_run(run_dir, "classification", _world())
+    assert not marker.exists()
+
+
+def test_a_tables_run_folders_must_lie_under_the_runs_folder(tmp_path: Path) -> None:
+    """A table names a run only by its config hash; the folder is looked up under the runs root, so no value in a
+    table JSON (an absolute path, '..', a path where a hash belongs) reaches a folder elsewhere."""
+    from tasks.common.qualitative import FigureError, runs_of_table
+
+    runs_root = tmp_path / "runs"
+    outside = tmp_path / "elsewhere" / "inpainting" / "0123456789ab"
+    outside.mkdir(parents=True)
+    (outside / "checkpoint.pt").write_bytes(b"")
+    cases = {"/etc": "has no seed 0", "../../etc": "has no seed 0", "../elsewhere": "has no seed 0",
+             "0123456789ab": "no run folder of 'A' seed 0"}
+    for config_hash, problem in cases.items():
+        rows = [{"label": "A", "seeds": [{"seed": 0, "config_hash": config_hash, "run_dir": str(outside)}]}]
+        (tmp_path / "table-7.json").write_text(json.dumps({"rows": rows}))
+        with pytest.raises(FigureError, match=problem):
+            runs_of_table("7", ["A"], 0, tmp_path, runs_root=runs_root)
+    (runs_root / "inpainting").mkdir(parents=True)
+    (runs_root / "inpainting" / "0123456789ab").symlink_to(outside, target_is_directory=True)
+    # a link the user made inside their own runs folder is theirs to follow
+    assert runs_of_table("7", ["A"], 0, tmp_path, runs_root=runs_root) == [runs_root / "inpainting" / "0123456789ab"]
+
+
+# --- checkpoints verified (issue 26) ------------------------------------------------------------------------------
+
+def test_flipped_bits_inside_tensor_data_are_found_on_load(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    weights = torch.randn(64, 64)
+    save_checkpoint(path, {"model": {"w": weights}, "epoch": 1})
+    data = bytearray(path.read_bytes())
+    start = bytes(data).find(weights.numpy().tobytes()[:256])  # torch stores tensor bytes verbatim
+    assert start > 0
+    for i in range(start + 512, start + 512 + 4096):  # 4 KB inside the tensor's data, the zip entry intact
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt.*does not match the digest"):
+        load_checkpoint(path)
+
+
+def test_an_empty_checkpoint_is_named(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt.*empty \(0 bytes\)"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A finished one-epoch smoke run: (its folder, its metrics.json record)."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    record = run_experiment(compose(smoke_overrides(data_dir)), run_dir)
+    assert record is not None and record["status"] == "finished"
+    return run_dir, record
+
+
+def _forged_resume(finished_run: tuple[Path, dict[str, Any]], tmp_path: Path, change) -> Path:  # noqa: ANN001
+    """A copy of the finished run with its checkpoint's state passed through ``change`` and no metrics.json."""
+    source, _ = finished_run
+    state = load_checkpoint(source / "checkpoint.pt")
+    change(state)
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    save_checkpoint(run_dir / "checkpoint.pt", state)
+    return run_dir
+
+
+@pytest.mark.parametrize("forgery", ["no evaluation", "NaN metric"])
+def test_a_complete_schedule_without_its_evaluation_evaluates_again(forgery: str, data_dir: Path,
+                                                                    finished_run: tuple[Path, dict[str, Any]],
+                                                                    tmp_path: Path) -> None:
+    def change(state: dict) -> None:
+        if forgery == "no evaluation":
+            del state["history"][-1]["val"]
+        else:
+            state["history"][-1]["val"] = {"top1": float("nan"), "top5": float("nan"), "loss": float("nan")}
+
+    run_dir = _forged_resume(finished_run, tmp_path, change)
+    record = run_experiment(compose(smoke_overrides(data_dir)), run_dir)
+    # The oracle: the run that wrote these weights evaluated them once already; evaluating again gives the same.
+    assert record["metrics"] == finished_run[1]["metrics"]
+    assert record["history"][-1]["val"] == finished_run[1]["metrics"]
+
+
+def test_a_resume_checkpoint_without_its_epoch_is_named(data_dir: Path, finished_run: tuple[Path, dict[str, Any]],
+                                                        tmp_path: Path) -> None:
+    run_dir = _forged_resume(finished_run, tmp_path, lambda state: state.pop("epoch"))
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt is not a resume checkpoint .*lacks the key\(s\) "
+                                              r"'epoch'"):
+        run_experiment(compose(smoke_overrides(data_dir)), run_dir)
+    assert not (run_dir / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("forgery,message", [
+    ({"history": []}, r"saved after epoch 1 but its history records epochs \[\], not 1\.\.1"),
+    ({"epoch": 5}, r"saved after epoch 5, but this run's schedule has 1 epochs"),
+    ({"epoch": "1"}, r"'epoch' is a str"),
+    ({"model": None}, r"'model' is a NoneType")])
+def test_a_resume_checkpoint_with_a_forged_epoch_or_history_is_named(forgery: dict, message: str) -> None:
+    from tasks.common.engine import check_resume_state
+
+    state = {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "train_seconds": 1.0,
+             "history": [{"epoch": 1, "train": {"loss": 1.0}}]}
+    check_resume_state(state, Path("checkpoint.pt"), 1, ("optimizer", "scheduler"))
+    with pytest.raises(CheckpointError, match=rf"checkpoint\.pt.*{message}"):
+        check_resume_state({**state, **forgery}, Path("checkpoint.pt"), 1, ("optimizer", "scheduler"))
+
+
+# --- data identity (issue 26) -------------------------------------------------------------------------------------
+
+def test_an_embedded_dataset_missing_a_file_is_not_reused(tmp_path: Path) -> None:
+    from tasks.classification.data import ensure_synthetic_imagenet
+    from tasks.common.io import FolderConflictError, generated_folder_digest
+
+    root = tmp_path / "imagenet"
+    settings = {"seed": 0, "train_per_class": 2, "val_per_class": 1, "image_size": 16}
+    ensure_synthetic_imagenet(root, **settings)
+    digest = generated_folder_digest(root)
+    assert digest is not None and len(digest) == 64
+    assert ensure_synthetic_imagenet(root, **settings) == root  # unchanged: reused
+    victim = sorted((root / "train").rglob("*.png"))[3]
+    victim.unlink()  # what "delete the corrupt image" leaves
+    with pytest.raises(FolderConflictError, match=r"no longer holds the files its generator wrote: it has (\d+) "
+                                                  r"files .*the generator wrote \d+"):
+        ensure_synthetic_imagenet(root, **settings)
+
+
+def test_the_recorded_dataset_names_the_embedded_contents_digest(finished_run: tuple[Path, dict[str, Any]],
+                                                                 data_dir: Path) -> None:
+    from tasks.common.io import generated_folder_digest
+
+    digest = generated_folder_digest(data_dir)
+    assert digest and finished_run[1]["dataset"].endswith(f", content sha256 {digest[:16]}")
+
+
+def test_verify_decodes_segmentation_labels_before_training(tmp_path: Path) -> None:
+    from experiment_helpers import segmentation_smoke
+    from tasks.segmentation.synthetic import ensure_synthetic_ade
+
+    root = ensure_synthetic_ade(tmp_path / "ade", seed=0, num_train=2, num_val=1, image_size=64)
+    victim = sorted(root.rglob("annotations/training/*.png"))[1]
+    victim.write_bytes(victim.read_bytes()[:40])
+    overrides = [*segmentation_smoke(tmp_path / "unused"), f"data.root={root}", "data.verify=true"]
+    with pytest.raises(CorruptImageError, match=rf"(?s)1 of 2 label files of the train split.*{victim.name}"):
+        run_experiment(compose(overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # found before any training
+
+
+def test_a_truncated_coco_annotation_file_is_named(tmp_path: Path) -> None:
+    from tasks.detection.data import CocoDetection
+    from tasks.detection.synthetic import ensure_synthetic_coco
+
+    root = tmp_path / "coco"
+    ensure_synthetic_coco(root, seed=0, num_train=2, num_val=1, image_size=64)
+    train = root / "annotations" / "instances_train2017.json"
+    train.write_bytes(train.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"instances_train2017\.json.*is not valid JSON"):
+        CocoDetection(root, "train")
+
+
+# --- a locked run folder is left untouched (issue 26) -------------------------------------------------------------
+
+def test_a_second_train_py_in_a_locked_folder_writes_nothing_there(data_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("the running run's config\n")
+    with run_folder_lock(run_dir):  # this process is the running run
+        before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        result = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), *smoke_overrides(data_dir),
+                                 f"hydra.run.dir={run_dir}"], capture_output=True, text=True, cwd=tmp_path,
+                                timeout=300)
+        assert result.returncode != 0 and f"in use by another run (process {os.getpid()})" in result.stderr
+        after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # no .hydra/*.yaml rewritten, no train.log, no checkpoint

@@ -111,3 +111,81 @@ def test_a_failing_compiler_is_named_with_what_to_do(fresh_build, monkeypatch):
     message = str(error.value)
     assert "the C++ compiler 'false' failed" in message and "exit status 1" in message
     assert "(the compiler printed nothing)" in message and "Set CXX to a working C++17 compiler" in message
+
+
+# --- extreme scale factors and dtypes (issue 26) ------------------------------------------------------------------
+
+EXTREME = """
+    import resource, torch, carafe
+    resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))  # a regression fails fast, not the machine
+    torch.manual_seed(0)
+    with carafe.use_backend("cpu"):  # the first call's one-time costs (dispatcher, library) before measuring
+        carafe.carafe_down(torch.ones(1, 1, 1, 1), torch.ones(1, 9, 1, 1), 3, 1, 1)
+    for h, w, s in [(3, 3, 2**24), (3, 3, 2**62), (2**17, 1, 2**17)]:
+        x = torch.randn(1, 2, h, w, dtype=torch.float64)
+        m = torch.randn(1, 9, (h - 1) // s + 1, (w - 1) // s + 1, dtype=torch.float64)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with carafe.use_backend("cpu"):
+            out = carafe.carafe_down(x, m, 3, 1, s)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+        # Output (0, 0) reassembles the window centred at input (0, 0): of its taps, those at (ky, kx) >= (1, 1).
+        expected = sum(x[0, :, ky - 1, kx - 1] * m[0, ky * 3 + kx, 0, 0]
+                       for ky in (1, 2) for kx in (1, 2) if ky - 1 < h and kx - 1 < w)
+        close = torch.allclose(out[0, :, 0, 0], expected, rtol=1e-12, atol=1e-12)
+        print(f"{h}x{w}/{s}", "x".join(map(str, out.shape)), close, grown, flush=True)
+"""
+
+
+def test_a_scale_factor_beyond_the_map_gives_one_output_in_bounded_memory():
+    # Down-sampling by sigma >= the map's size leaves one output; the kernel's buffers once grew with sigma (a 3x3
+    # map by 2^24 asked for 58 GB and crashed; a 2^17 x 1 map by 2^17, 450 MB for 2 MB of input). One child
+    # process for all cases, its address space capped.
+    result = run_python(EXTREME)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.split("\n")[:-1]
+    assert [line.split()[:3] for line in lines] == [
+        [case, "1x2x1x1", "True"] for case in (f"3x3/{2**24}", f"3x3/{2**62}", f"{2**17}x1/{2**17}")]
+    for line in lines:
+        assert int(line.split()[3]) < 32, f"{line}: the call grew the process by that many MB"
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("s", [3, 4, 5, 6, 11])
+def test_scale_factors_past_the_maps_width_match_the_loops(layout, s):
+    # Phases of the de-interleaved rows past the map's width are shared (all zero): forward and both gradients
+    # against the float64 loops and the reference backend's autograd.
+    from conftest import brute_force
+
+    torch.manual_seed(s)
+    x = torch.randn(2, 4, 9, 4, dtype=torch.float64)
+    m = torch.randn(2, 2 * 25, (9 - 1) // s + 1, (4 - 1) // s + 1, dtype=torch.float64)
+    grad = torch.randn(2, 4, *m.shape[2:], dtype=torch.float64)
+    if layout == "channels_last":
+        x, m, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, m, grad))
+    results = {}
+    for backend in ("cpu", "reference"):
+        xs, ms = x.clone().requires_grad_(), m.clone().requires_grad_()
+        with use_backend(backend):
+            out = carafe.carafe_down(xs, ms, 5, 2, s)
+            results[backend] = (out, *torch.autograd.grad(out, (xs, ms), grad))
+    expected = brute_force(x.detach().numpy(), m.detach().numpy(), 5, 2, s, up=False)
+    assert torch.allclose(results["cpu"][0], torch.from_numpy(expected), rtol=1e-12, atol=1e-12)
+    for got, want in zip(results["cpu"], results["reference"]):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", [carafe.carafe, carafe.carafe_down])
+def test_a_scale_factor_no_int64_holds_is_a_value_error_naming_it(op):
+    x, m = torch.randn(1, 1, 3, 3), torch.randn(1, 9, 1, 1)
+    with pytest.raises(ValueError, match=r"scale_factor must be <= 9223372036854775807 .*got 9223372036854775808"):
+        op(x, m, 3, 1, 2**63)
+    with pytest.raises(ValueError, match=r"scale_factor must be <= .*got 9223372036854775808"):
+        carafe.CARAFEDownPack(channels=4, scale_factor=2**63)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_dtype_without_arithmetic_is_a_type_error_naming_it(dtype):
+    x = torch.randn(1, 1, 3, 3).to(dtype)
+    m = torch.randn(1, 9, 2, 2).to(dtype)
+    with pytest.raises(TypeError, match=rf"features has dtype {dtype}, which the reassembly does not support"):
+        carafe.carafe_down(x, m, 3, 1, 2)

@@ -276,6 +276,8 @@ struct ChannelsFirstPlan {
 };
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a / b - (a % b != 0 && (a < 0) != (b < 0)); }
+// ceil(a / b) for a >= 0, b >= 1, without forming a + b - 1 (which overflows for a scale factor near 2^63).
+inline int64_t ceil_div(int64_t a, int64_t b) { return a == 0 ? 0 : (a - 1) / b + 1; }
 
 template <typename T>
 ChannelsFirstPlan<T> plan_channels_first(const Geometry& g) {
@@ -285,15 +287,19 @@ ChannelsFirstPlan<T> plan_channels_first(const Geometry& g) {
   plan.centres = g.up ? g.w : g.out_w;
   plan.vectors = (plan.centres + L - 1) / L;
   plan.padded = plan.vectors * L;
-  plan.feature_phases = plan.feature_stride = g.up ? 1 : g.sigma;
-  plan.pad = (r + plan.feature_stride - 1) / plan.feature_stride;
+  plan.feature_stride = g.up ? 1 : g.sigma;
+  // Copy `phase` holds columns phase, phase + stride, ...; a copy with phase >= w holds no column of x (only zeros),
+  // so of those only one (phase w) is kept and every tap reading a later phase reads it instead. The copies are
+  // thus bounded by the map's width, not by sigma (down-sampling a 3-wide map by 2^24 keeps 4 copies, not 2^24).
+  plan.feature_phases = g.up ? 1 : std::min(g.sigma, g.w + 1);
+  plan.pad = ceil_div(r, plan.feature_stride);
   plan.row_len = plan.padded + 2 * plan.pad;
   // Column cx * stride + d of x (cx the centre, d = kx - r) is element cx + floor(d / stride) + pad of
   // de-interleaved copy (d mod stride).
   for (int64_t kx = 0; kx < g.k; ++kx) {
     const int64_t d = kx - r, s = plan.feature_stride;
     const int64_t phase = ((d % s) + s) % s, shift = (d - phase) / s;
-    plan.tap_offset.push_back(phase * plan.row_len + shift + plan.pad);
+    plan.tap_offset.push_back(std::min(phase, plan.feature_phases - 1) * plan.row_len + shift + plan.pad);
   }
   return plan;
 }
@@ -319,10 +325,9 @@ void prepare_feature_row(const ChannelsFirstPlan<T>& plan, const T* __restrict__
     T* row = dst + phase * plan.row_len;
     // Element t holds column (t - pad) * s + phase; those inside [0, w) are t in [lo, hi).
     const int64_t lo = std::min(plan.row_len, plan.pad);
-    const int64_t hi = std::max(lo, std::min(plan.row_len, (w - phase + s - 1) / s + plan.pad));
+    const int64_t hi = std::max(lo, std::min(plan.row_len, ceil_div(w - phase, s) + plan.pad));
     std::fill(row, row + lo, T(0));
-    const T* from = src + phase - plan.pad * s;
-    copy_strided(from + lo * s, s, hi - lo, row + lo);
+    if (hi > lo) copy_strided(src + phase + (lo - plan.pad) * s, s, hi - lo, row + lo);
     std::fill(row + hi, row + plan.row_len, T(0));
   }
 }
@@ -954,7 +959,9 @@ void backward_features(const Geometry& g, const T* grad_out, const T* m, T* grad
     RowWriter<T> gxs(grad_x, g.h, g.w, g.c, layout.out_channels_first);
     // For each tap row ky: the output rows [p_lo, p_hi) that read input row iy through it, and their data.
     std::vector<int64_t> p_lo(k), p_hi(k);
-    std::vector<const T*> go_rows(k * g.sigma), mask_rows(k * g.sigma);
+    // Outputs per centre row: sigma when up-sampling, one when down-sampling (however large sigma is).
+    const int64_t per_centre = g.up ? g.sigma : 1;
+    std::vector<const T*> go_rows(k * per_centre), mask_rows(k * per_centre);
     alignas(64) T acc[kBlock<T>];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.h, iy = row % g.h;
@@ -963,8 +970,8 @@ void backward_features(const Geometry& g, const T* grad_out, const T* m, T* grad
         p_lo[ky] = p_hi[ky] = 0;
         if (cy >= 0 && cy < g.h) g.outputs_centred_at(cy, g.out_h, p_lo[ky], p_hi[ky]);
         for (int64_t p = p_lo[ky]; p < p_hi[ky]; ++p) {
-          go_rows[ky * g.sigma + p - p_lo[ky]] = gos.row(n, p);
-          mask_rows[ky * g.sigma + p - p_lo[ky]] = ms.row(n, p);
+          go_rows[ky * per_centre + p - p_lo[ky]] = gos.row(n, p);
+          mask_rows[ky * per_centre + p - p_lo[ky]] = ms.row(n, p);
         }
       }
       T* gx_row = gxs.row(n, iy);
@@ -982,8 +989,8 @@ void backward_features(const Geometry& g, const T* grad_out, const T* m, T* grad
                 g.outputs_centred_at(cx, g.out_w, q0, q1);
                 const int64_t tap = grp * g.taps() + ky * k + kx;
                 for (int64_t j = 0; j < p_hi[ky] - p_lo[ky]; ++j) {
-                  const T* go_row = go_rows[ky * g.sigma + j];
-                  const T* mask_row = mask_rows[ky * g.sigma + j];
+                  const T* go_row = go_rows[ky * per_centre + j];
+                  const T* mask_row = mask_rows[ky * per_centre + j];
                   for (int64_t q = q0; q < q1; ++q) axpy(acc, mask_row[q * mc + tap], go_row + q * g.c + offset, len);
                 }
               }

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -15,6 +14,7 @@ from tasks.classification.data import (CLASS_NAMES, build_imagenet, check_imagen
                                        ensure_synthetic_imagenet, topk_correct)
 from tasks.classification.model import build_classifier
 from tasks.common.distributed import all_reduce_sum
+from tasks.common.factories import build_operator
 from tasks.common.task import Task
 
 
@@ -42,7 +42,7 @@ class ClassificationTask(Task):
     def build_model(self) -> nn.Module:
         downsampler = self.cfg.get("downsampler")
         return build_classifier(depth=self.cfg.model.depth, num_classes=self.cfg.data.num_classes,
-                                downsampler=instantiate(downsampler) if downsampler is not None else None,
+                                downsampler=build_operator(downsampler, "downsampler"),
                                 zero_init_residual=self.cfg.model.zero_init_residual)
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:

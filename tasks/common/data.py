@@ -32,25 +32,27 @@ def read_rgb(path: str | Path) -> Image.Image:
                                 "data.verify=true checks every image before training starts") from error
 
 
-def verify_images(paths: Iterable[str | Path], what: str) -> int:
-    """Decode every image of ``paths`` (``data.verify=true``); raise ``CorruptImageError`` listing those that fail.
+def verify_images(paths: Iterable[str | Path], what: str, read: Callable[[Path], object] = read_rgb,
+                  kind: str = "images") -> int:
+    """Decode every file of ``paths`` with ``read`` (``data.verify=true``; default: as RGB images); raise
+    ``CorruptImageError`` listing those that fail (``read`` raises it naming the file).
 
     Meant for real datasets before a long run: a corrupt file otherwise stops training when the loader reaches it.
-    Returns how many images were checked.
+    Returns how many files were checked; ``kind`` names them in messages (e.g. ``"annotations"``).
     """
     paths = list(paths)
-    progress = Progress(len(paths), f"verifying {len(paths)} images of {what}", enabled=True)
+    progress = Progress(len(paths), f"verifying {len(paths)} {kind} of {what}", enabled=True)
     bad = []
     for index, path in enumerate(paths, 1):
         try:
-            read_rgb(path)
+            read(Path(path))
         except CorruptImageError as error:
             bad.append(f"{path} ({error.__cause__})")
         progress.update(index)
     if bad:
         shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise CorruptImageError(f"{len(bad)} of {len(paths)} images of {what} cannot be read:\n  {shown}")
-    log.info("verified %d images of %s", len(paths), what)
+        raise CorruptImageError(f"{len(bad)} of {len(paths)} {kind} of {what} cannot be read:\n  {shown}")
+    log.info("verified %d %s of %s", len(paths), kind, what)
     return len(paths)
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from tasks.common.data import build_loader, reseed_loader, verify_images
 from tasks.common.distributed import World, all_reduce_sum, average_gradients, barrier, broadcast_module
-from tasks.common.io import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from tasks.common.io import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from tasks.common.progress import Progress
 from tasks.common.reproducibility import derive_seed, seed_everything, set_deterministic
 from tasks.common.schedule import build_lr_scheduler, build_optimizer, scaled_lr, weight_decay_groups
@@ -252,6 +252,8 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
         if config_hash and state.get("config_hash") != config_hash:
             raise RuntimeError(f"{checkpoint_path} was written by a run with another config (hash "
                                f"{state.get('config_hash')} != {config_hash}); use a new run folder or delete it")
+        check_resume_state(state, checkpoint_path, schedule.epochs,
+                           ("optimizers", "schedulers") if task.optimizer_parts else ("optimizer", "scheduler"))
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizers, state, "optimizer", checkpoint_path)
         load_optimizer_state(schedulers, state, "scheduler", checkpoint_path)
@@ -306,10 +308,61 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
                     "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
                     "segments": all_segments(), "config_hash": config_hash})
             barrier()
+        if start_epoch == schedule.epochs and not _usable(metrics, task.primary_metric):
+            # Resumed after the last epoch from a checkpoint without that epoch's evaluation (or with an unusable
+            # one): evaluate the final weights now rather than finish without the run's result.
+            if world.is_main:
+                log.warning("%s holds no usable final evaluation (%s); evaluating the final weights again",
+                            checkpoint_path, metrics or "none")
+            metrics = evaluate(task, model, val_loader, settings)
+            history[-1]["val"] = metrics
     finally:
         if writer is not None:
             writer.close()
     return FitResult(metrics, history, train_seconds, all_segments())
+
+
+#: What a resume checkpoint must hold besides the optimizer and scheduler states (``optimizer`` and ``scheduler``,
+#: or for a task with parts ``optimizers`` and ``schedulers``) and, optionally, ``scaler``, with each value's type.
+RESUME_KEYS = {"model": dict, "epoch": int, "history": list, "train_seconds": (int, float)}
+
+
+def check_resume_state(state: Any, path: Path, epochs: int, optimizer_keys: tuple[str, ...]) -> None:
+    """Raise ``CheckpointError`` naming ``path`` and the problem unless ``state`` is a resume checkpoint the engine
+    wrote: every key of ``RESUME_KEYS`` and ``optimizer_keys`` present (those of ``RESUME_KEYS`` with their types),
+    ``0 <= epoch <= epochs``, and one history record per epoch done, numbered 1..epoch."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a resume checkpoint: it holds a {type(state).__name__}, not a dict")
+    missing = [key for key in (*RESUME_KEYS, *optimizer_keys) if key not in state]
+    if missing:
+        held = ", ".join(map(repr, sorted(map(str, state))))
+        raise CheckpointError(f"{path} is not a resume checkpoint this engine wrote: it lacks the key(s) "
+                              f"{', '.join(map(repr, missing))} (it holds {held}); delete it to start the run "
+                              "again, or use another run folder")
+    for key, kind in RESUME_KEYS.items():
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(f"{path}: {key!r} is a {type(state[key]).__name__}, which a resume checkpoint never "
+                                  "holds there; delete it to start the run again")
+    epoch, history = state["epoch"], state["history"]
+    if not 0 <= epoch <= epochs:
+        raise CheckpointError(f"{path} was saved after epoch {epoch}, but this run's schedule has {epochs} epochs; "
+                              "use a new run folder or delete it")
+    numbers = [record.get("epoch") if isinstance(record, dict) else None for record in history]
+    if numbers != list(range(1, epoch + 1)):
+        raise CheckpointError(f"{path} was saved after epoch {epoch} but its history records epochs {numbers}, not "
+                              f"1..{epoch}: it is damaged or was not written by this engine; delete it to start the "
+                              "run again")
+
+
+def _usable(metrics: Any, primary_metric: str) -> bool:
+    """True if ``metrics`` would pass ``check_metrics`` (plain finite numbers, ``primary_metric`` among them)."""
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
+        return False
+    try:
+        check_metrics(metrics, primary_metric)
+    except MetricError:
+        return False
+    return True
 
 
 def hyperparameters_markdown(cfg: Any) -> str:
@@ -348,15 +401,19 @@ def check_metrics(metrics: dict[str, float], primary_metric: str) -> None:
 
 def prepared_datasets(task: Task, world: World) -> tuple[Any, Any]:
     """(train, val) of ``task`` on every rank, after rank 0 has checked or written the data; with
-    ``data.verify=true`` every rank first decodes its share of both splits' images (``verify_images``)."""
+    ``data.verify=true`` every rank first decodes its share of both splits' images and label files
+    (``verify_images``, ``Task.label_files``)."""
     if world.is_main:
         task.prepare_data()
     barrier()
     train, val = task.build_datasets()
     if task.cfg.data.get("verify", False):
         for split, dataset in (("train", train), ("val", val)):
-            files = task.image_files(dataset)[world.rank::world.world_size]
-            verify_images(files, f"the {split} split of {task.dataset_description()} (rank {world.rank})")
+            what = f"the {split} split of {task.dataset_description()} (rank {world.rank})"
+            verify_images(task.image_files(dataset)[world.rank::world.world_size], what)
+            labels = task.label_files(dataset)[world.rank::world.world_size]
+            if labels:
+                verify_images(labels, what, read=task.read_label_file, kind="label files")
     return train, val
 
 

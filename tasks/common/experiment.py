@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, ValidationError
 
 from tasks.common.distributed import World, close_world, init_world
 from tasks.common.engine import RunSettings, Schedule, fit
+from tasks.common.factories import UntrustedConfigError, build_operator, import_task_class
 from tasks.common.io import run_folder_lock, write_json_atomic, write_text_atomic
 from tasks.common.provenance import REPO_ROOT, device_name, git_state, utc_now
 from tasks.common.schedule import OPTIMIZERS, POLICIES, WEIGHT_DECAY_SCOPES
@@ -90,15 +92,16 @@ def config_hash(cfg: DictConfig | dict) -> str:
 
 
 def task_class(cfg: DictConfig) -> type[Task]:
-    """The ``Task`` subclass named by ``task._target_`` (each ``conf/task/<name>.yaml`` names its own)."""
-    from hydra.utils import get_class
-
+    """The ``Task`` subclass named by ``task._target_`` (each ``conf/task/<name>.yaml`` names its own); any other
+    target is refused before it is imported (``tasks.common.factories.import_task_class``)."""
     target = cfg.task.get("_target_")
     if not target:
         raise ConfigError(f"task {cfg.task.get('name')!r} has no task._target_: name its Task subclass in "
                           "conf/task/<name>.yaml, e.g. _target_: tasks.classification.task.ClassificationTask")
     try:
-        cls = get_class(target)
+        cls = import_task_class(target)
+    except UntrustedConfigError as error:
+        raise ConfigError(str(error)) from None
     except Exception as error:
         raise ConfigError(f"task._target_={target} cannot be imported: {error}") from error
     if not (isinstance(cls, type) and issubclass(cls, Task)):
@@ -107,10 +110,9 @@ def task_class(cfg: DictConfig) -> type[Task]:
 
 
 def _operator_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
-    """Every config node whose ``_target_`` is an operator of the ``carafe`` package."""
+    """Every config node with a ``_target_`` but ``task`` (whose target is the Task class): the operator slots."""
     if isinstance(node, DictConfig):
-        target = node.get("_target_")
-        if isinstance(target, str) and target.startswith("carafe."):
+        if "_target_" in node and path != "task":
             yield path, node
         for key in node:
             yield from _operator_nodes(node[key], f"{path}.{key}" if path else str(key))
@@ -126,8 +128,6 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check the values a run depends on before any work starts; ``ConfigError`` names the key and the fix."""
-    from hydra.utils import instantiate
-
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as error:  # omegaconf's errors name the key; say what it is about
@@ -165,7 +165,11 @@ def validate(cfg: DictConfig) -> None:
 
     for path, node in _operator_nodes(cfg):
         try:
-            instantiate(node)(channels=64, scale_factor=2)
+            factory = build_operator(node, path)
+        except UntrustedConfigError as error:
+            raise ConfigError(str(error)) from None
+        try:
+            factory(channels=64, scale_factor=2)
         except Exception as error:
             raise ConfigError(f"invalid {path} config ({_flat(node)}): {error}") from error
 
@@ -195,6 +199,28 @@ def read_record(run_dir: str | Path) -> dict[str, Any] | None:
         return None
     record = json.loads(path.read_text())
     return record if record.get("status") == "finished" else None
+
+
+def named_run_folder(argv: list[str]) -> Path | None:
+    """The run folder a ``scripts/train.py`` command line fixes before Hydra composes anything: the last
+    ``hydra.run.dir=<folder>`` override, if it is a plain path (no ``${...}`` interpolation) and the command is not a
+    multirun (``-m``); None otherwise (Hydra's default folders are new and time-stamped)."""
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        return None
+    named = [arg.split("=", 1)[1] for arg in argv if arg.startswith("hydra.run.dir=")]
+    if not named or not named[-1] or "${" in named[-1]:
+        return None
+    return Path(named[-1].strip("'\""))
+
+
+def hold_named_run_folder(argv: list[str]) -> contextlib.AbstractContextManager:
+    """The lock of the run folder ``argv`` names (``named_run_folder``), taken by the main process (``RANK`` 0)
+    before Hydra writes its ``.hydra/`` files and log there, so a second run in a locked folder stops without
+    touching the first one's files (``RunFolderLocked``); a null context when no folder is named."""
+    folder = named_run_folder(argv)
+    if folder is None or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return run_folder_lock(folder)
 
 
 def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:

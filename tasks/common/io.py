@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import pickle
@@ -41,6 +42,39 @@ def _manifest_at(root: Path, manifest_name: str) -> dict | None:
     return None
 
 
+#: The manifest key of a generated folder's content: ``{"sha256": folder_content_digest(...), "files": count}``.
+CONTENT_KEY = "content"
+
+
+def folder_content(root: Path, manifest_name: str = MANIFEST_NAME) -> dict[str, Any]:
+    """``{"sha256": ..., "files": n}``: SHA-256 over every file under ``root`` but the manifest at its top (each
+    file's path relative to ``root`` and its bytes, in path order), and how many files that is."""
+    digest, count = hashlib.sha256(), 0
+    files = sorted((p for p in root.rglob("*") if p.is_file() and p != root / manifest_name),
+                   key=lambda p: p.relative_to(root).as_posix())
+    for path in files:
+        name = path.relative_to(root).as_posix().encode()
+        data = path.read_bytes()
+        digest.update(len(name).to_bytes(8, "little") + name + len(data).to_bytes(8, "little") + data)
+        count += 1
+    return {"sha256": digest.hexdigest(), "files": count}
+
+
+def generated_folder_digest(root: Path, manifest_name: str = MANIFEST_NAME) -> str | None:
+    """The content SHA-256 recorded in the manifest of a folder ``ensure_generated_folder`` wrote (and checked on
+    its last use); None when ``root`` holds no such manifest yet."""
+    try:
+        found = json.loads((Path(root) / manifest_name).read_text())
+    except (OSError, ValueError):
+        return None
+    content = found.get(CONTENT_KEY) if isinstance(found, dict) else None
+    return content.get("sha256") if isinstance(content, dict) else None
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any], manifest_name: str) -> None:
+    write_text_atomic(root / manifest_name, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
 def ensure_generated_folder(root: str | Path, manifest: dict[str, Any], write: Callable[[Path], None],
                             manifest_name: str = MANIFEST_NAME) -> Path:
     """Fill ``root`` by ``write(folder)`` unless it already holds the folder described by ``manifest``.
@@ -49,13 +83,29 @@ def ensure_generated_folder(root: str | Path, manifest: dict[str, Any], write: C
     interrupted write leaves nothing behind to be reused, and two processes racing on ``root`` both end with the
     first one's folder. A ``root`` written with another manifest, or holding anything else, raises
     ``FolderConflictError`` (a ``FileExistsError`` and a ``ValueError``).
+
+    The manifest also records the digest of the files written (``CONTENT_KEY``, ``folder_content``), and every
+    reuse checks it: a folder whose files were changed, added or deleted since (such as a corrupt image removed by
+    hand) raises ``FolderConflictError`` instead of passing for the dataset its settings describe. A folder
+    written before digests were recorded gets its current content's digest recorded on first reuse.
     """
     root = Path(root)
 
     def reuse(found: dict) -> Path:
-        if found != manifest:
-            raise FolderConflictError(f"{str(root)!r} holds a dataset written with {found}, not {manifest}; "
+        settings = {key: value for key, value in found.items() if key != CONTENT_KEY}
+        if settings != manifest:
+            raise FolderConflictError(f"{str(root)!r} holds a dataset written with {settings}, not {manifest}; "
                                       "delete it or choose another folder")
+        content = folder_content(root, manifest_name)
+        recorded = found.get(CONTENT_KEY)
+        if recorded is None:
+            _write_manifest(root, {**found, CONTENT_KEY: content}, manifest_name)
+        elif recorded != content:
+            raise FolderConflictError(
+                f"{str(root)!r} no longer holds the files its generator wrote: it has {content['files']} files with "
+                f"content sha256 {content['sha256'][:16]}..., the generator wrote {recorded.get('files')} with "
+                f"{str(recorded.get('sha256'))[:16]}... (a file was changed, added or deleted). Delete the folder; "
+                "it is written again, identically, on the next run")
         return root
 
     found = _manifest_at(root, manifest_name)
@@ -65,7 +115,8 @@ def ensure_generated_folder(root: str | Path, manifest: dict[str, Any], write: C
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
         write(staging)
-        (staging / manifest_name).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        written = {**manifest, CONTENT_KEY: folder_content(staging, manifest_name)}
+        (staging / manifest_name).write_text(json.dumps(written, indent=1, sort_keys=True) + "\n")
         try:
             os.rename(staging, root)  # replaces a missing or empty folder atomically
         except OSError:
@@ -144,8 +195,52 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+#: The key of a checkpoint's own digest: SHA-256 of everything else in it (``content_digest``).
+DIGEST_KEY = "content_sha256"
+
+
+def content_digest(state: Any) -> str:
+    """SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes and every plain value, walked in a
+    fixed order (mapping keys sorted), so the same content always gives the same digest wherever it was loaded
+    (any ``map_location``) and a flipped bit anywhere in the data changes it."""
+    digest = hashlib.sha256()
+
+    def feed(tag: str, payload: bytes = b"") -> None:
+        digest.update(tag.encode() + len(payload).to_bytes(8, "little") + payload)
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1)
+            feed("tensor", f"{data.dtype} {tuple(value.shape)}".encode())
+            feed("bytes", data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        elif isinstance(value, dict):
+            feed("dict", str(len(value)).encode())
+            for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+                walk(key)
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            feed(type(value).__name__, str(len(value)).encode())
+            for item in value:
+                walk(item)
+        elif isinstance(value, float):
+            feed("float", value.hex().encode())
+        elif isinstance(value, str):
+            feed("str", value.encode("utf-8", "surrogatepass"))
+        elif isinstance(value, bytes):
+            feed("bytes", value)
+        else:  # int, bool, None, torch.dtype, torch.Size...: their repr is exact
+            feed(type(value).__name__, repr(value).encode())
+
+    walk(state)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
+    """``torch.save`` to a temp file in the same folder, then rename over ``path``. The file carries its own digest
+    (``DIGEST_KEY``: ``content_digest`` of the rest), which ``load_checkpoint`` checks: torch's zip container does
+    not check the tensor data it reads, so without it a damaged file would load with wrong weights and no error."""
+    state = {key: value for key, value in state.items() if key != DIGEST_KEY}
+    state[DIGEST_KEY] = content_digest(state)
     _atomic_write(Path(path), lambda handle: torch.save(state, handle))
 
 
@@ -165,26 +260,47 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be loaded safely: corrupt, truncated, or holding more than tensors and data."""
 
 
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type when it has none (torch raises some without one)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint (or a bare state dict) with ``weights_only=True``: tensors and plain Python data only.
 
-    Unpickling arbitrary objects can run arbitrary code, so a file holding anything else is refused, as is a
-    truncated or corrupt one; both raise ``CheckpointError`` naming the file.
+    Unpickling arbitrary objects can run arbitrary code, so a file holding anything else is refused, as is an
+    empty, truncated or corrupt one, and one whose content does not match the digest ``save_checkpoint`` put in it
+    (a file without a digest, such as downloaded backbone weights, is not checked); all raise ``CheckpointError``
+    naming the file. The digest key is removed from the returned dict.
     """
     path = Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        if path.is_file() and path.stat().st_size == 0:
+            raise CheckpointError(f"cannot read checkpoint {str(path)!r}: the file is empty (0 bytes); delete it (a "
+                                  "run then starts again from the beginning) or point at another file")
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"refusing to load {str(path)!r}: it holds objects other than tensors and plain data, and unpickling them "
             f"could run code. Checkpoints written by this project never do; if you trust the file, convert it to a "
-            f"plain state dict. ({str(error).splitlines()[0]})") from None
+            f"plain state dict. ({_first_line(error)})") from None
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as error:
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError) as error:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: the file is truncated or corrupt "
-                              f"({str(error).splitlines()[0]}); delete it (a run restarts from its previous "
+                              f"({_first_line(error)}); delete it (a run restarts from its previous "
                               "epoch only if an older checkpoint exists) or point at another file") from None
+    if isinstance(state, dict) and DIGEST_KEY in state:
+        recorded = state.pop(DIGEST_KEY)
+        actual = content_digest(state)
+        if recorded != actual:
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its content does not match the digest "
+                                  f"written with it (sha256 {str(recorded)[:16]}... recorded, {actual[:16]}... now), "
+                                  "so some of its data changed after it was saved; delete it or point at another "
+                                  "file")
+    return state
 
 
 class RunFolderLocked(RuntimeError):
@@ -192,6 +308,7 @@ class RunFolderLocked(RuntimeError):
 
 
 LOCK_NAME = ".lock"
+_HELD: dict[str, int] = {}  # run folders this process holds (real path -> nesting depth)
 
 
 @contextlib.contextmanager
@@ -200,11 +317,20 @@ def run_folder_lock(run_dir: str | Path) -> Iterator[Path]:
 
     A second process asking for the same folder gets ``RunFolderLocked`` naming the holder's PID at once, instead
     of training the same run in the same folder a second time. The lock dies with its process, so a killed run
-    never leaves a folder locked.
+    never leaves a folder locked. Within one process the lock is re-entrant: ``scripts/train.py`` takes it before
+    Hydra writes anything into the folder, and ``run_experiment`` takes it again inside.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_path = run_dir / LOCK_NAME
+    key = os.path.realpath(run_dir)
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield lock_path
+        finally:
+            _HELD[key] -= 1
+        return
     with open(lock_path, "a+") as handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -219,8 +345,10 @@ def run_folder_lock(run_dir: str | Path) -> Iterator[Path]:
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
+        _HELD[key] = 1
         try:
             yield lock_path
         finally:
+            _HELD.pop(key, None)
             handle.seek(0)
             handle.truncate()

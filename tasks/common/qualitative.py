@@ -39,8 +39,12 @@ class FigureError(ValueError):
     """Runs that cannot make the figure asked for; the message says what to run first."""
 
 
+#: Where ``scripts/reproduce.py`` trains runs by default (its ``--runs``); a table's run folders must lie below it.
+RUNS_ROOT = REPO_ROOT / "runs"
+
+
 def runs_of_table(table: str, rows: list[str], seed: int, results: Path = REPO_ROOT / "results",
-                  runs_root: Path = REPO_ROOT / "runs") -> list[Path]:
+                  runs_root: Path = RUNS_ROOT) -> list[Path]:
     """The run folders of ``rows`` (labels) at ``seed`` of the rendered ``results/table-<table>.json``: each seed's run
     is found by its config hash in the runs store, ``<runs_root>/<task>/<hash>`` (the table names runs by hash only,
     never by a path)."""
@@ -70,10 +74,13 @@ def figure_parser(description: str, default_rows: Sequence[str], default_out: st
     """The command line both figure scripts take: run folders or ``--table`` (with ``--rows``, ``--seed``), and
     ``--zoom``, ``--labels``, ``--count``, ``--out``, ``--device``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="*", type=Path, help="finished run folders, one output column each")
+    parser.add_argument("folders", nargs="*", type=Path, metavar="runs",
+                        help="finished run folders, one output column each")
     parser.add_argument("--table", help="take the runs from results/table-<TABLE>.json (e.g. 7 or pp-10)")
     parser.add_argument("--rows", nargs="+", default=list(default_rows), help="with --table: the rows, one column each")
     parser.add_argument("--seed", type=int, default=0, help="with --table: which seed's runs")
+    parser.add_argument("--runs", type=Path, default=RUNS_ROOT,
+                        help="with --table: the folder the table's runs must lie under (reproduce.py's --runs)")
     parser.add_argument("--zoom", type=int, default=1, help="enlarge each cell this many times (nearest neighbour)")
     parser.add_argument("--labels", nargs="*", default=None, help="a label per run, for the caption")
     parser.add_argument("--count", type=int, default=6, help="validation images, one row each")
@@ -89,10 +96,10 @@ def runs_and_labels(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
         sys.exit(f"--count must be >= 1, got {args.count}")
     if args.zoom < 1:
         sys.exit(f"--zoom must be >= 1, got {args.zoom}")
-    if bool(args.table) == bool(args.runs):
+    if bool(args.table) == bool(args.folders):
         sys.exit("name the runs either as folders or with --table, not both and not neither")
     try:
-        runs = runs_of_table(args.table, args.rows, args.seed) if args.table else args.runs
+        runs = runs_of_table(args.table, args.rows, args.seed, runs_root=args.runs) if args.table else args.folders
     except FigureError as error:
         sys.exit(f"error: {error}")
     labels = args.labels or (args.rows if args.table else [str(r) for r in runs])

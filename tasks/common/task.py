@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.distributed import World
+from tasks.common.io import generated_folder_digest
 from tasks.common.speed import noise_image
 
 
@@ -57,11 +58,15 @@ class Task:
             self.write_embedded_dataset(data.embedded)
 
     def dataset_description(self) -> str:
-        """One line for provenance: which dataset, embedded or real, and where."""
+        """One line for provenance: which dataset, embedded or real, and where. For the embedded default, once
+        written, the digest of its files' content (``tasks.common.io.generated_folder_digest``), so a changed
+        folder cannot pass for the one its settings describe."""
         data = self.cfg.data
         if data.root is not None:
             return f"{self.dataset_name} at {data.root}"
-        return self.describe_embedded_dataset(data.embedded)
+        description = self.describe_embedded_dataset(data.embedded)
+        digest = generated_folder_digest(Path(data.embedded.dir))
+        return f"{description}, content sha256 {digest[:16]}" if digest else description
 
     #: the real dataset's name, for provenance, e.g. ``"ImageNet"``
     dataset_name: str = ""
@@ -88,6 +93,16 @@ class Task:
         """Every image file ``dataset`` reads, for ``data.verify=true``."""
         raise NotImplementedError(f"{type(self).__name__} does not list its image files, so data.verify is not "
                                   "available for it")
+
+    def label_files(self, dataset: Dataset) -> list[Path]:
+        """Every label file ``dataset`` decodes (such as segmentation annotation PNGs), for ``data.verify=true``,
+        which reads each with ``read_label_file``; tasks whose labels are not files of their own keep this
+        default, which lists none."""
+        return []
+
+    def read_label_file(self, path: Path) -> object:
+        """Decode one of ``label_files``; raise ``tasks.common.data.CorruptImageError`` naming it if it cannot be."""
+        raise NotImplementedError(f"{type(self).__name__} lists label files but does not say how to read them")
 
     def collate_fn(self) -> Callable | None:
         return None

@@ -54,8 +54,16 @@ def load_coco(annotation_file: str | os.PathLike) -> COCO:
     """pycocotools' COCO index of an instances JSON, without its progress prints."""
     if not Path(annotation_file).is_file():
         raise FileNotFoundError(f"COCO annotation file {str(annotation_file)!r} does not exist")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(annotation_file))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(annotation_file))
+    except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError: a truncated or damaged file
+        raise ValueError(f"COCO annotation file {str(annotation_file)!r} is not valid JSON ({error}); it may be "
+                         "truncated: replace it (the embedded default is written again if you delete its "
+                         "folder)") from None
+    except (AssertionError, TypeError, KeyError, AttributeError) as error:  # pycocotools' checks of the layout
+        raise ValueError(f"COCO annotation file {str(annotation_file)!r} is not an instances file of the COCO "
+                         f"format ({type(error).__name__}: {error or 'unexpected layout'})") from None
 
 
 def category_to_label(coco: COCO) -> dict[int, int]:

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.distributed import broadcast_object, gather_objects
+from tasks.common.factories import build_operator
 from tasks.common.resnet import RESNET_LAYERS, check_backbone_weights, load_backbone_weights
 from tasks.common.speed import noise_image
 from tasks.common.task import Task
@@ -82,9 +82,9 @@ class DetectionTask(Task):
         downsampler = self.cfg.get("downsampler")
         model = build_detector(
             arch=m.arch, depth=m.depth, num_classes=self.cfg.data.num_classes,
-            fpn_upsampler=instantiate(self.cfg.fpn_upsampler),
-            mask_upsampler=instantiate(self.cfg.mask_upsampler) if self.with_masks else None,
-            backbone_downsampler=instantiate(downsampler) if downsampler is not None else None,
+            fpn_upsampler=build_operator(self.cfg.fpn_upsampler, "fpn_upsampler"),
+            mask_upsampler=build_operator(self.cfg.mask_upsampler, "mask_upsampler") if self.with_masks else None,
+            backbone_downsampler=build_operator(downsampler, "downsampler"),
             min_size=m.min_size, max_size=m.max_size, size_divisible=m.size_divisible,
             trainable_backbone_layers=m.trainable_backbone_layers, norm=m.norm, dcn_stages=list(m.dcn_stages),
             **(m.options or {}))

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.distributed import all_reduce_sum
+from tasks.common.factories import build_slot
 from tasks.common.task import Task
 from tasks.inpainting.data import PHOTOGRAPHS, PlacesInpainting, ensure_embedded_places, places_split
 from tasks.inpainting.figures import first_validation_grid
@@ -89,8 +89,7 @@ class InpaintingTask(Task):
         m = self.cfg.model
 
         def slot(key: str) -> object:
-            node = self.cfg.get(key)
-            return instantiate(node) if node is not None else None
+            return build_slot(self.cfg, key)
 
         return build_inpainting_model(base_channels=m.base_channels, upsampler=slot("upsampler"),
                                       downsampler=slot("downsampler"), partial=m.generator == "partial_conv",

@@ -93,6 +93,10 @@ class ADE20kSegmentation(Dataset):
     def image_paths(self) -> list[Path]:
         return list(self.images)
 
+    def annotation_paths(self) -> list[Path]:
+        """The annotation PNG of each image, in ``image_paths`` order."""
+        return [self.annotation_dir / f"{path.stem}.png" for path in self.images]
+
     def original(self, index: int) -> tuple[Image.Image, np.ndarray]:
         """Item ``index`` as stored: (RGB image, uint8 label map [H, W] of the image's size, 0 = other), checked."""
         path = self.images[index]

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.distributed import all_reduce_sum
+from tasks.common.factories import build_slot
 from tasks.common.resnet import RESNET_LAYERS, check_backbone_weights, load_backbone_weights
 from tasks.common.task import Task
 from tasks.segmentation.data import (ADE20kSegmentation, ade_class_names, ade_split_folders,
-                                     collate_segmentation)
+                                     collate_segmentation, read_label)
 from tasks.segmentation.metrics import confusion_matrix, segmentation_scores
 from tasks.segmentation.model import ARCHS, DILATED_ARCHS, PPM_PLACEMENTS, build_segmenter
 from tasks.segmentation.synthetic import CLASS_NAMES, ensure_synthetic_ade
@@ -105,8 +105,7 @@ class SegmentationTask(Task):
         m = self.cfg.model
 
         def slot(key: str) -> object:
-            node = self.cfg.get(key)
-            return instantiate(node) if node is not None else None
+            return build_slot(self.cfg, key)
 
         model = build_segmenter(arch=m.arch, depth=m.depth, num_classes=self.cfg.data.num_classes,
                                 fpn_dim=m.fpn_dim, head_dim=m.head_dim, pool_scales=tuple(m.pool_scales),
@@ -127,6 +126,12 @@ class SegmentationTask(Task):
 
     def image_files(self, dataset: Dataset) -> list[Path]:
         return dataset.image_paths()
+
+    def label_files(self, dataset: Dataset) -> list[Path]:
+        return dataset.annotation_paths()
+
+    def read_label_file(self, path: Path) -> object:
+        return read_label(path)
 
     def collate_fn(self) -> Callable | None:
         return partial(collate_segmentation, pad_to=self.cfg.data.pad_to)
