@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from carafe.costs import flops_per_pixel, num_params
@@ -15,6 +14,7 @@ from reproduction.spec import TableSpec
 from tasks.common.distributed import init_world
 from tasks.common.engine import CHECKPOINT_NAME, load_weights
 from tasks.common.experiment import task_class
+from tasks.common.factories import build_operator
 from tasks.common.provenance import device_name
 from tasks.common.speed import measure_speeds
 
@@ -29,7 +29,7 @@ def measure_costs(spec: TableSpec) -> None:
         if node is None:
             row.measure_problem = f"no `{costs['node']}` in the row's config"
             continue
-        module = instantiate(node)(channels=int(costs.get("channels", 256)),
+        module = build_operator(node, costs["node"])(channels=int(costs.get("channels", 256)),
                                    scale_factor=int(costs.get("scale_factor", 2)))
         row.measured.update({"cost.flops": float(flops_per_pixel(module)), "cost.params": float(num_params(module))})
 
