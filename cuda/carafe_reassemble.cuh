@@ -45,15 +45,41 @@ struct Accumulator<double> {
   typedef double type;
 };
 
+// Every global-memory access of the kernels goes through load() / store(), so the host harness can record the
+// addresses a thread block touches (tests/cuda_host_harness.cpp built with CARAFE_TRACE: the memory-traffic model
+// of scripts/bench_cuda_static.py). On the GPU they are plain loads and stores.
+#if defined(CARAFE_TRACE)
+void carafe_trace_read(const void* address);
+void carafe_trace_write(const void* address);
+template <typename T>
+inline T load(const T* p) {
+  carafe_trace_read(p);
+  return T();
+}
+template <typename T>
+inline void store(T* p, T) {
+  carafe_trace_write(p);
+}
+#else
+template <typename T>
+CARAFE_HD T load(const T* p) {
+  return *p;
+}
+template <typename T>
+CARAFE_HD void store(T* p, T v) {
+  *p = v;
+}
+#endif
+
 CARAFE_HD float to_acc(float v) { return v; }
 CARAFE_HD double to_acc(double v) { return v; }
-CARAFE_HD void from_acc(float v, float* dst) { *dst = v; }
-CARAFE_HD void from_acc(double v, double* dst) { *dst = v; }
+CARAFE_HD void from_acc(float v, float* dst) { store(dst, v); }
+CARAFE_HD void from_acc(double v, double* dst) { store(dst, v); }
 #if defined(__CUDACC__)
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void from_acc(float v, __half* dst) { *dst = __float2half_rn(v); }
-__device__ __forceinline__ void from_acc(float v, __nv_bfloat16* dst) { *dst = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void from_acc(float v, __half* dst) { store(dst, __float2half_rn(v)); }
+__device__ __forceinline__ void from_acc(float v, __nv_bfloat16* dst) { store(dst, __float2bfloat16_rn(v)); }
 #endif
 
 CARAFE_HD index_t min_index(index_t a, index_t b) { return a < b ? a : b; }
@@ -163,11 +189,11 @@ CARAFE_HD void forward_item(const Geometry& g, index_t item, const T* __restrict
     for (index_t kx = 0; kx < k; ++kx) {
       const index_t ix = cx + kx - r;
       if (ix < 0 || ix >= g.w) continue;
-      const Acc weight = to_acc(mask[(ky * k + kx) * out_plane]);
+      const Acc weight = to_acc(load(mask + (ky * k + kx) * out_plane));
       const T* tap = xs + iy * g.w + ix;
 #pragma unroll
       for (int j = 0; j < kChannelsPerThread; ++j) {
-        if (j < it.channels) acc[j] += weight * to_acc(tap[j * in_plane]);
+        if (j < it.channels) acc[j] += weight * to_acc(load(tap + j * in_plane));
       }
     }
   }
@@ -206,10 +232,10 @@ CARAFE_HD void backward_features_item(const Geometry& g, index_t item, const T* 
       for (index_t p = p0; p < p1; ++p) {
         for (index_t q = q0; q < q1; ++q) {
           const index_t offset = p * g.out_w + q;
-          const Acc weight = to_acc(tap_masks[offset]);
+          const Acc weight = to_acc(load(tap_masks + offset));
 #pragma unroll
           for (int j = 0; j < kChannelsPerThread; ++j) {
-            if (j < it.channels) acc[j] += weight * to_acc(go[j * out_plane + offset]);
+            if (j < it.channels) acc[j] += weight * to_acc(load(go + j * out_plane + offset));
           }
         }
       }
@@ -256,11 +282,11 @@ CARAFE_HD void backward_masks_item(const Geometry& g, index_t item, const T* __r
   const T* go = grad_out + first_channel * out_plane + p * g.out_w + q;
   const T* xs = x + first_channel * in_plane;
   for (index_t c = 0; c < cg; ++c) {
-    const Acc grad = to_acc(go[c * out_plane]);
+    const Acc grad = to_acc(load(go + c * out_plane));
     const T* plane = xs + c * in_plane;
 #pragma unroll
     for (int j = 0; j < kTapsPerThread; ++j) {
-      if (offsets[j] >= 0) acc[j] += grad * to_acc(plane[offsets[j]]);
+      if (offsets[j] >= 0) acc[j] += grad * to_acc(load(plane + offsets[j]));
     }
   }
   T* dst = grad_m + (n * g.mask_channels() + grp * kk + first_tap) * out_plane + p * g.out_w + q;
