@@ -59,7 +59,7 @@ FMA_OPCODES = ("FFMA", "DFMA", "HFMA2")
 # (N, C, H, W) of the benchmark (scripts/bench_op.py --device cuda), k = 5, sigma = 2, one group.
 SHAPES = ((2, 256, 128, 128), (2, 256, 64, 64))
 KERNEL_SIZE, SCALE = 5, 2
-TRAFFIC_DTYPES = (torch.float32,)
+TRAFFIC_DTYPES = (torch.float32, torch.float16)
 TRAFFIC_SAMPLES = 48
 
 
@@ -185,21 +185,25 @@ def inner_loops(instructions: list[tuple[int, str]]) -> list[Loop]:
         for op in body:
             base = op.split(".")[0]
             counts[base] = counts.get(base, 0) + 1
-        fmas = sum(counts.get(op, 0) for op in FMA_OPCODES)
+        # HFMA2.MMA with zero operands is the compiler's move-immediate idiom, not arithmetic.
+        fmas = sum(counts.get(op, 0) for op in FMA_OPCODES) - sum(1 for op in body if op.startswith("HFMA2.MMA"))
         if fmas:
             loads = sum(v for k, v in counts.items() if k in ("LDG", "LD", "LDS"))
             loops.append(Loop(start, end, len(body), fmas, loads, dict(sorted(counts.items()))))
     return loops
 
 
-def compile_kernels(arch: str, source: str, workdir: Path) -> list[KernelFigures]:
-    """nvcc the loader's source for ``arch``; resources, occupancy and inner loops of every kernel."""
+def compile_kernels(arch: str, source: str, workdir: Path, suffix: str | None) -> list[KernelFigures]:
+    """nvcc the loader's source for ``arch`` (one dtype's kernels, or all if the source predates per-dtype
+    modules); resources, occupancy and inner loops of every kernel."""
     src = workdir / "carafe_kernels.cu"
-    src.write_text(source)
-    cubin = workdir / f"kernels_{arch}.cubin"
+    if not src.exists():
+        src.write_text(source)
+    cubin = workdir / f"kernels_{arch}_{suffix}.cubin"
     includes = [f"-I{d}" for d in cuda_backend.cuda_include_dirs()]
-    cmd = [tool("nvcc"), "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", *includes, str(src), "-o",
-           str(cubin)]
+    defines = [f"-DCARAFE_ONLY_{suffix.upper()}"] if suffix else []
+    cmd = [tool("nvcc"), "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", *includes, *defines, str(src),
+           "-o", str(cubin)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"nvcc failed for {arch}:\n{result.stderr}")
@@ -238,8 +242,13 @@ def build_trace_harness(workdir: Path) -> ctypes.CDLL:
     return ctypes.CDLL(str(library))
 
 
+# The device the channel slicing of the fixed-k forward pass is planned for (it only affects the forward's mask
+# re-reads): an H100 / H200 SXM has 132 SMs.
+REFERENCE_SMS = 132
+
+
 def traffic_plans(shape: tuple[int, int, int, int], dtype: torch.dtype) -> list[dict]:
-    """What each kernel must move and how it is launched at ``shape`` (k = KERNEL_SIZE, sigma = SCALE, up)."""
+    """What each kernel must move and how the loader launches it at ``shape`` (k = KERNEL_SIZE, sigma = SCALE, up)."""
     n, c, h, w = shape
     out_h, out_w = h * SCALE, w * SCALE
     geometry = (n, c, h, w, out_h, out_w, KERNEL_SIZE, 1, SCALE, 1)
@@ -248,33 +257,45 @@ def traffic_plans(shape: tuple[int, int, int, int], dtype: torch.dtype) -> list[
     plans = []
     for kernel, (a, b, o) in {"forward": (x, m, out), "backward_features": (out, m, x),
                               "backward_masks": (out, x, m)}.items():
-        plans.append(dict(kernel=kernel, geometry=geometry, elements=(a, b, o), size=size,
+        if hasattr(cuda_backend, "launch_plan"):
+            name, full, _ = cuda_backend.launch_plan(kernel, geometry, dtype,
+                                                     REFERENCE_SMS * cuda_backend.THREADS_PER_SM)
+        else:  # the kernels before issue 28: one variant per dtype, ten geometry arguments
+            name, full = f"{kernel}_{cuda_backend.SUFFIXES[dtype]}", geometry
+        plans.append(dict(kernel=kernel, name=name, geometry=full, elements=(a, b, o), size=size,
                           minimum=size * (a + b + o)))
     return plans
 
 
 def measure_traffic(lib: ctypes.CDLL, plan: dict, dtype: torch.dtype) -> dict:
-    suffix = cuda_backend.SUFFIXES[dtype]
-    fn = getattr(lib, f"host_traffic_{plan['kernel']}_{suffix}")
+    fn = getattr(lib, f"host_traffic_{plan['name']}")
     # The traced code computes addresses only; the buffers give it real, disjoint address ranges (never touched).
     buffers = [torch.empty(e, dtype=dtype) for e in plan["elements"]]
     result = (ctypes.c_longlong * 3)()
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 12 + [ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * (len(plan["geometry"]) + 2) + [ctypes.c_void_p]
     fn(*(t.data_ptr() for t in buffers), *plan["geometry"], cuda_backend.THREADS_PER_BLOCK, TRAFFIC_SAMPLES,
        ctypes.addressof(result))
     moved = 32 * (result[0] + result[1])
-    return dict(kernel=plan["kernel"], dtype=suffix, shape=list(plan["geometry"][:4]), minimum=plan["minimum"],
-                read_bytes=32 * result[0], write_bytes=32 * result[1], moved=moved, ratio=moved / plan["minimum"],
-                blocks=result[2])
+    return dict(kernel=plan["kernel"], name=plan["name"], dtype=cuda_backend.SUFFIXES[dtype],
+                shape=list(plan["geometry"][:4]), minimum=plan["minimum"], read_bytes=32 * result[0],
+                write_bytes=32 * result[1], moved=moved, ratio=moved / plan["minimum"], blocks=result[2])
 
 
 # --- report ----------------------------------------------------------------------------------------------------------
 
-def collect() -> dict:
+def collect(jobs: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
     source = cuda_backend.kernel_source()
+    per_dtype = "CARAFE_ONLY_INDEX" in source  # the per-variant kernels compile one dtype at a time (in parallel)
+    suffixes = list(cuda_backend.SUFFIXES.values()) if per_dtype else [None]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        kernels = [k for arch in ARCHES for k in compile_kernels(arch, source, workdir)]
+        (workdir / "carafe_kernels.cu").write_text(source)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            parts = list(pool.map(lambda job: compile_kernels(job[0], source, workdir, job[1]),
+                                  [(arch, suffix) for arch in ARCHES for suffix in suffixes]))
+        kernels = [k for part in parts for k in part]
         lib = build_trace_harness(workdir)
         traffic = [measure_traffic(lib, plan, dtype) for dtype in TRAFFIC_DTYPES for shape in SHAPES
                    for plan in traffic_plans(shape, dtype)]
@@ -284,6 +305,7 @@ def collect() -> dict:
         hot = k.hot_loop
         row["hot_loop"] = None if hot is None else dict(asdict(hot), per_fma=hot.per_fma)
         rows.append(row)
+    rows.sort(key=lambda r: (r["arch"], r["name"]))
     return dict(compiler=nvcc_version(), commit=_git_commit(), threads_per_block=cuda_backend.THREADS_PER_BLOCK,
                 kernels=rows, traffic=traffic, traffic_case=dict(kernel_size=KERNEL_SIZE, scale=SCALE, groups=1),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
@@ -297,10 +319,13 @@ def _git_commit() -> str:
 
 
 def _loop_cell(row: dict | None) -> str:
+    """Instructions per FMA of every innermost FMA loop (e.g. the interior and the border path), then the counts of
+    the hot (worst) one."""
     if row is None or row.get("hot_loop") is None:
         return "–"
     h = row["hot_loop"]
-    return f"{h['per_fma']:.2f} ({h['instructions']} instr, {h['fmas']} FMA, {h['loads']} LD)"
+    each = " / ".join(f"{lp['instructions'] / lp['fmas']:.2f}" for lp in sorted(row["loops"], key=lambda lp: lp["start"]))
+    return f"{each} (worst: {h['instructions']} instr, {h['fmas']} FMA, {h['loads']} LD)"
 
 
 def render(data: dict, before: dict | None) -> str:
@@ -315,8 +340,10 @@ def render(data: dict, before: dict | None) -> str:
     if before:
         lines.append(f"- **before**: {before['commit']}, {before['compiler']}, {before['date']}, "
                      f"{before['threads_per_block']} threads per block")
-    lines += ["", "Inner loop = the innermost SASS loop with the most FMAs: instructions per FMA (instructions, FMAs, "
-              "global loads in its body). Occupancy = resident warps / 64 at the launch configuration (limiter).", ""]
+    lines += ["", "Inner loops = the innermost SASS loops that contain FMAs, in code order (for the fixed-k kernels: the "
+              "interior path, then the border path; for the run-time-k ones: the tap loop): instructions per FMA of "
+              "each, and the instructions, FMAs and global loads of the worst one (the figure the targets use). "
+              "Occupancy = resident warps / 64 at the launch configuration (what limits it).", ""]
     old = {(r["name"], r["arch"]): r for r in before["kernels"]} if before else {}
     for arch in ARCHES:
         lines += [f"## {arch}", ""]
@@ -363,7 +390,7 @@ def _baseline_name(name: str) -> str:
 def forward_kernel_for_case(data: dict) -> str:
     """The kernel the loader launches for the benchmark's fp32 forward (k = KERNEL_SIZE, NCHW)."""
     names = {r["name"] for r in data["kernels"]}
-    chosen = cuda_backend.kernel_name("forward", KERNEL_SIZE, torch.float32, index_bits=32, channels_last=False) \
+    chosen = cuda_backend.kernel_name("forward", KERNEL_SIZE, torch.float32, index_bits=32) \
         if hasattr(cuda_backend, "kernel_name") else "carafe_forward_f32"
     return chosen if chosen in names else "carafe_forward_f32"
 
@@ -411,8 +438,9 @@ def main() -> None:
                         help="where to write the figures as JSON (default: --out with .json)")
     parser.add_argument("--before", type=Path, default=None,
                         help="a JSON written by this script at an earlier commit, shown as the 'before' columns")
+    parser.add_argument("--jobs", type=int, default=2, help="nvcc processes at a time (default 2)")
     args = parser.parse_args()
-    data = collect()
+    data = collect(args.jobs)
     before = json.loads(args.before.read_text()) if args.before else None
     json_path = args.json or args.out.with_suffix(".json")
     write_text_atomic(json_path, json.dumps(data, indent=1) + "\n")
