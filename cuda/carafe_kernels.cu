@@ -57,11 +57,13 @@ struct Convert<__nv_bfloat16> {
 //   3 blocks (80 registers): the 64-bit index forward pass (only used for tensors of 2^30 elements or more) and
 //     double with k <= 3 or run-time k;
 //   2 blocks (128 registers): k = 7 (49 weights or sums per thread), double with k = 5 or 64-bit indices, and the
-//     64-bit index gradients.
+//     64-bit index gradients;
+//   1 block (255 registers): double with k = 7 (49 weights or sums of two registers each).
 enum Pass { kForward, kBackwardFeatures, kBackwardMasks };
 template <int P, int K, typename I, typename T>
 __host__ __device__ constexpr int min_blocks() {
-  return K == 7                                                   ? 2
+  return K == 7 && sizeof(T) == 8                                 ? 1
+         : K == 7                                                 ? 2
          : sizeof(T) == 8 && (sizeof(I) == 8 || K >= 5)           ? 2
          : sizeof(I) == 8 && P != kForward                        ? 2
          : sizeof(I) == 8 || sizeof(T) == 8                       ? 3

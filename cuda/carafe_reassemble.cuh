@@ -44,7 +44,7 @@ namespace carafe {
 // Channels handled by one thread of the run-time-k forward pass: each mask value loaded is reused this many times.
 constexpr int kChannelsPerThread = 4;
 // Channels handled by one thread of the feature gradient: each mask value loaded is reused this many times.
-constexpr int kGradChannelsPerThread = 8;
+constexpr int kGradChannelsPerThread = 16;
 // Taps handled by one thread of the run-time-k mask gradient.
 constexpr int kTapsPerThread = 16;
 

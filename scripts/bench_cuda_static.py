@@ -340,9 +340,10 @@ def render(data: dict, before: dict | None) -> str:
     if before:
         lines.append(f"- **before**: {before['commit']}, {before['compiler']}, {before['date']}, "
                      f"{before['threads_per_block']} threads per block")
-    lines += ["", "Inner loops = the innermost SASS loops that contain FMAs, in code order (for the fixed-k kernels: the "
-              "interior path, then the border path; for the run-time-k ones: the tap loop): instructions per FMA of "
-              "each, and the instructions, FMAs and global loads of the worst one (the figure the targets use). "
+    lines += ["", "Inner loops = the innermost SASS loops that contain FMAs, in code order (for the fixed-k kernels one "
+              "is the interior path, without per-tap tests, and one the border path; for the run-time-k ones the tap "
+              "loop): instructions per FMA of each, and the instructions, FMAs and global loads of the worst one "
+              "(the figure the targets use). "
               "Occupancy = resident warps / 64 at the launch configuration (what limits it).", ""]
     old = {(r["name"], r["arch"]): r for r in before["kernels"]} if before else {}
     for arch in ARCHES:
@@ -377,8 +378,47 @@ def render(data: dict, before: dict | None) -> str:
             b = old_traffic.get((t["kernel"], t["dtype"], tuple(t["shape"])))
             cells += ["–", "–"] if b is None else [f"{b['moved'] / 1e6:.1f}", f"{b['ratio']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *targets(data, before), ""]
+    lines += ["", *targets(data, before), "", *estimates(data, before), ""]
     return "\n".join(lines)
+
+
+# An H100 SXM-class device for the time estimates: SMs, warp instructions issued per SM per cycle (4 schedulers),
+# boost clock, DRAM bandwidth.
+ESTIMATE_DEVICE = dict(sms=132, issue=4, clock=1.755e9, dram=3.35e12)
+
+
+def estimates(data: dict, before: dict | None) -> list[str]:
+    """Rough forward times at the benchmark shape from the counts above: instruction issue (every FMA of the
+    forward executed at its inner loop's instructions per FMA, warps fully populated) and the DRAM floor (the
+    minimum bytes at the DRAM bandwidth). Estimates, not measurements."""
+    dev = ESTIMATE_DEVICE
+    n, c, h, w = SHAPES[0]
+    fmas = n * c * (h * SCALE) * (w * SCALE) * KERNEL_SIZE ** 2
+    minimum = next(t["minimum"] for t in data["traffic"] if t["kernel"] == "forward" and t["dtype"] == "f32"
+                   and tuple(t["shape"]) == SHAPES[0])
+    floor = minimum / dev["dram"]
+
+    def issue_time(d: dict, name: str) -> tuple[float, float]:
+        rows = [r for r in d["kernels"] if r["name"] == name and r["arch"] == "sm_90" and r["loops"]]
+        per_fma = min(lp["instructions"] / lp["fmas"] for lp in rows[0]["loops"])
+        return per_fma, fmas / 32 * per_fma / (dev["sms"] * dev["issue"] * dev["clock"])
+
+    lines = ["## Estimated forward time (not a measurement)", "",
+             f"fp32, {SHAPES[0]}, k = {KERNEL_SIZE}, σ = {SCALE} on an H100 SXM-class GPU ({dev['sms']} SMs, "
+             f"{dev['issue']} warp instructions per SM per cycle, {dev['clock'] / 1e9:.3f} GHz, "
+             f"{dev['dram'] / 1e12:.2f} TB/s DRAM): instruction issue = {fmas / 1e6:.0f} M FMAs / 32 lanes × "
+             "instructions per FMA of the kernel's best inner loop (sm_90; the interior path where there are two) / "
+             "issue rate; DRAM floor = minimum bytes / DRAM bandwidth. Latency, load-unit throughput, tails and the "
+             "border path are ignored, so the real times are longer; a GPU run of `scripts/bench_op.py --device "
+             "cuda` replaces these.", "",
+             "| kernels | instr / FMA | instruction issue | DRAM floor |", "|---|---|---|---|"]
+    now = forward_kernel_for_case(data)
+    for label, d, name in (("after", data, now), ("before", before, "carafe_forward_f32")):
+        if d is None:
+            continue
+        per_fma, t = issue_time(d, name)
+        lines.append(f"| {label} (`{name}`) | {per_fma:.2f} | {t * 1e6:.0f} µs | {floor * 1e6:.0f} µs |")
+    return lines
 
 
 def _baseline_name(name: str) -> str:
@@ -405,8 +445,14 @@ def targets(data: dict, before: dict | None) -> list[str]:
         spills = sum(r["spill_stores"] + r["spill_loads"] for r in d["kernels"])
         big = [t for t in d["traffic"] if t["kernel"] == "forward" and t["dtype"] == "f32"
                and tuple(t["shape"]) == SHAPES[0]]
+        # the kernels the benchmark launches: k = KERNEL_SIZE, 32-bit indices (or the only variant), f32/f16/bf16
+        bench = [r for r in d["kernels"] if re.search(rf"_(?:k{KERNEL_SIZE}_i32_)?(?:f32|f16|bf16)$", r["name"])
+                 and ("_k" not in r["name"] or f"_k{KERNEL_SIZE}_i32_" in r["name"])]
+        bench_occ = min(r["occupancy"] for r in bench)
+        bench_spills = sum(r["spill_stores"] + r["spill_loads"] for r in bench)
         return dict(forward=forward, loop=loop, occupancy=occ, worst=f"{worst['name']} on {worst['arch']}",
-                    spills=spills, traffic=big[0]["ratio"] if big else math.nan)
+                    spills=spills, traffic=big[0]["ratio"] if big else math.nan, bench_occupancy=bench_occ,
+                    bench_spills=bench_spills, bench_count=len(bench))
 
     now = summary(data, forward_kernel_for_case(data))
     was = summary(before, "carafe_forward_f32") if before else None
@@ -423,6 +469,11 @@ def targets(data: dict, before: dict | None) -> list[str]:
              f"min {100 * now['occupancy']:.1f} % ({now['worst']}), {now['spills']} spill bytes",
              was and f"min {100 * was['occupancy']:.1f} % ({was['worst']}), {was['spills']} spill bytes",
              now["occupancy"] >= 0.5 and now["spills"] == 0),
+            (f"the benchmark's kernels (k = {KERNEL_SIZE}, 32-bit indices, f32 / f16 / bf16; "
+             f"{now['bench_count']} on 2 architectures) ≥ 50 % occupancy, no spills",
+             f"min {100 * now['bench_occupancy']:.1f} %, {now['bench_spills']} spill bytes",
+             was and f"min {100 * was['bench_occupancy']:.1f} %, {was['bench_spills']} spill bytes",
+             now["bench_occupancy"] >= 0.5 and now["bench_spills"] == 0),
             ("forward L2 traffic ≤ 3x its minimum (traffic model)", f"{now['traffic']:.2f}x",
              was and f"{was['traffic']:.2f}x", now["traffic"] <= 3)]
     lines += ["| target | after | before | verdict |", "|---|---|---|---|"]

@@ -1,20 +1,29 @@
 """The CUDA backend: the kernels in the repository's ``cuda/`` folder, compiled at run time through CuPy (NVRTC).
 
-CuPy is imported lazily, only when this backend runs, so ``carafe`` imports with torch alone. The compiled module is
-cached per (device, dtype) — never per shape; sizes are kernel arguments. Kernels run on PyTorch's current stream,
-directly on the tensors' memory (device pointers are passed by value).
+CuPy is imported lazily, only when this backend runs, so ``carafe`` imports with torch alone. Each call picks a
+kernel variant on the host (``launch_plan``): the compiled-in kernel size for k in {1, 3, 5, 7} (``kx``, the run-time
+size, otherwise), 32-bit indices when every tensor and work-item count of the call is at most 2^30 (64-bit
+otherwise), and for the fixed-k forward pass the number of channel slices per group (1, so every mask value is read
+once, unless that leaves too few threads to fill the device). A module holds the three kernels of one (dtype,
+variant, index width) and is compiled once per device and cached (never per shape; sizes are kernel arguments).
+Kernels run on PyTorch's current stream, directly on the tensors' memory (device pointers are passed by value).
+
+Compilation happens on the first call that needs a variant, so call ``carafe.cuda_warmup()`` (``warmup`` here)
+before capturing a CUDA graph: compiling inside a capture is refused with an error saying so. The float32 / float64
+kernels need no CUDA headers; float16 / bfloat16 need ``cuda_fp16.h`` / ``cuda_bf16.h`` from the CUDA toolkit CuPy
+finds, and a clear ``MissingHeadersError`` says so when they are absent.
 
 Layout: the kernels read and write NCHW-contiguous tensors; other layouts are made contiguous first, and a result
-whose input was channels_last is returned channels_last. The feature gradient is a gather (no atomics), so forward
-and backward are bitwise reproducible.
+whose input was channels_last is returned channels_last (there is no native NHWC kernel yet). The feature gradient
+is a gather (no atomics), so forward and backward are bitwise reproducible.
 
-Autocast: the op itself is not autocast; features and masks must share a dtype (the public op checks). Under
-``torch.autocast`` CARAFEPack's softmax normaliser yields float32 kernels, so with float32 features the reassembly
-runs in float32; with half-precision features it runs in half precision (accumulating in float32).
+Autocast: the op itself is not autocast; features and masks must share a dtype (the registered ops check every
+tensor before a kernel sees a pointer). Under ``torch.autocast`` CARAFEPack's softmax normaliser yields float32
+kernels, so with float32 features the reassembly runs in float32; with half-precision features it runs in half
+precision (accumulating in float32).
 
-Timing: ``reassemble(features, masks, k, G, s, up)`` is the whole op (one kernel launch for the forward pass; the
-first call per device and dtype compiles, so warm up before timing). ``compile_sources(arch)`` compiles every
-kernel without a GPU and returns the NVRTC log (the CI compile check uses it).
+Timing: one kernel launch per pass (``launch``); warm up before timing. ``compile_sources(arch)`` compiles kernels without a GPU and returns the NVRTC log (the CI
+compile check uses it). docs/cuda.md describes the kernels and the static performance report.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ THREADS_PER_BLOCK = 256
 # Work split of the kernels; must equal kChannelsPerThread, kGradChannelsPerThread and kTapsPerThread in
 # cuda/carafe_reassemble.cuh (a test checks).
 CHANNELS_PER_THREAD = 4
-GRAD_CHANNELS_PER_THREAD = 8
+GRAD_CHANNELS_PER_THREAD = 16
 TAPS_PER_THREAD = 16
 # Kernel sizes with a compiled-in variant (taps unrolled, weights in registers); any other odd size runs the
 # run-time-k variant ("kx").
