@@ -156,7 +156,7 @@ struct Geometry {
 
   // Work item counts of the passes (K > 0: the fixed-size kernels; K = 0: the run-time path).
   CARAFE_HD I forward_items(int K) const {
-    return K > 0 ? n * groups * slices * out_h * out_w : n * groups * channel_chunks(kChannelsPerThread) * out_h * out_w;
+    return n * groups * (K > 0 ? slices : channel_chunks(kChannelsPerThread)) * out_h * out_w;
   }
   CARAFE_HD I backward_features_items(int) const { return n * groups * channel_chunks(kGradChannelsPerThread) * h * w; }
   CARAFE_HD I backward_masks_items(int K) const { return n * groups * (K > 0 ? 1 : tap_chunks()) * out_h * out_w; }

@@ -22,8 +22,9 @@ tensor before a kernel sees a pointer). Under ``torch.autocast`` CARAFEPack's so
 kernels, so with float32 features the reassembly runs in float32; with half-precision features it runs in half
 precision (accumulating in float32).
 
-Timing: one kernel launch per pass (``launch``); warm up before timing. ``compile_sources(arch)`` compiles kernels without a GPU and returns the NVRTC log (the CI
-compile check uses it). docs/cuda.md describes the kernels and the static performance report.
+Timing: one kernel launch per pass (``launch``); warm up before timing. ``compile_sources(arch)`` compiles kernels
+without a GPU and returns the NVRTC log (the CI compile check uses it). docs/cuda.md describes the kernels and the
+static performance report.
 """
 
 from __future__ import annotations
