@@ -53,21 +53,24 @@ struct Convert<__nv_bfloat16> {
 
 // Resident blocks per SM that __launch_bounds__ asks for, i.e. the register cap, chosen per variant as the most
 // that compiles without spills on sm_80 and sm_90 (scripts/bench_cuda_static.py reports the result):
-//   4 blocks of 256 threads (50 % occupancy, 64 registers): 32-bit indices, 4- and 2-byte types, k <= 5 or run-time k;
+//   4 blocks of 256 threads (50 % occupancy, 64 registers): 32-bit indices with 4- and 2-byte types, k <= 5 or
+//     run-time k, and every such feature gradient;
 //   3 blocks (80 registers): the 64-bit index forward pass (only used for tensors of 2^30 elements or more) and
 //     double with k <= 3 or run-time k;
-//   2 blocks (128 registers): k = 7 (49 weights or sums per thread), double with k = 5 or 64-bit indices, and the
+//   2 blocks (128 registers): k = 7 (49 weights or sums per thread), double with k >= 5 or 64-bit indices, and the
 //     64-bit index gradients;
-//   1 block (255 registers): double with k = 7 (49 weights or sums of two registers each).
+//   1 block (255 registers): the double forward pass and mask gradient with k = 7 (49 two-register values).
 enum Pass { kForward, kBackwardFeatures, kBackwardMasks };
 template <int P, int K, typename I, typename T>
 __host__ __device__ constexpr int min_blocks() {
-  return K == 7 && sizeof(T) == 8                                 ? 1
-         : K == 7                                                 ? 2
-         : sizeof(T) == 8 && (sizeof(I) == 8 || K >= 5)           ? 2
-         : sizeof(I) == 8 && P != kForward                        ? 2
-         : sizeof(I) == 8 || sizeof(T) == 8                       ? 3
-                                                                  : 4;
+  return P == kBackwardFeatures ? (sizeof(I) == 8                     ? 2
+                                   : sizeof(T) == 8                   ? (K >= 5 ? 2 : 3)
+                                                                      : 4)
+         : K == 7                                                     ? (sizeof(T) == 8 ? 1 : 2)
+         : sizeof(T) == 8 && (sizeof(I) == 8 || K >= 5)               ? 2
+         : sizeof(I) == 8 && P == kBackwardMasks                      ? 2
+         : sizeof(I) == 8 || sizeof(T) == 8                           ? 3
+                                                                      : 4;
 }
 
 template <typename I>
