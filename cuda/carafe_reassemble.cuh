@@ -356,9 +356,11 @@ CARAFE_HD void backward_features_item(const Geometry<I>& g, I item, const T* __r
         for (I q = q0; q < q1; ++q) {
           const I offset = p * g.out_w + q;
           const Acc weight = to_acc(load(tap_masks + offset));
+          const T* channel = go + offset;  // walks the chunk's channels: one add per load, no per-channel address
 #pragma unroll
           for (int j = 0; j < J; ++j) {
-            if (j < channels) acc[j] += weight * to_acc(load(go + j * out_plane + offset));
+            if (j < channels) acc[j] += weight * to_acc(load(channel));
+            channel += out_plane;
           }
         }
       }
