@@ -20,7 +20,8 @@ OVERRIDES ?=
 SEEDS     ?=
 BACKBONES ?=
 
-.PHONY: setup lock test test-fast check-results bench op-costs clean reproduce-tables figure-4 figure-5 figure-8 figure-9
+.PHONY: setup lock test test-fast check-results bench bench-cuda-static op-costs clean reproduce-tables figure-4 figure-5 \
+	figure-8 figure-9
 
 setup: $(STAMP)
 
@@ -55,6 +56,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_op.py --device cpu
+
+# The CUDA kernels' static report (registers, occupancy, SASS instructions per FMA, memory-traffic model) from the
+# compiled code; needs nvcc and cuobjdump, no GPU. The "before" columns come from the JSON of an earlier commit.
+bench-cuda-static: $(STAMP)
+	$(PY) scripts/bench_cuda_static.py --before results/bench/cuda-static-before.json
 
 op-costs: $(STAMP)
 	$(PY) scripts/op_costs.py --write results/op-costs.md

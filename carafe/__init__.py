@@ -6,6 +6,7 @@
 """
 
 from carafe.backends import BACKENDS, BackendUnavailableError, current_backend, use_backend
+from carafe.backends.cuda import warmup as cuda_warmup
 from carafe.modules import CARAFEDownPack, CARAFEPack, normalize_kernels
 from carafe.analysis import chained_reassembly_adjoint, reassembly_adjoint, reassembly_kernels
 from carafe.library import reassembly_flops
@@ -25,6 +26,7 @@ __all__ = [
     "carafe",
     "carafe_down",
     "chained_reassembly_adjoint",
+    "cuda_warmup",
     "check_int",
     "check_odd",
     "current_backend",

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from carafe.backends import select
-from carafe.backends.function import KERNELS, memory_format_of, result_layout
+from carafe.backends.function import KERNELS, check_op_tensors, memory_format_of, result_layout
 
 NAMESPACE = "carafe"
 DIRECTIONS = {"carafe": True, "carafe_down": False}  # op name -> up
@@ -80,6 +80,8 @@ def _define(direction: str, up: bool) -> dict[str, torch._library.custom_ops.Cus
         def impl(*args: object, kernel: str = kernel) -> Tensor:
             grad_out, features, masks = (None, *args[:2]) if kernel == "forward" else args[:3]
             k, g, s = args[-3:]
+            check_op_tensors(f"torch.ops.{NAMESPACE}.{op_name(direction, kernel)}", kernel, grad_out, features, masks,
+                             k, g, s, up)
             return select(features).compute(kernel, features, masks, grad_out, k, g, s, up)
 
         schema = ("(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) -> Tensor"

@@ -9,17 +9,31 @@
 //
 // Each function below is the body of one GPU thread for one work item; work items are numbered so that the
 // innermost (fastest-varying) index is the image column, which makes a warp's loads and stores contiguous.
-// Sizes are run-time arguments (never baked per shape); offsets are 64-bit.
+// Sizes are run-time arguments (never baked per shape). Two things are compile-time parameters, chosen by the
+// loader (carafe/backends/cuda.py) per call:
+//   K  the kernel size for K in {1, 3, 5, 7} (fully unrolled taps, weights in registers); K = 0 is the run-time
+//      path for every other size;
+//   I  the index type: int when every offset of the call fits in 31 bits (the loader checks), long long otherwise.
 //
-// The feature gradient is a gather: each input element sums over the outputs that read it, so no two threads write
-// the same memory, no atomics are needed and the result is bitwise reproducible.
+// Work split, per pass (the loader's work_items() mirrors it):
+//   forward, K > 0        mask-stationary: one thread per output pixel and channel slice keeps the pixel's k*k
+//                         weights in registers and loops over the slice's channels (slices = 1 reads every mask
+//                         value once; the loader raises it only to fill the GPU);
+//   forward, K = 0        one thread per output pixel and kChannelsPerThread channels, taps in a run-time loop;
+//   backward_features     one thread per input pixel and kGradChannelsPerThread channels (a gather: each input
+//                         element sums over the outputs that read it, so no atomics and bitwise reproducible);
+//   backward_masks, K > 0 one thread per output pixel keeps all k*k tap sums in registers and loops over the
+//                         group's channels (each output-gradient value is read once);
+//   backward_masks, K = 0 one thread per output pixel and kTapsPerThread taps.
+// Interior pixels (the whole window inside the map) take a path without per-tap predicates; border pixels test
+// each tap.
 //
 // This header is plain C++ apart from the CARAFE_HD qualifier, so the same functions also compile on the host
-// (tests/cuda_host_harness.cpp checks them against the reference on machines without a GPU).
+// (tests/cuda_host_harness.cpp checks them against the reference on machines without a GPU, in every dtype).
 
 #pragma once
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define CARAFE_HD __host__ __device__ __forceinline__
 #else
 #define CARAFE_HD inline
@@ -27,13 +41,38 @@
 
 namespace carafe {
 
-typedef long long index_t;
-
-// Channels handled by one thread in the forward pass and the feature gradient: each mask value loaded is reused
-// for this many channels of its group.
+// Channels handled by one thread of the run-time-k forward pass: each mask value loaded is reused this many times.
 constexpr int kChannelsPerThread = 4;
-// Taps handled by one thread in the mask gradient: each output-gradient value loaded is reused for this many taps.
+// Channels handled by one thread of the feature gradient: each mask value loaded is reused this many times.
+constexpr int kGradChannelsPerThread = 16;
+// Taps handled by one thread of the run-time-k mask gradient.
 constexpr int kTapsPerThread = 16;
+
+// Every global-memory access of the kernels goes through load() / store(), so the host harness can record the
+// addresses a thread block touches (tests/cuda_host_harness.cpp built with CARAFE_TRACE: the memory-traffic model
+// of scripts/bench_cuda_static.py). On the GPU they are plain loads and stores.
+#if defined(CARAFE_TRACE)
+void carafe_trace_read(const void* address);
+void carafe_trace_write(const void* address);
+template <typename T>
+inline T load(const T* p) {
+  carafe_trace_read(p);
+  return T();
+}
+template <typename T>
+inline void store(T* p, T) {
+  carafe_trace_write(p);
+}
+#else
+template <typename T>
+CARAFE_HD T load(const T* p) {
+  return *p;
+}
+template <typename T>
+CARAFE_HD void store(T* p, T v) {
+  *p = v;
+}
+#endif
 
 // Accumulation type: float for fp32/fp16/bf16 inputs, double for fp64.
 template <typename T>
@@ -45,41 +84,65 @@ struct Accumulator<double> {
   typedef double type;
 };
 
-CARAFE_HD float to_acc(float v) { return v; }
-CARAFE_HD double to_acc(double v) { return v; }
-CARAFE_HD void from_acc(float v, float* dst) { *dst = v; }
-CARAFE_HD void from_acc(double v, double* dst) { *dst = v; }
-#if defined(__CUDACC__)
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void from_acc(float v, __half* dst) { *dst = __float2half_rn(v); }
-__device__ __forceinline__ void from_acc(float v, __nv_bfloat16* dst) { *dst = __float2bfloat16_rn(v); }
+// Conversions between a storage type and its accumulation type: the identity for float / double; the kernel file
+// specializes Convert for __half / __nv_bfloat16 on the GPU, the host harness for its host types that round the
+// same way.
+template <typename T>
+struct Convert {
+  CARAFE_HD static typename Accumulator<T>::type widen(T v) { return v; }
+  CARAFE_HD static T narrow(typename Accumulator<T>::type v) { return v; }
+};
+template <typename T>
+CARAFE_HD typename Accumulator<T>::type to_acc(T v) {
+  return Convert<T>::widen(v);
+}
+template <typename T>
+CARAFE_HD void from_acc(typename Accumulator<T>::type v, T* dst) {
+  store(dst, Convert<T>::narrow(v));
+}
+
+// Keeps the compiler from hoisting the loads of later tap rows above this point: a thread then has at most one row
+// of K loads in flight, which keeps the K*K-register kernels within the register budget of 4 blocks per SM (warps,
+// not a thread's loads, hide the latency).
+#if defined(__CUDA_ARCH__)
+#define CARAFE_ROW_BARRIER() asm volatile("" ::: "memory")
+#else
+#define CARAFE_ROW_BARRIER() ((void)0)
 #endif
 
-CARAFE_HD index_t min_index(index_t a, index_t b) { return a < b ? a : b; }
+template <typename I>
+CARAFE_HD I min_index(I a, I b) {
+  return a < b ? a : b;
+}
 
-// a / b and a % b for non-negative a and positive b; 32-bit division (several times cheaper on the GPU) whenever
-// both fit, which is every realistic size, and 64-bit otherwise.
-CARAFE_HD index_t divide(index_t a, index_t b) {
-  if (((a | b) >> 31) == 0) return static_cast<index_t>(static_cast<unsigned>(a) / static_cast<unsigned>(b));
+// a / b for non-negative a and positive b: 32-bit unsigned division (several times cheaper on the GPU) whenever
+// both fit, which is every realistic size.
+CARAFE_HD int divide(int a, int b) { return static_cast<int>(static_cast<unsigned>(a) / static_cast<unsigned>(b)); }
+CARAFE_HD long long divide(long long a, long long b) {
+  if (((a | b) >> 31) == 0) return static_cast<long long>(static_cast<unsigned>(a) / static_cast<unsigned>(b));
   return a / b;
 }
-CARAFE_HD index_t modulo(index_t a, index_t b) { return a - divide(a, b) * b; }
+template <typename I>
+CARAFE_HD I modulo(I a, I b) {
+  return a - divide(a, b) * b;
+}
 
+template <typename I>
 struct Geometry {
-  index_t n, c, h, w, out_h, out_w, k, groups, sigma;
+  I n, c, h, w, out_h, out_w, k, groups, sigma, slices;
   bool up;
 
-  CARAFE_HD index_t radius() const { return k / 2; }
-  CARAFE_HD index_t taps() const { return k * k; }
-  CARAFE_HD index_t group_channels() const { return divide(c, groups); }
-  CARAFE_HD index_t mask_channels() const { return groups * k * k; }
-  CARAFE_HD index_t channel_chunks() const { return (group_channels() + kChannelsPerThread - 1) / kChannelsPerThread; }
-  CARAFE_HD index_t tap_chunks() const { return (taps() + kTapsPerThread - 1) / kTapsPerThread; }
-  CARAFE_HD index_t centre(index_t out_index) const { return up ? divide(out_index, sigma) : out_index * sigma; }
+  CARAFE_HD I radius() const { return k / 2; }
+  CARAFE_HD I taps() const { return k * k; }
+  CARAFE_HD I group_channels() const { return divide(c, groups); }
+  CARAFE_HD I mask_channels() const { return groups * k * k; }
+  CARAFE_HD I channel_chunks(I per_thread) const { return (group_channels() + per_thread - 1) / per_thread; }
+  CARAFE_HD I slice_channels() const { return (group_channels() + slices - 1) / slices; }
+  CARAFE_HD I tap_chunks() const { return (taps() + kTapsPerThread - 1) / kTapsPerThread; }
+  CARAFE_HD I centre(I out_index) const { return up ? divide(out_index, sigma) : out_index * sigma; }
   // Output indices [lo, hi) along an axis of length out_len whose reassembly centre is input index `centre`:
   // up [centre * sigma, centre * sigma + sigma), down {centre / sigma} if sigma divides centre.
-  CARAFE_HD void outputs_centred_at(index_t centre, index_t out_len, index_t* lo, index_t* hi) const {
+  CARAFE_HD void outputs_centred_at(I centre, I out_len, I* lo, I* hi) const {
     if (up) {
       *lo = centre * sigma;
       *hi = min_index(*lo + sigma, out_len);
@@ -91,182 +154,330 @@ struct Geometry {
     }
   }
 
-  // Work item counts of the three passes.
-  CARAFE_HD index_t forward_items() const { return n * groups * channel_chunks() * out_h * out_w; }
-  CARAFE_HD index_t backward_features_items() const { return n * groups * channel_chunks() * h * w; }
-  CARAFE_HD index_t backward_masks_items() const { return n * groups * tap_chunks() * out_h * out_w; }
+  // Work item counts of the passes (K > 0: the fixed-size kernels; K = 0: the run-time path).
+  CARAFE_HD I forward_items(int K) const {
+    return n * groups * (K > 0 ? slices : channel_chunks(kChannelsPerThread)) * out_h * out_w;
+  }
+  CARAFE_HD I backward_features_items(int) const { return n * groups * channel_chunks(kGradChannelsPerThread) * h * w; }
+  CARAFE_HD I backward_masks_items(int K) const { return n * groups * (K > 0 ? 1 : tap_chunks()) * out_h * out_w; }
 };
 
 // Geometry from the kernels' scalar arguments (the order every exported kernel uses after its three pointers).
-CARAFE_HD Geometry make_geometry(index_t n, index_t c, index_t h, index_t w, index_t out_h, index_t out_w, index_t k,
-                                 index_t groups, index_t sigma, index_t up) {
-  Geometry g;
-  g.n = n;
-  g.c = c;
-  g.h = h;
-  g.w = w;
-  g.out_h = out_h;
-  g.out_w = out_w;
-  g.k = k;
-  g.groups = groups;
-  g.sigma = sigma;
+template <typename I>
+CARAFE_HD Geometry<I> make_geometry(long long n, long long c, long long h, long long w, long long out_h,
+                                    long long out_w, long long k, long long groups, long long sigma, long long up,
+                                    long long slices) {
+  Geometry<I> g;
+  g.n = static_cast<I>(n);
+  g.c = static_cast<I>(c);
+  g.h = static_cast<I>(h);
+  g.w = static_cast<I>(w);
+  g.out_h = static_cast<I>(out_h);
+  g.out_w = static_cast<I>(out_w);
+  g.k = static_cast<I>(k);
+  g.groups = static_cast<I>(groups);
+  g.sigma = static_cast<I>(sigma);
+  g.slices = static_cast<I>(slices);
   g.up = up != 0;
   return g;
 }
 
 #define CARAFE_GEOMETRY_PARAMS                                                                                    \
   long long n, long long c, long long h, long long w, long long out_h, long long out_w, long long k,              \
-      long long groups, long long sigma, long long up
-#define CARAFE_GEOMETRY carafe::make_geometry(n, c, h, w, out_h, out_w, k, groups, sigma, up)
+      long long groups, long long sigma, long long up, long long slices
+#define CARAFE_GEOMETRY(I) carafe::make_geometry<I>(n, c, h, w, out_h, out_w, k, groups, sigma, up, slices)
 
-// A work item of the forward pass and the feature gradient: image n, group grp, channels
-// [first_channel, first_channel + channels) of that group, pixel (row, col) of a plane of the given width/height.
-struct ChannelItem {
-  index_t n, grp, first_channel, channels, row, col;
+// A work item numbered (n, grp, chunk, row, col), col fastest: image n, group grp, chunk `chunk` of `chunks` of the
+// group's channels, pixel (row, col) of a plane of the given height and width.
+template <typename I>
+struct PixelItem {
+  I n, grp, chunk, row, col;
 };
 
-CARAFE_HD ChannelItem channel_item(const Geometry& g, index_t item, index_t height, index_t width) {
-  ChannelItem it;
-  index_t rest = divide(item, width);
+template <typename I>
+CARAFE_HD PixelItem<I> pixel_item(const Geometry<I>& g, I item, I chunks, I height, I width) {
+  PixelItem<I> it;
+  I rest = divide(item, width);
   it.col = item - rest * width;
   item = rest;
   rest = divide(item, height);
   it.row = item - rest * height;
   item = rest;
-  rest = divide(item, g.channel_chunks());
-  const index_t chunk = item - rest * g.channel_chunks();
+  rest = divide(item, chunks);
+  it.chunk = item - rest * chunks;
   item = rest;
   it.n = divide(item, g.groups);
   it.grp = item - it.n * g.groups;
-  const index_t cg = g.group_channels();
-  it.first_channel = it.grp * cg + chunk * kChannelsPerThread;
-  it.channels = min_index(kChannelsPerThread, cg - chunk * kChannelsPerThread);
   return it;
 }
 
-// out[n, c, p, q] for the channels of one work item.
-template <typename T>
-CARAFE_HD void forward_item(const Geometry& g, index_t item, const T* __restrict__ x, const T* __restrict__ m,
-                            T* __restrict__ out) {
+// ---- forward ------------------------------------------------------------------------------------------------------
+
+// Run-time k: out[n, c, p, q] for kChannelsPerThread channels of one output pixel.
+template <typename T, typename I>
+CARAFE_HD void forward_item_runtime(const Geometry<I>& g, I item, const T* __restrict__ x, const T* __restrict__ m,
+                                    T* __restrict__ out) {
   typedef typename Accumulator<T>::type Acc;
-  const ChannelItem it = channel_item(g, item, g.out_h, g.out_w);
-  const index_t p = it.row, q = it.col, r = g.radius(), k = g.k;
-  const index_t cy = g.centre(p), cx = g.centre(q);
-  const index_t in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
+  const PixelItem<I> it = pixel_item(g, item, g.channel_chunks(kChannelsPerThread), g.out_h, g.out_w);
+  const I p = it.row, q = it.col, r = g.radius(), k = g.k, cg = g.group_channels();
+  const I first_channel = it.grp * cg + it.chunk * kChannelsPerThread;
+  const I channels = min_index(I(kChannelsPerThread), cg - it.chunk * kChannelsPerThread);
+  const I cy = g.centre(p), cx = g.centre(q);
+  const I in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
   const T* mask = m + (it.n * g.mask_channels() + it.grp * g.taps()) * out_plane + p * g.out_w + q;
-  const T* xs = x + (it.n * g.c + it.first_channel) * in_plane;
+  const T* xs = x + (it.n * g.c + first_channel) * in_plane;
   Acc acc[kChannelsPerThread];
   for (int j = 0; j < kChannelsPerThread; ++j) acc[j] = Acc(0);
-  for (index_t ky = 0; ky < k; ++ky) {
-    const index_t iy = cy + ky - r;
+  for (I ky = 0; ky < k; ++ky) {
+    const I iy = cy + ky - r;
     if (iy < 0 || iy >= g.h) continue;
-    for (index_t kx = 0; kx < k; ++kx) {
-      const index_t ix = cx + kx - r;
+    for (I kx = 0; kx < k; ++kx) {
+      const I ix = cx + kx - r;
       if (ix < 0 || ix >= g.w) continue;
-      const Acc weight = to_acc(mask[(ky * k + kx) * out_plane]);
+      const Acc weight = to_acc(load(mask + (ky * k + kx) * out_plane));
       const T* tap = xs + iy * g.w + ix;
 #pragma unroll
       for (int j = 0; j < kChannelsPerThread; ++j) {
-        if (j < it.channels) acc[j] += weight * to_acc(tap[j * in_plane]);
+        if (j < channels) acc[j] += weight * to_acc(load(tap + j * in_plane));
       }
     }
   }
-  T* dst = out + (it.n * g.c + it.first_channel) * out_plane + p * g.out_w + q;
+  T* dst = out + (it.n * g.c + first_channel) * out_plane + p * g.out_w + q;
 #pragma unroll
   for (int j = 0; j < kChannelsPerThread; ++j) {
-    if (j < it.channels) from_acc(acc[j], dst + j * out_plane);
+    if (j < channels) from_acc(acc[j], dst + j * out_plane);
   }
 }
 
+// k = K: out[n, c, p, q] for every channel of one slice of a group, the pixel's K*K weights held in registers.
+template <int K, typename T, typename I>
+CARAFE_HD void forward_item_fixed(const Geometry<I>& g, I item, const T* __restrict__ x, const T* __restrict__ m,
+                                  T* __restrict__ out) {
+  typedef typename Accumulator<T>::type Acc;
+  constexpr int R = K / 2;
+  const PixelItem<I> it = pixel_item(g, item, g.slices, g.out_h, g.out_w);
+  const I p = it.row, q = it.col, cs = g.slice_channels(), cg = g.group_channels();
+  const I first = it.chunk * cs, count = min_index(cs, cg - first);  // the slice's channels of the group
+  const I cy = g.centre(p), cx = g.centre(q);
+  const I in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
+  const T* mask = m + (it.n * g.groups + it.grp) * (K * K) * out_plane + p * g.out_w + q;
+  Acc weight[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) weight[t] = to_acc(load(mask + t * out_plane));
+  const I first_channel = it.n * g.c + it.grp * cg + first;
+  const T* xs = x + first_channel * in_plane + (cy - R) * g.w + (cx - R);  // tap (0, 0) of the first channel
+  T* dst = out + first_channel * out_plane + p * g.out_w + q;
+  if (cy >= R && cy + R < g.h && cx >= R && cx + R < g.w) {
+    // The whole window is inside the map: no per-tap test; the column offsets are compile-time constants.
+    for (I c = 0; c < count; ++c) {
+      Acc acc = Acc(0);
+#pragma unroll
+      for (int ky = 0; ky < K; ++ky) {
+        const T* row = xs + ky * g.w;
+#pragma unroll
+        for (int kx = 0; kx < K; ++kx) acc += weight[ky * K + kx] * to_acc(load(row + kx));
+      }
+      from_acc(acc, dst);
+      xs += in_plane;
+      dst += out_plane;
+    }
+  } else {
+    unsigned rows = 0, cols = 0;  // bit ky / kx set when that row / column of the window is inside the map
+#pragma unroll
+    for (int d = 0; d < K; ++d) {
+      rows |= (cy + d - R >= 0 && cy + d - R < g.h) ? 1u << d : 0u;
+      cols |= (cx + d - R >= 0 && cx + d - R < g.w) ? 1u << d : 0u;
+    }
+    for (I c = 0; c < count; ++c) {
+      Acc acc = Acc(0);
+#pragma unroll
+      for (int ky = 0; ky < K; ++ky) {
+        if (!((rows >> ky) & 1u)) continue;
+        const T* row = xs + ky * g.w;
+#pragma unroll
+        for (int kx = 0; kx < K; ++kx) {
+          if ((cols >> kx) & 1u) acc += weight[ky * K + kx] * to_acc(load(row + kx));
+        }
+      }
+      from_acc(acc, dst);
+      xs += in_plane;
+      dst += out_plane;
+    }
+  }
+}
+
+template <int K, typename T, typename I>
+CARAFE_HD void forward_item(const Geometry<I>& g, I item, const T* __restrict__ x, const T* __restrict__ m,
+                            T* __restrict__ out) {
+  if constexpr (K > 0) {
+    forward_item_fixed<K>(g, item, x, m, out);
+  } else {
+    forward_item_runtime(g, item, x, m, out);
+  }
+}
+
+// ---- feature gradient ---------------------------------------------------------------------------------------------
+
 // grad_x[n, c, iy, ix] = sum over the outputs (p, q) that read input (iy, ix) through tap (ky, kx) of
-// grad_out[n, c, p, q] * m[n, grp*k*k + ky*k + kx, p, q], for the channels of one work item.
-template <typename T>
-CARAFE_HD void backward_features_item(const Geometry& g, index_t item, const T* __restrict__ grad_out,
+// grad_out[n, c, p, q] * m[n, grp*k*k + ky*k + kx, p, q], for kGradChannelsPerThread channels of one input pixel.
+// K > 0 unrolls the taps (k = K); K = 0 loops over g.k taps.
+template <int K, typename T, typename I>
+CARAFE_HD void backward_features_item(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
                                       const T* __restrict__ m, T* __restrict__ grad_x) {
   typedef typename Accumulator<T>::type Acc;
-  const ChannelItem it = channel_item(g, item, g.h, g.w);
-  const index_t iy = it.row, ix = it.col, r = g.radius(), k = g.k;
-  const index_t in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
-  const T* masks = m + (it.n * g.mask_channels() + it.grp * g.taps()) * out_plane;
-  const T* go = grad_out + (it.n * g.c + it.first_channel) * out_plane;
-  Acc acc[kChannelsPerThread];
-  for (int j = 0; j < kChannelsPerThread; ++j) acc[j] = Acc(0);
-  // Input (iy, ix) is tap (ky, kx) of every output whose centre is (iy - ky + r, ix - kx + r).
-  for (index_t ky = 0; ky < k; ++ky) {
-    const index_t cy = iy - ky + r;
+  constexpr int J = kGradChannelsPerThread;
+  const PixelItem<I> it = pixel_item(g, item, g.channel_chunks(J), g.h, g.w);
+  const I k = K > 0 ? I(K) : g.k, r = k / 2, cg = g.group_channels();
+  const I iy = it.row, ix = it.col;
+  const I first_channel = it.n * g.c + it.grp * cg + it.chunk * J;
+  const I channels = min_index(I(J), cg - it.chunk * J);
+  const I in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
+  const T* masks = m + (it.n * g.groups + it.grp) * (k * k) * out_plane;
+  const T* go = grad_out + first_channel * out_plane;
+  Acc acc[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) acc[j] = Acc(0);
+  // Input (iy, ix) is tap (ky, kx) of every output whose centre is (iy - ky + r, ix - kx + r). The tap loops stay
+  // rolled (unrolled, their sigma^2-output bodies make very long code for little gain).
+#pragma unroll 1
+  for (I ky = 0; ky < k; ++ky) {
+    const I cy = iy - ky + r;
     if (cy < 0 || cy >= g.h) continue;
-    index_t p0, p1;
+    I p0, p1;
     g.outputs_centred_at(cy, g.out_h, &p0, &p1);
-    for (index_t kx = 0; kx < k; ++kx) {
-      const index_t cx = ix - kx + r;
+#pragma unroll 1
+    for (I kx = 0; kx < k; ++kx) {
+      const I cx = ix - kx + r;
       if (cx < 0 || cx >= g.w) continue;
-      index_t q0, q1;
+      I q0, q1;
       g.outputs_centred_at(cx, g.out_w, &q0, &q1);
       const T* tap_masks = masks + (ky * k + kx) * out_plane;
-      for (index_t p = p0; p < p1; ++p) {
-        for (index_t q = q0; q < q1; ++q) {
-          const index_t offset = p * g.out_w + q;
-          const Acc weight = to_acc(tap_masks[offset]);
+      for (I p = p0; p < p1; ++p) {
+        for (I q = q0; q < q1; ++q) {
+          const I offset = p * g.out_w + q;
+          const Acc weight = to_acc(load(tap_masks + offset));
+          const T* channel = go + offset;  // walks the chunk's channels: one add per load, no per-channel address
 #pragma unroll
-          for (int j = 0; j < kChannelsPerThread; ++j) {
-            if (j < it.channels) acc[j] += weight * to_acc(go[j * out_plane + offset]);
+          for (int j = 0; j < J; ++j) {
+            if (j < channels) acc[j] += weight * to_acc(load(channel));
+            channel += out_plane;
           }
         }
       }
     }
   }
-  T* dst = grad_x + (it.n * g.c + it.first_channel) * in_plane + iy * g.w + ix;
+  T* dst = grad_x + first_channel * in_plane + iy * g.w + ix;
 #pragma unroll
-  for (int j = 0; j < kChannelsPerThread; ++j) {
-    if (j < it.channels) from_acc(acc[j], dst + j * in_plane);
+  for (int j = 0; j < J; ++j) {
+    if (j < channels) from_acc(acc[j], dst + j * in_plane);
   }
 }
 
-// grad_m[n, grp*k*k + t, p, q] = sum over the channels c of group grp of grad_out[n, c, p, q] * x[n, c, tap t],
-// for up to kTapsPerThread consecutive taps t of one output location.
-template <typename T>
-CARAFE_HD void backward_masks_item(const Geometry& g, index_t item, const T* __restrict__ grad_out,
-                                   const T* __restrict__ x, T* __restrict__ grad_m) {
+// ---- mask gradient ------------------------------------------------------------------------------------------------
+
+// Run-time k: grad_m[n, grp*k*k + t, p, q] = sum over the channels c of group grp of grad_out[n, c, p, q] *
+// x[n, c, tap t], for up to kTapsPerThread consecutive taps t of one output location.
+template <typename T, typename I>
+CARAFE_HD void backward_masks_item_runtime(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
+                                           const T* __restrict__ x, T* __restrict__ grad_m) {
   typedef typename Accumulator<T>::type Acc;
-  index_t rest = divide(item, g.out_w);
-  const index_t q = item - rest * g.out_w;
-  item = rest;
-  rest = divide(item, g.out_h);
-  const index_t p = item - rest * g.out_h;
-  item = rest;
-  rest = divide(item, g.tap_chunks());
-  const index_t first_tap = (item - rest * g.tap_chunks()) * kTapsPerThread;
-  item = rest;
-  const index_t n = divide(item, g.groups);
-  const index_t grp = item - n * g.groups;
-  const index_t r = g.radius(), k = g.k, kk = g.taps(), cg = g.group_channels();
-  const index_t cy = g.centre(p), cx = g.centre(q);
-  const index_t in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
+  const PixelItem<I> it = pixel_item(g, item, g.tap_chunks(), g.out_h, g.out_w);
+  const I p = it.row, q = it.col, first_tap = it.chunk * kTapsPerThread;
+  const I r = g.radius(), k = g.k, kk = g.taps(), cg = g.group_channels();
+  const I cy = g.centre(p), cx = g.centre(q);
+  const I in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
   // Offset of each tap inside an input plane, or -1 when the tap lies outside the map (or past the last tap).
-  index_t offsets[kTapsPerThread];
+  I offsets[kTapsPerThread];
   Acc acc[kTapsPerThread];
 #pragma unroll
   for (int j = 0; j < kTapsPerThread; ++j) {
-    const index_t t = first_tap + j, ty = divide(t, k), iy = cy + ty - r, ix = cx + (t - ty * k) - r;
+    const I t = first_tap + j, ty = divide(t, k), iy = cy + ty - r, ix = cx + (t - ty * k) - r;
     const bool inside = t < kk && iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
-    offsets[j] = inside ? iy * g.w + ix : -1;
+    offsets[j] = inside ? iy * g.w + ix : I(-1);
     acc[j] = Acc(0);
   }
-  const index_t first_channel = n * g.c + grp * cg;
+  const I first_channel = it.n * g.c + it.grp * cg;
   const T* go = grad_out + first_channel * out_plane + p * g.out_w + q;
   const T* xs = x + first_channel * in_plane;
-  for (index_t c = 0; c < cg; ++c) {
-    const Acc grad = to_acc(go[c * out_plane]);
+  for (I c = 0; c < cg; ++c) {
+    const Acc grad = to_acc(load(go + c * out_plane));
     const T* plane = xs + c * in_plane;
 #pragma unroll
     for (int j = 0; j < kTapsPerThread; ++j) {
-      if (offsets[j] >= 0) acc[j] += grad * to_acc(plane[offsets[j]]);
+      if (offsets[j] >= 0) acc[j] += grad * to_acc(load(plane + offsets[j]));
     }
   }
-  T* dst = grad_m + (n * g.mask_channels() + grp * kk + first_tap) * out_plane + p * g.out_w + q;
+  T* dst = grad_m + (it.n * g.mask_channels() + it.grp * kk + first_tap) * out_plane + p * g.out_w + q;
 #pragma unroll
   for (int j = 0; j < kTapsPerThread; ++j) {
     if (first_tap + j < kk) from_acc(acc[j], dst + j * out_plane);
+  }
+}
+
+// k = K: all K*K taps of one output location, their sums in registers, looping over the group's channels.
+template <int K, typename T, typename I>
+CARAFE_HD void backward_masks_item_fixed(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
+                                         const T* __restrict__ x, T* __restrict__ grad_m) {
+  typedef typename Accumulator<T>::type Acc;
+  constexpr int R = K / 2;
+  const PixelItem<I> it = pixel_item(g, item, I(1), g.out_h, g.out_w);
+  const I p = it.row, q = it.col, cg = g.group_channels();
+  const I cy = g.centre(p), cx = g.centre(q);
+  const I in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
+  const I first_channel = it.n * g.c + it.grp * cg;
+  const T* go = grad_out + first_channel * out_plane + p * g.out_w + q;
+  const T* xs = x + first_channel * in_plane + (cy - R) * g.w + (cx - R);  // tap (0, 0) of the first channel
+  Acc acc[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) acc[t] = Acc(0);
+  if (cy >= R && cy + R < g.h && cx >= R && cx + R < g.w) {
+    for (I c = 0; c < cg; ++c) {
+      const Acc grad = to_acc(load(go));
+#pragma unroll
+      for (int ky = 0; ky < K; ++ky) {
+        const T* row = xs + ky * g.w;
+#pragma unroll
+        for (int kx = 0; kx < K; ++kx) acc[ky * K + kx] += grad * to_acc(load(row + kx));
+        CARAFE_ROW_BARRIER();
+      }
+      go += out_plane;
+      xs += in_plane;
+    }
+  } else {
+    unsigned rows = 0, cols = 0;  // bit ky / kx set when that row / column of the window is inside the map
+#pragma unroll
+    for (int d = 0; d < K; ++d) {
+      rows |= (cy + d - R >= 0 && cy + d - R < g.h) ? 1u << d : 0u;
+      cols |= (cx + d - R >= 0 && cx + d - R < g.w) ? 1u << d : 0u;
+    }
+    for (I c = 0; c < cg; ++c) {
+      const Acc grad = to_acc(load(go));
+#pragma unroll
+      for (int ky = 0; ky < K; ++ky) {
+        if (!((rows >> ky) & 1u)) continue;
+        const T* row = xs + ky * g.w;
+#pragma unroll
+        for (int kx = 0; kx < K; ++kx) {
+          if ((cols >> kx) & 1u) acc[ky * K + kx] += grad * to_acc(load(row + kx));
+        }
+        CARAFE_ROW_BARRIER();
+      }
+      go += out_plane;
+      xs += in_plane;
+    }
+  }
+  T* dst = grad_m + (it.n * g.groups + it.grp) * (K * K) * out_plane + p * g.out_w + q;
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) from_acc(acc[t], dst + t * out_plane);
+}
+
+template <int K, typename T, typename I>
+CARAFE_HD void backward_masks_item(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
+                                   const T* __restrict__ x, T* __restrict__ grad_m) {
+  if constexpr (K > 0) {
+    backward_masks_item_fixed<K>(g, item, grad_out, x, grad_m);
+  } else {
+    backward_masks_item_runtime(g, item, grad_out, x, grad_m);
   }
 }
 

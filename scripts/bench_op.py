@@ -4,6 +4,7 @@ upsampling; max / avg pooling and strided conv for downsampling).
 
     python scripts/bench_op.py --device cpu        # -> results/bench/op-cpu.md and op-cpu.csv
     python scripts/bench_op.py --device cuda       # -> results/bench/op-<gpu name>.md and .csv
+    python scripts/bench_op.py --device cuda --dry-run   # the cases and methods it would time (no GPU needed)
 
 For every direction (up: carafe, down: carafe_down) and feature size (at --batch, plus --batch1-sizes at batch 1,
 the deployment case of one detection FPN level) it reports, per method, the median wall time of the forward pass
@@ -15,8 +16,10 @@ cut the number of rounds the rest get. The report gives the peak memory the call
 beyond its inputs, and for the reassembly paths the achieved FLOP rate (papers' convention: 2 k^2 C FLOPs per
 output pixel for the forward, three times that for forward + backward) as a fraction of the fp32 matrix-multiply
 rate measured in the same rounds.
-On CUDA it also reports achieved memory bandwidth (features + masks read once, output written once) as a fraction
-of a device-to-device copy measured in the same run.
+On CUDA it runs fp32, fp16 and bf16 (--dtypes) at (2, 256, 128, 128) and (2, 256, 64, 64) by default, and also
+reports the achieved memory bandwidth of the reassembly paths (forward: features + masks read once, output written
+once; forward + backward: three times that, as each gradient reads and writes as much) as a fraction of the copy
+rate of the same bytes (a torch.clone of a buffer of half of them, timed in the same rounds as the case).
 
 CPU peak memory is the rise of the process's resident-set high-water mark (VmHWM, reset through
 /proc/self/clear_refs) during the call, measured in a child process started with MALLOC_MMAP_THRESHOLD_=65536 so
@@ -38,7 +41,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -67,6 +70,7 @@ class Case:
     w: int
     kernel: int
     scale: int
+    dtype: torch.dtype = torch.float32
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -76,7 +80,8 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.direction} ({self.n}, {self.c}, {self.h}, {self.w})"
+        name = f"{self.direction} ({self.n}, {self.c}, {self.h}, {self.w})"
+        return name if self.dtype == torch.float32 else f"{name} {str(self.dtype).split('.')[-1]}"
 
     def forward_flops(self) -> int:
         return carafe.reassembly_flops((self.n, self.c, self.h, self.w), self.kernel, self.scale, self.direction == "up")
@@ -100,15 +105,17 @@ class Row:
     forward_gflops: float | None = None
     forward_backward_gflops: float | None = None
     forward_bandwidth_gbs: float | None = None
+    forward_backward_bandwidth_gbs: float | None = None
+    copy_gbs: float | None = None  # the clone of the same bytes in this case's rounds
     matmul_gflops: float | None = None  # the matmul rate in this case's rounds
 
 
 def make_methods(case: Case, device: torch.device) -> dict[str, tuple[Callable, list[torch.Tensor]]]:
     """Each method as (fn(*inputs) -> output, inputs that need gradients), built fresh for ``case``."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(case.n, case.c, case.h, case.w, generator=gen).to(device)
+    x = torch.randn(case.n, case.c, case.h, case.w, generator=gen).to(device, case.dtype)
     out_h, out_w = case.out_hw
-    logits = torch.randn(case.n, case.kernel ** 2, out_h, out_w, generator=gen).to(device)
+    logits = torch.randn(case.n, case.kernel ** 2, out_h, out_w, generator=gen).to(device, case.dtype)
     masks = torch.softmax(logits, dim=1)
     k, s = case.kernel, case.scale
     fast_backend = "cuda" if device.type == "cuda" else "cpu"
@@ -127,19 +134,19 @@ def make_methods(case: Case, device: torch.device) -> dict[str, tuple[Callable, 
         "naive unfold": (lambda f, m: naive(f, m, k, 1, s), [x, masks]),
     }
     if case.direction == "up":
-        deconv = nn.ConvTranspose2d(case.c, case.c, 3, stride=s, padding=1, output_padding=s - 1).to(device)
+        deconv = nn.ConvTranspose2d(case.c, case.c, 3, stride=s, padding=1, output_padding=s - 1).to(device, case.dtype)
         methods["nearest"] = (lambda f: F.interpolate(f, scale_factor=s, mode="nearest"), [x])
         methods["bilinear"] = (lambda f: F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False), [x])
         methods["deconv 3x3"] = (deconv, [x])
-        methods["pixel shuffle"] = (carafe.build_upsampler("pixel_shuffle", case.c, s).to(device), [x])
-        methods["dysample"] = (carafe.build_upsampler("dysample", case.c, s).to(device), [x])
-        methods["CARAFEPack"] = (carafe.CARAFEPack(case.c, s, up_kernel=k).to(device), [x])
+        methods["pixel shuffle"] = (carafe.build_upsampler("pixel_shuffle", case.c, s).to(device, case.dtype), [x])
+        methods["dysample"] = (carafe.build_upsampler("dysample", case.c, s).to(device, case.dtype), [x])
+        methods["CARAFEPack"] = (carafe.CARAFEPack(case.c, s, up_kernel=k).to(device, case.dtype), [x])
     else:
-        conv = nn.Conv2d(case.c, case.c, 3, stride=s, padding=1).to(device)
+        conv = nn.Conv2d(case.c, case.c, 3, stride=s, padding=1).to(device, case.dtype)
         methods["max pool 3x3"] = (lambda f: F.max_pool2d(f, 3, stride=s, padding=1), [x])
         methods["avg pool"] = (lambda f: F.avg_pool2d(f, s, stride=s, ceil_mode=True), [x])
         methods["strided conv 3x3"] = (conv, [x])
-        methods["CARAFEDownPack"] = (carafe.CARAFEDownPack(case.c, s, down_kernel=k).to(device), [x])
+        methods["CARAFEDownPack"] = (carafe.CARAFEDownPack(case.c, s, down_kernel=k).to(device, case.dtype), [x])
     return methods
 
 
@@ -249,8 +256,28 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def cases_for(args: argparse.Namespace) -> list[Case]:
     sizes = [(args.batch, *parse_size(s)) for s in args.sizes] + [(1, *parse_size(s)) for s in args.batch1_sizes]
-    return [Case(direction, n, args.channels, h, w, args.kernel, args.scale)
-            for direction in ("up", "down") for n, h, w in sizes]
+    return [Case(direction, n, args.channels, h, w, args.kernel, args.scale, DTYPES[dtype])
+            for dtype in args.dtypes for direction in ("up", "down") for n, h, w in sizes]
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def clone_call(case: Case, device: torch.device) -> tuple[Callable[[], object], int]:
+    """A torch.clone that moves the bytes of the case's forward (half read, half written), and those bytes."""
+    moved = case.io_bytes(torch.empty((), dtype=case.dtype).element_size())
+    buffer = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+    return (lambda: buffer.clone()), 2 * (moved // 2)
+
+
+def dry_run(args: argparse.Namespace) -> None:
+    """The cases and methods a run would time, with the bytes behind the bandwidth figures (no timing, no GPU)."""
+    for case in cases_for(args):
+        size = torch.empty((), dtype=case.dtype).element_size()
+        # the methods of a 4x4 map of the case (the same list, without drawing the full-size inputs)
+        names = list(make_methods(replace(case, n=1, h=4, w=4), torch.device("meta")))
+        print(f"{case.label:<34} k={case.kernel} σ={case.scale} forward moves {case.io_bytes(size) / 1e6:.1f} MB, "
+              f"forward+backward {3 * case.io_bytes(size) / 1e6:.1f} MB; methods: {', '.join(names)}")
 
 
 def memory_pass(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, list[float]]]:
@@ -308,7 +335,8 @@ def render_markdown(rows: list[Row], header: dict[str, str], matmul: float, copy
         case_matmul = next(r.matmul_gflops for r in rows if r.case == case)
         out.write(f"fp32 matmul in these rounds: {case_matmul:.1f} GFLOP/s\n\n")
         cols = ["method", "forward ms", "fwd+bwd ms", "peak fwd MiB", "peak fwd+bwd MiB", "fwd GFLOP/s (× matmul)",
-                "fwd+bwd GFLOP/s (× matmul)"] + (["fwd bandwidth (× copy)"] if bandwidth else [])
+                "fwd+bwd GFLOP/s (× matmul)"] + (["fwd bandwidth (× copy)", "fwd+bwd bandwidth (× copy)"]
+                                                 if bandwidth else [])
         out.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
         for r in (r for r in rows if r.case == case):
             cells = [r.method, f"{r.forward_ms:.2f} ({r.forward_repeats})",
@@ -317,8 +345,8 @@ def render_markdown(rows: list[Row], header: dict[str, str], matmul: float, copy
             for rate in (r.forward_gflops, r.forward_backward_gflops):
                 cells.append("–" if rate is None else f"{rate:.2f} ({rate / r.matmul_gflops:.3f})")
             if bandwidth:
-                bw = r.forward_bandwidth_gbs
-                cells.append("–" if bw is None else f"{bw:.0f} GB/s ({bw / copy:.2f})")
+                for bw in (r.forward_bandwidth_gbs, r.forward_backward_bandwidth_gbs):
+                    cells.append("–" if bw is None else f"{bw:.0f} GB/s ({bw / r.copy_gbs:.2f})")
             out.write("| " + " | ".join(cells) + " |\n")
         out.write("\n")
     return out.getvalue()
@@ -365,18 +393,30 @@ def main() -> None:
     parser.add_argument("--max-case-time", type=float, default=60.0,
                         help="seconds after which a case stops adding rounds (it always runs 3)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "results" / "bench")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
+                        help="dtypes of the features and masks (default: float32 on CPU; float32 float16 bfloat16 "
+                             "on CUDA)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the cases and methods that would be timed and exit (needs no GPU)")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         parser.error("--device cuda given but torch.cuda.is_available() is False")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     if args.sizes is None:
-        args.sizes = ["16", "32", "64", "128"] if device.type == "cpu" else ["32", "64", "128", "200", "100x152"]
+        args.sizes = ["16", "32", "64", "128"] if device.type == "cpu" else ["128", "64"]
     if args.batch1_sizes is None:
-        args.batch1_sizes = ["100x152"]
+        args.batch1_sizes = ["100x152"] if device.type == "cpu" else []
+    if args.dtypes is None:
+        args.dtypes = ["float32"] if device.type == "cpu" else ["float32", "float16", "bfloat16"]
+    if device.type == "cpu" and args.dtypes != ["float32"]:
+        parser.error("--dtypes other than float32 are for --device cuda (the CPU kernels are float32 / float64)")
+    if args.dry_run:
+        dry_run(args)
+        return
     torch.set_num_threads(args.threads)
 
     if args.memory_only:
@@ -395,6 +435,8 @@ def main() -> None:
     for i, case in enumerate(cases, 1):
         methods = make_methods(case, device)
         calls: dict[str, Callable[[], object]] = {"matmul": matmul}
+        if device.type == "cuda":
+            calls["clone"], clone_bytes = clone_call(case, device)
         slow_calls: dict[str, Callable[[], object]] = {}
         for name, (fn, inputs) in methods.items():
             group = slow_calls if name in SLOW_METHODS else calls
@@ -412,7 +454,10 @@ def main() -> None:
                 row.forward_gflops = case.forward_flops() / fwd / 1e9
                 row.forward_backward_gflops = 3 * case.forward_flops() / fb / 1e9
                 if copy is not None:
-                    row.forward_bandwidth_gbs = case.io_bytes(inputs[0].element_size()) / fwd / 1e9
+                    moved = case.io_bytes(inputs[0].element_size())
+                    row.forward_bandwidth_gbs = moved / fwd / 1e9
+                    row.forward_backward_bandwidth_gbs = 3 * moved / fb / 1e9
+                    row.copy_gbs = clone_bytes / medians["clone"][0] / 1e9
             rows.append(row)
             print(f"[{i}/{len(cases)}] {case.label:<24} {name:<18} fwd {row.forward_ms:9.2f} ms   "
                   f"fwd+bwd {row.forward_backward_ms:9.2f} ms", flush=True)
@@ -432,7 +477,8 @@ def main() -> None:
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python scripts/bench_op.py " + " ".join(sys.argv[1:]),
-        "settings": f"N={args.batch}, C={args.channels}, k={args.kernel}, σ={args.scale}, fp32",
+        "settings": f"N={args.batch}, C={args.channels}, k={args.kernel}, σ={args.scale}, "
+                    + ", ".join(args.dtypes),
         "wall time": f"{time.time() - started:.0f} s",
     }
     stem = report_stem(device)

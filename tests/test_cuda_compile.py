@@ -17,15 +17,35 @@ from carafe.backends import cuda as cuda_backend  # noqa: E402
 ARCHES = (70, 75, 80, 90)
 
 
-@pytest.mark.parametrize("arch", ARCHES, ids=lambda a: f"sm{a}")
-def test_kernels_compile_without_warnings(arch: int):
+# Modules as the loader builds them (one dtype, kernel-size variant and index width each): per architecture, the
+# half-precision ones (their headers differ per architecture) and a run-time-k 64-bit one. Every variant of every
+# dtype is compiled by test_every_variant_compiles.
+MODULES = (("f16", "k5", 32), ("bf16", "k3", 64), ("f32", "kx", 64))
+
+
+def _require(arch: int) -> None:
     supported = nvrtc.getSupportedArchs()
     if arch not in supported:
         major, minor = nvrtc.getVersion()
         pytest.skip(f"NVRTC {major}.{minor} cannot target compute_{arch} (it supports {min(supported)} and newer); "
                     "the oldest supported target is compiled by another case")
-    log = cuda_backend.compile_sources(f"compute_{arch}", warnings_as_errors=True)
-    assert log.strip() == "", f"NVRTC printed diagnostics for compute_{arch}:\n{log}"
+
+
+@pytest.mark.parametrize("arch", ARCHES, ids=lambda a: f"sm{a}")
+def test_kernels_compile_without_warnings(arch: int):
+    _require(arch)
+    for suffix, variant, bits in MODULES:
+        log = cuda_backend.compile_sources(f"compute_{arch}", warnings_as_errors=True, dtype_suffix=suffix,
+                                           variant=variant, index_bits=bits)
+        assert log.strip() == "", f"NVRTC printed diagnostics for compute_{arch} {suffix} {variant} i{bits}:\n{log}"
+
+
+@pytest.mark.slow
+def test_every_variant_compiles():
+    """All 120 kernels (4 dtypes x 5 kernel-size variants x 2 index widths x 3 passes) in one program, warnings as
+    errors (about 20 s of CPU)."""
+    log = cuda_backend.compile_sources("compute_80", warnings_as_errors=True)
+    assert log.strip() == "", log
 
 
 def test_headers_found():
@@ -45,8 +65,12 @@ def test_warning_fails_compilation(monkeypatch):
         cuda_backend.compile_sources("compute_80")
 
 
-@pytest.mark.parametrize("suffix", sorted(cuda_backend.SUFFIXES.values()))
-def test_single_dtype_module_compiles(suffix: str):
-    """The loader compiles one dtype per module (-DCARAFE_ONLY_<SUFFIX>); that variant compiles cleanly too."""
-    log = cuda_backend.compile_sources("compute_80", warnings_as_errors=True, dtype_suffix=suffix)
-    assert log.strip() == "", log
+def test_missing_include_path(monkeypatch):
+    """Without the CUDA headers, float32 / float64 still compile and the half-precision kernels fail at load with
+    a message that says what is missing and how to get it (not NVRTC's 'cannot open source file')."""
+    monkeypatch.setattr(cuda_backend, "cuda_include_dirs", lambda: [])
+    log = cuda_backend.compile_sources("compute_80", dtype_suffix="f32", variant="k5", index_bits=32)
+    assert log.strip() == ""
+    for suffix in ("f16", "bf16", None):
+        with pytest.raises(cuda_backend.MissingHeadersError, match=r"cuda_fp16\.h.*CUDA_PATH.*float32"):
+            cuda_backend.compile_options(suffix)

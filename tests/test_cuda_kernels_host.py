@@ -1,9 +1,12 @@
-"""The CUDA kernels' per-thread code (cuda/carafe_reassemble.cuh) run on the host against the reference.
+"""The CUDA kernels' per-thread code (cuda/carafe_reassemble.cuh) run on the host against the float64 reference.
 
 The header is plain C++ apart from a qualifier macro, so tests/cuda_host_harness.cpp compiles it with g++ and runs
-every work item in turn. This checks the index math, boundary handling and the gather of the feature gradient on
-machines without a GPU; what it cannot check (launch configuration, fp16/bf16, the CuPy glue) is covered by
-tests/test_cuda_backend.py on a GPU.
+every work item in turn, for every variant the GPU runs: each compiled-in kernel size (k1, k3, k5, k7) and the
+run-time one (kx), 32- and 64-bit indices, several channel slicings of the fixed-k forward pass, in fp64, fp32,
+fp16 and bf16 (host types that round as the GPU's conversions do, checked bit for bit against torch's). This checks
+the index math, boundary handling, the interior / border paths and the gather of the feature gradient on machines
+without a GPU; what it cannot check (the launch itself, the CuPy glue) is covered by the tests marked ``cuda``.
+One harness build (a few seconds) serves the whole file.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from conftest import assert_matches_oracle, reassembly_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "cuda_host_harness.cpp"
-SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
@@ -37,50 +40,131 @@ def harness(tmp_path_factory) -> ctypes.CDLL:
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lib = ctypes.CDLL(str(library))
-    for suffix in SUFFIX.values():
-        for kernel in cuda_backend.KERNELS:
-            fn = getattr(lib, f"host_{kernel}_{suffix}")
-            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 10
-            fn.restype = None
+    for name in cuda_backend.kernel_names():  # every GPU kernel has its host twin
+        fn = getattr(lib, f"host_{name}")
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 11
+        fn.restype = None
+    for name in ("host_round_f16", "host_round_bf16", "host_widen_f16"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
     return lib
 
 
-def _run(lib, kernel: str, a, b, out, geometry):
-    getattr(lib, f"host_{kernel}_{SUFFIX[out.dtype]}")(a.data_ptr(), b.data_ptr(), out.data_ptr(), *geometry)
+def _run(lib, name: str, a, b, out, geometry):
+    getattr(lib, f"host_{name}")(a.data_ptr(), b.data_ptr(), out.data_ptr(), *geometry)
     return out
 
 
 def test_work_split_matches_header():
     header = (ROOT / "cuda" / "carafe_reassemble.cuh").read_text()
-    assert int(re.search(r"kChannelsPerThread = (\d+);", header).group(1)) == cuda_backend.CHANNELS_PER_THREAD
-    assert int(re.search(r"kTapsPerThread = (\d+);", header).group(1)) == cuda_backend.TAPS_PER_THREAD
+    for constant, value in (("kChannelsPerThread", cuda_backend.CHANNELS_PER_THREAD),
+                            ("kGradChannelsPerThread", cuda_backend.GRAD_CHANNELS_PER_THREAD),
+                            ("kTapsPerThread", cuda_backend.TAPS_PER_THREAD)):
+        assert int(re.search(rf"{constant} = (\d+);", header).group(1)) == value, constant
 
 
-CASES = [  # n, c, h, w, k, groups, sigma
+def _conversion_inputs() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    special = [0.0, -0.0, 1.0, -1.0, 65504.0, 65519.996, 65520.0, -65520.0, 1e30, float("inf"), float("-inf"),
+               2.0 ** -14, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -26, 1e-40, 3.3895314e38, 1 + 2.0 ** -11,
+               1 + 3 * 2.0 ** -11, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8]
+    bits = torch.randint(0, 2 ** 32, (20000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    random_floats = bits.view(torch.float32)
+    scaled = torch.randn(20000, generator=gen) * torch.logspace(-9, 5, 20000)
+    values = torch.cat([torch.tensor(special, dtype=torch.float32), random_floats, scaled.float()])
+    return values[~torch.isnan(values)].contiguous()
+
+
+@pytest.mark.parametrize("dtype,fn", [(torch.float16, "host_round_f16"), (torch.bfloat16, "host_round_bf16")],
+                         ids=["f16", "bf16"])
+def test_host_rounding_matches_torch(harness, dtype, fn):
+    """The host types round float32 to nearest even exactly as torch (and the GPU's __float2*_rn) do."""
+    values = _conversion_inputs()
+    got = torch.empty(values.shape, dtype=torch.int16)
+    getattr(harness, fn)(values.data_ptr(), got.data_ptr(), values.numel())
+    want = values.to(dtype).view(torch.int16)
+    mismatch = (got != want).nonzero().flatten()
+    assert mismatch.numel() == 0, f"{dtype} rounding differs at {values[mismatch[:5]].tolist()}"
+    nan = torch.tensor([float("nan")], dtype=torch.float32)
+    out = torch.empty(1, dtype=torch.int16)
+    getattr(harness, fn)(nan.data_ptr(), out.data_ptr(), 1)
+    assert torch.isnan(out.view(dtype).float()).all()
+
+
+def test_host_half_widening_is_exact(harness):
+    every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    got = torch.empty(every.shape, dtype=torch.float32)
+    harness.host_widen_f16(every.data_ptr(), got.data_ptr(), every.numel())
+    want = every.view(torch.float16).float()
+    same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+    assert same.all()
+
+
+CASES = [  # n, c, h, w, k, groups, sigma: every fixed k with interior and border pixels, and run-time k = 9
     (2, 8, 5, 7, 5, 2, 2),
     (1, 12, 6, 5, 3, 4, 3),
     (1, 3, 4, 4, 1, 1, 1),
     (2, 6, 7, 3, 7, 1, 4),
-    (1, 20, 3, 9, 5, 1, 2),
+    (1, 5, 10, 9, 7, 1, 2),
+    (1, 20, 9, 11, 5, 1, 2),
     (1, 9, 2, 2, 9, 3, 2),
+    (1, 4, 11, 12, 9, 1, 1),
 ]
+
+
+def _variants(k: int, cg: int) -> list[tuple[str, int, int]]:
+    """(kernel-size variant, index bits, forward slices) to run: the loader's variant for k with several slicings
+    (including one that does not divide the group's channels) and the run-time-k path, each at both widths."""
+    variants = []
+    for variant in dict.fromkeys([cuda_backend.kernel_variant(k), "kx"]):
+        slicings = sorted({1, min(3, cg), cg}) if variant != "kx" else [1]
+        for bits in cuda_backend.INDEX_BITS:
+            variants += [(variant, bits, s) for s in slicings]
+    return variants
 
 
 @pytest.mark.parametrize("up", [True, False], ids=["up", "down"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}c{}h{}w{}k{}g{}s{}".format(*c))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_host_kernels_match_reference(harness, case, up, dtype):
+def test_host_kernels_match_reference(harness, case, up):
     n, c, h, w, k, groups, sigma = case
-    x, m, grad = reassembly_inputs(*case, up, seed=hash(case) % 2**31)
+    x, m, grad = reassembly_inputs(*case, up, seed=sum(case) * 7 + up)
     x.requires_grad_(True)
     m.requires_grad_(True)
     ref = reassemble(x, m, k, groups, sigma, up)
     ref_gx, ref_gm = torch.autograd.grad(ref, (x, m), grad)
-    geometry = (n, c, h, w, *ref.shape[2:], k, groups, sigma, int(up))
-    xd, md, gd = (t.detach().to(dtype).contiguous() for t in (x, m, grad))
     nan = float("nan")  # every output buffer starts as NaN, so an element left unwritten fails the comparison
-    out = _run(harness, "forward", xd, md, torch.full(ref.shape, nan, dtype=dtype), geometry)
-    gx = _run(harness, "backward_features", gd, md, torch.full(x.shape, nan, dtype=dtype), geometry)
-    gm = _run(harness, "backward_masks", gd, xd, torch.full(m.shape, nan, dtype=dtype), geometry)
-    for name, got, want in (("output", out, ref), ("grad features", gx, ref_gx), ("grad masks", gm, ref_gm)):
-        assert_matches_oracle(got, want, dtype, name)
+    for variant, bits, slices in _variants(k, c // groups):
+        geometry = (n, c, h, w, *ref.shape[2:], k, groups, sigma, int(up), slices)
+        for dtype in DTYPES:
+            xd, md, gd = (t.detach().to(dtype).contiguous() for t in (x, m, grad))
+
+            def name(kernel: str) -> str:
+                return f"carafe_{kernel}_{variant}_i{bits}_{cuda_backend.SUFFIXES[dtype]}"
+
+            tag = f"{variant} i{bits} slices={slices} {dtype}"
+            out = _run(harness, name("forward"), xd, md, torch.full(ref.shape, nan, dtype=dtype), geometry)
+            assert_matches_oracle(out, ref, dtype, f"output ({tag})")
+            if slices != 1:
+                continue  # slices only change the forward pass
+            gx = _run(harness, name("backward_features"), gd, md, torch.full(x.shape, nan, dtype=dtype), geometry)
+            gm = _run(harness, name("backward_masks"), gd, xd, torch.full(m.shape, nan, dtype=dtype), geometry)
+            assert_matches_oracle(gx, ref_gx, dtype, f"grad features ({tag})")
+            assert_matches_oracle(gm, ref_gm, dtype, f"grad masks ({tag})")
+
+
+def test_launch_plan_picks_the_variant():
+    """The loader's choice: compiled-in k where there is one, 32-bit indices below 2^30 elements, channel slices
+    only to fill the device."""
+    geometry = (2, 256, 128, 128, 256, 256, 5, 1, 2, 1)
+    name, full, items = cuda_backend.launch_plan("forward", geometry, torch.float32, target_threads=132 * 1024)
+    assert name == "carafe_forward_k5_i32_f32"
+    assert full[-1] == 2 and items == 2 * 2 * 256 * 256  # 131072 pixels need two slices for 135168 threads
+    name, full, _ = cuda_backend.launch_plan("forward", geometry, torch.float32, target_threads=1)
+    assert full[-1] == 1
+    assert cuda_backend.launch_plan("backward_masks", (1, 4, 8, 8, 16, 16, 9, 1, 2, 1), torch.float16, 1)[0] == \
+        "carafe_backward_masks_kx_i32_f16"
+    huge = (1, 2 ** 12, 2 ** 9, 2 ** 9, 2 ** 10, 2 ** 10, 3, 1, 2, 1)  # 2^32 output elements
+    assert cuda_backend.index_bits(huge) == 64
+    assert cuda_backend.launch_plan("forward", huge, torch.bfloat16, 1)[0] == "carafe_forward_k3_i64_bf16"
+    assert cuda_backend.index_bits((1, 2 ** 10, 2 ** 9, 2 ** 9, 2 ** 9, 2 ** 9, 1, 1, 1, 1)) == 32  # 2^28
+    # slices never exceed the group's channels
+    assert cuda_backend.forward_slices((1, 6, 2, 2, 4, 4, 3, 2, 2, 1), target_threads=10 ** 9) == 2

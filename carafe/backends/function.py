@@ -87,3 +87,45 @@ def run_kernel(run: KernelRunner, kernel: str, features: Tensor, masks: Tensor, 
     a, b = {"forward": (features, masks), "backward_features": (grad_out, masks),
             "backward_masks": (grad_out, features)}[kernel]
     return run(kernel, a, b, shape, layout_of, geometry)
+
+
+def check_op_tensors(op: str, kernel: str, grad_out: object, features: object, masks: object, kernel_size: int,
+                     group_size: int, scale_factor: int, up: bool) -> None:
+    """What every registered operator checks before a backend (and so a compiled kernel, which reads raw
+    pointers) sees its tensors: types, dtypes, devices and shapes all agree with the geometry. ``TypeError`` /
+    ``ValueError`` naming ``op`` and the argument. The public ``carafe`` / ``carafe_down`` check the same before
+    calling the forward operator; this also covers the backward operators and direct ``torch.ops.carafe`` calls."""
+    named = [("features", features), ("masks", masks)] + ([] if kernel == "forward" else [("grad_out", grad_out)])
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be a 4-D tensor, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must have a floating-point dtype, got {t.dtype}")
+    for name, t in named[1:]:
+        if t.dtype != features.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but features have {features.dtype}; all tensors of "
+                            "the op must share one dtype")
+        if t.device != features.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but features are on {features.device}")
+    for name, value in (("kernel_size", kernel_size), ("group_size", group_size), ("scale_factor", scale_factor)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{op}: {name} must be an integer >= 1, got {value!r}")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"{op}: kernel_size must be odd, got {kernel_size}")
+    n, c, h, w = features.shape
+    if c < 1 or h < 1 or w < 1:
+        raise ValueError(f"{op}: features must have C, H, W >= 1, got shape {tuple(features.shape)}")
+    if c % group_size != 0:
+        raise ValueError(f"{op}: the number of channels ({c}) must be divisible by group_size ({group_size})")
+    s = scale_factor
+    out_hw = (h * s, w * s) if up else ((h - 1) // s + 1, (w - 1) // s + 1)
+    expected = {"masks": (n, group_size * kernel_size ** 2, *out_hw), "grad_out": (n, c, *out_hw)}
+    for name, t in named[1:]:
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{op}: {name} must have shape {expected[name]} for features of shape "
+                             f"{tuple(features.shape)}, kernel_size={kernel_size}, group_size={group_size}, "
+                             f"scale_factor={scale_factor}; got {tuple(t.shape)}")
