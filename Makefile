@@ -28,7 +28,7 @@ setup: $(STAMP)
 # this checkout installed editable without touching them. uv resolves from the package index only (it never reads
 # pip's config), so torch and torchvision arrive as the matched pair pinned there rather than a locally cached CPU-only
 # torch that torchvision cannot load. After editing the dependencies in pyproject.toml, run `make lock`.
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) setup.py carafe/build.py carafe/csrc/reassemble_cpu.cpp
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check uv
 	$(UV) pip install --python $(PY) --require-hashes -r $(LOCK)

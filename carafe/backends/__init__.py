@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from carafe._caller import caller_stacklevel
 from carafe.backends.function import storage_problem
 
 _MODULES = {"reference": "carafe.backends.reference", "cpu": "carafe.backends.cpu", "cuda": "carafe.backends.cuda"}
@@ -35,6 +36,7 @@ BACKENDS = tuple(_MODULES)
 
 _forced: contextvars.ContextVar[str] = contextvars.ContextVar("carafe_backend", default="auto")
 _warned: set[str] = set()
+_used: set[str] = set()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -100,11 +102,18 @@ def select(features: Tensor) -> Backend:
     except BackendUnavailableError as err:
         reason = str(err)
     if reason is None:
+        _used.add(name)
         return backend
     if forced != "auto":
         raise BackendUnavailableError(f"CARAFE backend {name!r} cannot run this call: {reason}")
     if name not in _warned:
         _warned.add(name)
         warnings.warn(f"CARAFE: the fast {name!r} backend is unavailable ({reason}); using the slow 'reference' "
-                      "backend instead", RuntimeWarning, stacklevel=3)
+                      "backend instead", RuntimeWarning, stacklevel=caller_stacklevel())
+    _used.add("reference")
     return _load("reference")
+
+
+def backends_used() -> list[str]:
+    """The backends that have run a reassembly in this process so far (sorted), e.g. for a run's record."""
+    return sorted(_used)
