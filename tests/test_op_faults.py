@@ -59,8 +59,10 @@ BUILD = """
 @pytest.fixture
 def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Builds of the CPU kernels in this test go to an empty cache folder (returned) and are loaded afresh; the
-    process's own loaded library is untouched."""
+    process's own loaded library is untouched. Extra flags (-O0, which also compiles in a few seconds instead of
+    tens) make the installation's prebuilt libraries inapplicable, so the first-use build path is what runs."""
     monkeypatch.setenv("CARAFE_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("CARAFE_CXXFLAGS", "-O0")
     monkeypatch.setattr(cpu_backend, "_library_or_error", functools.lru_cache(maxsize=None)(cpu_backend._open_library))
     monkeypatch.setattr(carafe.backends, "_warned", set())  # so the fallback warning is issued again
     return tmp_path
