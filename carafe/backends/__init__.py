@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Protocol
@@ -117,3 +118,13 @@ def select(features: Tensor) -> Backend:
 def backends_used() -> list[str]:
     """The backends that have run a reassembly in this process so far (sorted), e.g. for a run's record."""
     return sorted(_used)
+
+
+def usage() -> dict[str, object]:
+    """For a run's record: ``used``, the backends that ran the reassembly in this process (empty if no CARAFE
+    operator ran), and ``cpu_library``, where the CPU backend's kernels came from (e.g. ``prebuilt avx512``)."""
+    record: dict[str, object] = {"used": backends_used()}
+    cpu = sys.modules.get("carafe.backends.cpu")
+    if cpu is not None and cpu.loaded_library():
+        record["cpu_library"] = cpu.loaded_library()["source"]
+    return record

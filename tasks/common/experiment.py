@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, ValidationError
 
+import carafe.backends
 from tasks.common.distributed import World, close_world, init_world
 from tasks.common.engine import RunSettings, Schedule, fit
 from tasks.common.io import run_folder_lock, write_json_atomic, write_text_atomic
@@ -229,7 +230,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, world: World, started: float) ->
         "dataset": task.dataset_description(), "device": device_name(world.device),
         "world_size": world.world_size, "train_seconds": round(result.train_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1), "commit": git_commit(),
-        "finished_at": utc_now(), "torch": torch.__version__,
+        "finished_at": utc_now(), "torch": torch.__version__, "carafe_backends": carafe.backends.usage(),
     }
     if world.is_main:
         write_json_atomic(run_dir / METRICS_NAME, record)
