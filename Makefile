@@ -20,7 +20,7 @@ OVERRIDES ?=
 SEEDS     ?=
 BACKBONES ?=
 
-.PHONY: setup lock test test-fast bench op-costs clean reproduce-tables figure-4 figure-5 figure-8 figure-9
+.PHONY: setup lock test test-fast test-compat bench op-costs clean reproduce-tables figure-4 figure-5 figure-8 figure-9
 
 setup: $(STAMP)
 
@@ -46,6 +46,21 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# The operator tests in a fresh environment with the oldest torch that pyproject.toml allows (TORCH_FLOOR), from the
+# package index, this checkout installed into it (docs/packaging.md). .ci/run runs it after `make test`. The first
+# run downloads that torch with its CUDA libraries (a few GB); uv's cache keeps them for the next.
+TORCH_FLOOR  ?= 2.9.1
+COMPAT       := .venv-compat
+COMPAT_TESTS := tests/test_ops.py tests/test_modules.py tests/test_op_faults.py tests/test_wheel.py
+test-compat: $(STAMP)
+	rm -rf $(COMPAT)
+	$(UV) venv --quiet --python $(PY) $(COMPAT)
+	$(UV) pip install --python $(COMPAT)/bin/python "torch==$(TORCH_FLOOR)" "numpy>=1.24" "pytest>=8" \
+		"pytest-timeout>=2.2" "onnx>=1.17" "onnxruntime>=1.20" "onnxscript>=0.5" uv
+	$(UV) pip install --python $(COMPAT)/bin/python --no-deps --config-settings editable_mode=compat -e .
+	$(COMPAT)/bin/python -c "import torch; print('torch', torch.__version__)"
+	$(COMPAT)/bin/python -m pytest -p no:cacheprovider $(COMPAT_TESTS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_op.py --device cpu
@@ -77,4 +92,4 @@ list-tables: $(STAMP)
 	@$(PY) scripts/reproduce.py --list --scale $(SCALE)
 
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) $(COMPAT) build .pytest_cache carafe/_native
