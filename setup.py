@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from setuptools import Distribution, setup
@@ -37,6 +38,8 @@ class BuildKernels(build_ext):
         in_source = HERE / "carafe" / "_native"
         target = in_source if (self.inplace or self.editable_mode) else Path(self.build_lib) / "carafe" / "_native"
         self._outputs = []
+        if target != in_source:  # a build folder left from an earlier build must not lend the wheel its libraries
+            shutil.rmtree(target, ignore_errors=True)
         if not levels:
             print("carafe: CARAFE_BUILD_LEVELS=none: no kernels built; they compile on first use")
             return
