@@ -48,7 +48,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 # The operator tests in a fresh environment with the oldest torch that pyproject.toml allows (TORCH_FLOOR), from the
-# package index, this checkout installed into it (docs/packaging.md). .ci/run runs it after `make test`. The first
+# package index, and this checkout with the dependencies it declares, resolved anew (docs/packaging.md). .ci/run runs it after `make test`. The first
 # run downloads that torch with its CUDA libraries (a few GB); uv's cache keeps them for the next.
 TORCH_FLOOR  ?= 2.9.1
 COMPAT       := .venv-compat
@@ -56,9 +56,8 @@ COMPAT_TESTS := tests/test_ops.py tests/test_modules.py tests/test_op_faults.py 
 test-compat: $(STAMP)
 	rm -rf $(COMPAT)
 	$(UV) venv --quiet --python $(PY) $(COMPAT)
-	$(UV) pip install --python $(COMPAT)/bin/python "torch==$(TORCH_FLOOR)" "numpy>=1.24" "pytest>=8" \
-		"pytest-timeout>=2.2" "onnx>=1.17" "onnxruntime>=1.20" "onnxscript>=0.5" uv
-	$(UV) pip install --python $(COMPAT)/bin/python --no-deps --config-settings editable_mode=compat -e .
+	$(UV) pip install --python $(COMPAT)/bin/python --config-settings editable_mode=compat -e ".[onnx,dev]" \
+		"torch==$(TORCH_FLOOR)" uv
 	$(COMPAT)/bin/python -c "import torch; print('torch', torch.__version__)"
 	$(COMPAT)/bin/python -m pytest -p no:cacheprovider $(COMPAT_TESTS)
 

@@ -23,6 +23,7 @@ NORMALIZERS = ("softmax", "sigmoid", "sigmoid_normalized")
 torch.fx.wrap("carafe")
 torch.fx.wrap("carafe_down")
 torch.fx.wrap("carafe_naive")
+torch.fx.wrap("crop_to")
 
 
 def normalize_kernels(logits: Tensor, kernel_size: int, normalizer: str = "softmax") -> Tensor:
@@ -181,14 +182,19 @@ class CARAFEPack(_KernelPrediction):
         return self.kernel_normalizer(self.content_encoder(self.channel_compressor(x)))
 
     def forward(self, x: Tensor, output_size: int | Sequence[int] | None = None) -> Tensor:
-        out = self.feature_reassemble(x, self.predict_kernels(x))
-        return out if output_size is None else crop_to(out, output_size, x.shape[-2:], self.scale_factor)
+        # Always through crop_to, a leaf for torch.fx: symbolic tracing makes output_size a proxy, never None.
+        return crop_to(self.feature_reassemble(x, self.predict_kernels(x)), output_size, x.shape[-2:],
+                       self.scale_factor)
 
 
-def crop_to(out: Tensor, output_size: int | Sequence[int], input_size: Sequence[int], scale_factor: int) -> Tensor:
-    """The top-left ``output_size`` of a sigma-fold upsampled ``out``: what an odd-sized level of a pyramid needs
-    (mmdet's FPN_CARAFE crops the same way). Each output (p, q) keeps its reassembly centre (p // sigma, q // sigma),
-    so the size must round up to the input's: ``ceil(H_out / sigma) == H`` (and likewise for W)."""
+def crop_to(out: Tensor, output_size: int | Sequence[int] | None, input_size: Sequence[int],
+            scale_factor: int) -> Tensor:
+    """The top-left ``output_size`` of a sigma-fold upsampled ``out`` (``out`` itself for None): what an odd-sized
+    level of a pyramid needs (mmdet's FPN_CARAFE crops the same way). Each output (p, q) keeps its reassembly
+    centre (p // sigma, q // sigma), so the size must round up to the input's: ``ceil(H_out / sigma) == H`` (and
+    likewise for W)."""
+    if output_size is None:
+        return out
     size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
         raise TypeError(f"output_size must be an int or a pair of ints (H_out, W_out), got {output_size!r}")

@@ -20,7 +20,7 @@ from torch import Tensor
 from carafe import build
 from carafe.backends.function import (check_storage, is_channels_last, kernel_operand,
                                      kernel_unavailable_reason, run_kernel)
-from carafe.build import BuildError, is_valid_build
+from carafe.build import BuildError, is_valid_build  # noqa: F401 -- is_valid_build: re-exported for callers
 
 SOURCE = build.SOURCE
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
