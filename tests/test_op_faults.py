@@ -85,6 +85,7 @@ def test_a_damaged_cache_is_repaired(fresh_build):
     assert result.returncode == 0, result.stderr
     # Every 3x3 window of the 2x2 map holds all four ones: 2 channels x 16 outputs x 4 = 128.
     assert result.stdout.split() == [str(library), "128.0"]
+    assert "carafe: compiling the C++ kernels" in result.stderr  # the one-line notice while it compiles
     assert cpu_backend.is_valid_build(library)
     assert not stale.exists() and live.exists()
 
