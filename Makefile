@@ -20,8 +20,8 @@ OVERRIDES ?=
 SEEDS     ?=
 BACKBONES ?=
 
-.PHONY: setup lock test test-fast check-results bench bench-cuda-static op-costs clean reproduce-tables figure-4 figure-5 \
-	figure-8 figure-9
+.PHONY: setup lock test test-fast test-compat check-results bench bench-cuda-static op-costs clean reproduce-tables \
+	figure-4 figure-5 figure-8 figure-9
 
 setup: $(STAMP)
 
@@ -29,7 +29,7 @@ setup: $(STAMP)
 # this checkout installed editable without touching them. uv resolves from the package index only (it never reads
 # pip's config), so torch and torchvision arrive as the matched pair pinned there rather than a locally cached CPU-only
 # torch that torchvision cannot load. After editing the dependencies in pyproject.toml, run `make lock`.
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) setup.py carafe/build.py carafe/csrc/reassemble_cpu.cpp
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check uv
 	$(UV) pip install --python $(PY) --require-hashes -r $(LOCK)
@@ -53,6 +53,20 @@ check-results: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# The operator tests in a fresh environment with the oldest torch that pyproject.toml allows (TORCH_FLOOR), from the
+# package index, and this checkout with the dependencies it declares, resolved anew (docs/packaging.md). .ci/run runs it after `make test`. The first
+# run downloads that torch with its CUDA libraries (a few GB); uv's cache keeps them for the next.
+TORCH_FLOOR  ?= 2.9.1
+COMPAT       := .venv-compat
+COMPAT_TESTS := tests/test_ops.py tests/test_modules.py tests/test_op_faults.py tests/test_wheel.py
+test-compat: $(STAMP)
+	rm -rf $(COMPAT)
+	$(UV) venv --quiet --python $(PY) $(COMPAT)
+	$(UV) pip install --python $(COMPAT)/bin/python --config-settings editable_mode=compat -e ".[onnx,dev]" \
+		"torch==$(TORCH_FLOOR)" uv
+	$(COMPAT)/bin/python -c "import torch; print('torch', torch.__version__)"
+	$(COMPAT)/bin/python -m pytest -p no:cacheprovider $(COMPAT_TESTS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_op.py --device cpu
@@ -89,4 +103,4 @@ list-tables: $(STAMP)
 	@$(PY) scripts/reproduce.py --list --scale $(SCALE)
 
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) $(COMPAT) build .pytest_cache carafe/_native

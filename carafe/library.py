@@ -20,6 +20,7 @@ features, ``backward_masks`` the features and only the shape and layout of the m
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -73,7 +74,23 @@ def _vmap(op: Callable[..., Tensor], tensor_args: int) -> Callable[..., tuple[Te
     return rule
 
 
-def _define(direction: str, up: bool) -> dict[str, torch._library.custom_ops.CustomOpDef]:
+def _dynamo_disabled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` hidden from TorchDynamo, as ``torch.library.custom_op`` hides an implementation, but without importing
+    ``torch._dynamo`` (several seconds) on the first eager call: until something has imported it, nothing can be
+    compiling, and ``fn`` runs as it is."""
+    disabled: list[Callable[..., Tensor]] = []
+
+    def call(*args: object) -> Tensor:
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args)
+
+    return call
+
+
+def _define(direction: str, up: bool) -> dict[str, torch._ops.OpOverload]:
     ops = {}
     for kernel in KERNELS:
         # One implementation for every device: the backend is chosen from the tensors and use_backend at run time.
@@ -88,9 +105,13 @@ def _define(direction: str, up: bool) -> dict[str, torch._library.custom_ops.Cus
                   if kernel == "forward" else "(Tensor grad_out, Tensor features, Tensor masks, int kernel_size, "
                   "int group_size, int scale_factor) -> Tensor")
         name = f"{NAMESPACE}::{op_name(direction, kernel)}"
-        op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
-        op.register_fake(_fake(kernel))
-        op.register_vmap(_vmap(op, 2 if kernel == "forward" else 3))
+        # torch.library's define / impl rather than custom_op, whose implementations import torch._dynamo on their
+        # first call (see _dynamo_disabled); the fake, autograd and vmap registrations are the same ones.
+        torch.library.define(name, schema, tags=(torch.Tag.pt2_compliant_tag,))
+        torch.library.impl(name, "CompositeExplicitAutograd", _dynamo_disabled(impl))
+        op = getattr(getattr(torch.ops, NAMESPACE), op_name(direction, kernel)).default
+        torch.library.register_fake(name, _fake(kernel))
+        torch.library.register_vmap(name, _vmap(op, 2 if kernel == "forward" else 3))
         ops[kernel] = op
 
         @register_flop_formula(getattr(getattr(torch.ops, NAMESPACE), op_name(direction, kernel)))
@@ -129,9 +150,9 @@ def _define(direction: str, up: bool) -> dict[str, torch._library.custom_ops.Cus
                 backward_features(grad_out, features, grad, *ctx.geometry) if need_features else None, None,
                 None, None, None)
 
-    forward.register_autograd(forward_backward, setup_context=save_inputs)
-    backward_features.register_autograd(backward_features_backward, setup_context=save_inputs)
-    backward_masks.register_autograd(backward_masks_backward, setup_context=save_inputs)
+    for op, backward in ((forward, forward_backward), (backward_features, backward_features_backward),
+                         (backward_masks, backward_masks_backward)):
+        torch.library.register_autograd(op._schema.name, backward, setup_context=save_inputs)
     return ops
 
 

@@ -84,10 +84,11 @@ def check_inputs(features: object, masks: object, kernel_size: object, group_siz
     out_hw = (h * s, w * s) if up else ((h - 1) // s + 1, (w - 1) // s + 1)
     expected = (n, g * k * k, *out_hw)
     if tuple(masks.shape) != expected:
-        what = "group_size * kernel_size**2" if masks.shape[1] != expected[1] else (
-            "(H * scale_factor, W * scale_factor)" if up else "(ceil(H / scale_factor), ceil(W / scale_factor))")
-        raise ValueError(f"masks must have shape (N, {what}) = {expected} for features of shape {tuple(features.shape)}"
-                         f", kernel_size={k}, group_size={g}, scale_factor={s}; got {tuple(masks.shape)}")
+        spatial = "H * scale_factor, W * scale_factor" if up else "ceil(H / scale_factor), ceil(W / scale_factor)"
+        wrong = "its channels" if masks.shape[1] != expected[1] else "its height and width"
+        raise ValueError(f"masks must have shape (N, group_size * kernel_size**2, {spatial}) = {expected} for "
+                         f"features of shape {tuple(features.shape)}, kernel_size={k}, group_size={g}, "
+                         f"scale_factor={s}; got {tuple(masks.shape)} ({wrong} differ)")
     return k, g, s
 
 

@@ -31,8 +31,8 @@ README_LIMIT_BYTES = 12 * 1024
 # Names that exist only once the lead has merged the other branches of this round (make check-results,
 # results/SUMMARY.md and results/runs/: the results-trust issue; the rest: the CUDA and packaging work). The lead
 # must empty both lists after merging; a listed name that exists fails the test below as the reminder.
-PENDING_TARGETS = {"test-compat"}
-PENDING_FILES = {"docs/packaging.md", "docs/detection-tiny.md"}
+PENDING_TARGETS: set[str] = set()
+PENDING_FILES = {"docs/detection-tiny.md"}
 
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
 OPERATORS = {"&&", "||", ";", "|"}

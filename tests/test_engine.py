@@ -92,6 +92,9 @@ def test_two_process_ddp_with_gloo(data_dir: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["world_size"] == 2
+    # The record says which backend ran the CARAFE++ downsampler: the compiled CPU kernels, built at install time.
+    assert record["carafe_backends"]["used"] == ["cpu"], record["carafe_backends"]
+    assert record["carafe_backends"]["cpu_library"].startswith(("prebuilt", "cached")), record["carafe_backends"]
     assert record["metrics"]["images"] == 16 * 2  # the sharded evaluation saw every validation image once
     assert record["config_hash"] == config_hash(compose(overrides))
     assert any(k.endswith("running_mean") for k in _weights(run_dir))

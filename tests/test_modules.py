@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carafe import CARAFEDownPack, CARAFEPack, carafe, carafe_down, normalize_kernels, use_backend
+from carafe import (CARAFE, CARAFEDownPack, CARAFENaive, CARAFEPack, carafe, carafe_down, carafe_naive,
+                    normalize_kernels, use_backend)
 from carafe.modules import pixel_shuffle
+from conftest import assert_matches_oracle, brute_force, reassembly_inputs
 
 
 def n_params(module: nn.Module) -> int:
@@ -137,11 +141,11 @@ def test_modules_use_the_fast_backend_and_the_reference_identically():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(up_kernel=4), "kernel_size must be odd, got 4"),
+    (dict(up_kernel=4), "up_kernel must be odd, got 4"),
     (dict(encoder_kernel=2), "encoder_kernel must be odd, got 2"),
     (dict(compressed_channels=0), "compressed_channels must be >= 1, got 0"),
     (dict(normalizer="relu"), "unknown kernel normalizer 'relu'"),
-    (dict(up_group=3), r"channels \(8\) must be divisible by the group size \(3\)"),
+    (dict(up_group=3), r"channels \(8\) must be divisible by up_group \(3\)"),
     (dict(scale_factor=0), "scale_factor must be >= 1, got 0"),
 ])
 def test_bad_module_arguments_are_named(kwargs, message):
@@ -184,3 +188,138 @@ def test_modules_run_under_cpu_autocast(normalizer):
             out = module(x)
         out.float().sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# --- the mmcv drop-in: CARAFE, CARAFENaive / carafe_naive, CARAFEPack's methods ----------------------------------
+# mmcv's own CARAFE tests use kernel 5, group 4, scale 2 on features (2, 64, 3, 3) and masks (2, 100, 6, 6), forward
+# and backward with an all-ones output gradient, and gradcheck in float64; here against the float64 loop oracle.
+
+def brute_force_grads(x: np.ndarray, m: np.ndarray, grad: np.ndarray, k: int, groups: int, scale: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """d loss / d features and d loss / d masks of CARAFE upsampling for an output gradient ``grad``, as loops in
+    float64: every tap that reads input (iy, ix) adds its weight times the output gradient there, and each tap's
+    weight gets the sum over its group's channels of the input it reads times the output gradient."""
+    n, c, h, w = x.shape
+    out_h, out_w = m.shape[2:]
+    per_group, r = c // groups, k // 2
+    grad_x, grad_m = np.zeros_like(x), np.zeros_like(m)
+    for b, p, q, ky, kx in itertools.product(range(n), range(out_h), range(out_w), range(k), range(k)):
+        iy, ix = p // scale + ky - r, q // scale + kx - r
+        if not (0 <= iy < h and 0 <= ix < w):
+            continue
+        for g in range(groups):
+            channels = slice(g * per_group, (g + 1) * per_group)
+            tap = g * k * k + ky * k + kx
+            grad_x[b, channels, iy, ix] += m[b, tap, p, q] * grad[b, channels, p, q]
+            grad_m[b, tap, p, q] += (x[b, channels, iy, ix] * grad[b, channels, p, q]).sum()
+    return grad_x, grad_m
+
+
+def mmcv_case(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    x, m, _ = reassembly_inputs(2, 64, 3, 3, 5, 4, 2, True, dtype=torch.float64, seed=3)
+    return x.to(dtype), m.sigmoid().to(dtype)
+
+
+@pytest.mark.parametrize("module_cls", [CARAFE, CARAFENaive])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_mmcv_carafe_modules_match_the_oracle(module_cls, channels_last):
+    x, m = mmcv_case()
+    if channels_last:
+        x, m = x.to(memory_format=torch.channels_last), m.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    m.requires_grad_(True)
+    out = module_cls(5, 4, 2)(x, m)
+    out.backward(torch.ones_like(out))
+    x64, m64 = x.detach().double().numpy(), m.detach().double().numpy()
+    want = brute_force(x64, m64, 5, 4, 2, True)
+    want_gx, want_gm = brute_force_grads(x64, m64, np.ones_like(want), 5, 4, 2)
+    assert_matches_oracle(out, torch.from_numpy(want), torch.float32, "output")
+    assert_matches_oracle(x.grad, torch.from_numpy(want_gx), torch.float32, "features' gradient")
+    assert_matches_oracle(m.grad, torch.from_numpy(want_gm), torch.float32, "masks' gradient")
+
+
+@pytest.mark.parametrize("module_cls", [CARAFE, CARAFENaive])
+def test_mmcv_carafe_modules_pass_gradcheck(module_cls):
+    x, m = mmcv_case(torch.float64)
+    torch.autograd.gradcheck(module_cls(5, 4, 2), (x.requires_grad_(), m.requires_grad_()), atol=1e-8,
+                             fast_mode=True)
+
+
+def test_carafe_naive_runs_without_the_registered_operator():
+    # The reference computation straight through autograd: no carafe:: operator appears in the graph.
+    x, m = mmcv_case(torch.float64)
+    out = carafe_naive(x.requires_grad_(), m, 5, 4, 2)
+    assert "carafe" not in type(out.grad_fn).__name__.lower()
+    with pytest.raises(ValueError, match=r"masks must have shape .* = \(2, 100, 6, 6\)"):
+        carafe_naive(x, m[..., :5], 5, 4, 2)
+
+
+def test_carafe_module_arguments_are_named():
+    with pytest.raises(ValueError, match="kernel_size must be odd, got 4"):
+        CARAFE(4, 1, 2)
+    with pytest.raises(TypeError, match=r"scale_factor must be an integer, got 2.0 \(float\)"):
+        CARAFENaive(5, 1, 2.0)
+
+
+def test_carafe_pack_has_mmcvs_methods_and_state_dict_names():
+    torch.manual_seed(0)
+    module = CARAFEPack(16, 2, up_kernel=3, up_group=2, compressed_channels=8).double()
+    # An mmcv-named state_dict (mmcv.ops.CARAFEPack's parameter names and shapes) loads strictly.
+    state = {"channel_compressor.weight": torch.randn(8, 16, 1, 1), "channel_compressor.bias": torch.randn(8),
+             "content_encoder.weight": torch.randn(2 * 9 * 4, 8, 3, 3) * 0.1, "content_encoder.bias": torch.randn(72)}
+    module.load_state_dict(state, strict=True)
+    x = torch.randn(2, 16, 4, 5, dtype=torch.float64)
+    raw = F.conv2d(F.conv2d(x, state["channel_compressor.weight"].double(), state["channel_compressor.bias"].double()),
+                   state["content_encoder.weight"].double(), state["content_encoder.bias"].double(), padding=1)
+    # kernel_normalizer: torch's pixel shuffle, then a softmax over each group's k_up^2 taps.
+    shuffled = F.pixel_shuffle(raw, 2)
+    want_kernels = torch.softmax(shuffled.view(2, 2, 9, 8, 10), dim=2).view(2, 18, 8, 10)
+    torch.testing.assert_close(module.kernel_normalizer(raw), want_kernels)
+    want = brute_force(x.numpy(), want_kernels.numpy(), 3, 2, 2, True)
+    torch.testing.assert_close(module.feature_reassemble(x, want_kernels), torch.from_numpy(want))
+    torch.testing.assert_close(module(x), torch.from_numpy(want))
+    # init_weights: mmcv's initialisation again (xavier-uniform convolutions, zero biases, encoder std 0.001).
+    module.init_weights()
+    assert (module.content_encoder.bias == 0).all() and (module.channel_compressor.bias == 0).all()
+    assert module.content_encoder.weight.std().item() < 0.002
+
+
+def test_settable_attributes_are_checked():
+    module = CARAFEPack(8, 2, up_kernel=5, compressed_channels=4)
+    module.up_group = 2
+    module.up_kernel = 3
+    assert (module.up_kernel, module.kernel_size, module.up_group, module.group_size) == (3, 3, 2, 2)
+    with pytest.raises(ValueError, match="up_kernel must be odd, got 2"):
+        module.up_kernel = 2
+    down = CARAFEDownPack(8)
+    down.down_kernel = 3
+    assert down.kernel_size == 3
+    with pytest.raises(ValueError, match="down_kernel must be odd, got 4"):
+        CARAFEDownPack(8, down_kernel=4)
+    with pytest.raises(ValueError, match="down_group must be >= 1, got 0"):
+        down.down_group = 0
+
+
+def test_output_size_crops_an_odd_level():
+    torch.manual_seed(0)
+    module = CARAFEPack(4, 2, up_kernel=3, compressed_channels=4).double()
+    x = torch.randn(1, 4, 13, 7, dtype=torch.float64)
+    kernels = module.predict_kernels(x)
+    want = brute_force(x.numpy(), kernels.detach().numpy(), 3, 1, 2, True)[..., :25, :13]
+    torch.testing.assert_close(module(x, output_size=(25, 13)), torch.from_numpy(want))
+    assert module(x, output_size=torch.Size([26, 14])).shape == (1, 4, 26, 14)
+    with pytest.raises(ValueError, match=r"H_out=24 is not a 2-fold upsampling of H=13: it must be in \(24, 26\]"):
+        module(x, output_size=(24, 13))
+    with pytest.raises(TypeError, match="output_size must be an int or a pair of ints"):
+        module(x, output_size=(25.0, 13))
+
+
+def test_mmengine_builds_the_modules_from_a_config():
+    registry = pytest.importorskip("mmengine.registry", reason="mmengine is not installed (it is optional)")
+    import carafe.mmengine  # noqa: F401 -- registers the modules
+
+    module = registry.MODELS.build(dict(type="CARAFEPack", channels=8, scale_factor=2, compressed_channels=4))
+    assert isinstance(module, CARAFEPack) and module(torch.randn(1, 8, 3, 3)).shape == (1, 8, 6, 6)
+    assert isinstance(registry.MODELS.build(dict(type="carafe", channels=8, scale_factor=2)), CARAFEPack)
+    down = registry.MODELS.build(dict(type="CARAFEDownPack", channels=8, down_kernel=3))
+    assert isinstance(down, CARAFEDownPack) and down.down_kernel == 3

@@ -263,9 +263,9 @@ class ReassemblyTester:
         with use_backend(backend):
             for kernel, op in OPS["carafe" if self.up else "carafe_down"].items():
                 args = (x, m, k, g, s) if kernel == "forward" else (grad, x, m, k, g, s)
-                torch.library.opcheck(op._opoverload, args)
+                torch.library.opcheck(op, args)
                 if kernel == "forward":  # and a channels_last input, whose result the fake must lay out the same way
-                    torch.library.opcheck(op._opoverload,
+                    torch.library.opcheck(op,
                                           (x.detach().to(memory_format=torch.channels_last), m, k, g, s))
 
     @pytest.mark.parametrize("backend", ["auto", *carafe.BACKENDS])
@@ -517,7 +517,9 @@ def _good():  # noqa: ANN202
     (dict(masks=torch.zeros(2, 18, 6, 10, dtype=torch.float64)), TypeError,
      "masks dtype torch.float64 does not match features dtype torch.float32"),
     (dict(masks=torch.zeros(2, 17, 6, 10)), ValueError, r"group_size \* kernel_size\*\*2.*got \(2, 17, 6, 10\)"),
-    (dict(masks=torch.zeros(2, 18, 6, 9)), ValueError, r"\(H \* scale_factor, W \* scale_factor\).*got \(2, 18, 6, 9\)"),
+    (dict(masks=torch.zeros(2, 18, 6, 9)), ValueError,
+     r"shape \(N, group_size \* kernel_size\*\*2, H \* scale_factor, W \* scale_factor\) = \(2, 18, 6, 10\) .*"
+     r"got \(2, 18, 6, 9\) \(its height and width differ\)"),
     (dict(masks=torch.zeros(1, 18, 6, 10)), ValueError, r"batch size N = 2 of features, got N = 1"),
     (dict(features=torch.zeros(2, 4, 3, 5).to_sparse()), TypeError, "dense .* got layout torch.sparse_coo"),
     (dict(features=torch.zeros(2, 4, 0, 5), masks=torch.zeros(2, 18, 0, 10)), ValueError,

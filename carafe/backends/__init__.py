@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Protocol
@@ -28,6 +29,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from carafe._caller import caller_stacklevel
 from carafe.backends.function import storage_problem
 
 _MODULES = {"reference": "carafe.backends.reference", "cpu": "carafe.backends.cpu", "cuda": "carafe.backends.cuda"}
@@ -35,6 +37,7 @@ BACKENDS = tuple(_MODULES)
 
 _forced: contextvars.ContextVar[str] = contextvars.ContextVar("carafe_backend", default="auto")
 _warned: set[str] = set()
+_used: set[str] = set()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -100,11 +103,28 @@ def select(features: Tensor) -> Backend:
     except BackendUnavailableError as err:
         reason = str(err)
     if reason is None:
+        _used.add(name)
         return backend
     if forced != "auto":
         raise BackendUnavailableError(f"CARAFE backend {name!r} cannot run this call: {reason}")
     if name not in _warned:
         _warned.add(name)
         warnings.warn(f"CARAFE: the fast {name!r} backend is unavailable ({reason}); using the slow 'reference' "
-                      "backend instead", RuntimeWarning, stacklevel=3)
+                      "backend instead", RuntimeWarning, stacklevel=caller_stacklevel())
+    _used.add("reference")
     return _load("reference")
+
+
+def backends_used() -> list[str]:
+    """The backends that have run a reassembly in this process so far (sorted), e.g. for a run's record."""
+    return sorted(_used)
+
+
+def usage() -> dict[str, object]:
+    """For a run's record: ``used``, the backends that ran the reassembly in this process (empty if no CARAFE
+    operator ran), and ``cpu_library``, where the CPU backend's kernels came from (e.g. ``prebuilt avx512``)."""
+    record: dict[str, object] = {"used": backends_used()}
+    cpu = sys.modules.get("carafe.backends.cpu")
+    if cpu is not None and cpu.loaded_library():
+        record["cpu_library"] = cpu.loaded_library()["source"]
+    return record

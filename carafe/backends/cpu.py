@@ -1,9 +1,8 @@
-"""The fast CPU backend: ``csrc/reassemble_cpu.cpp`` compiled on first use, with its own analytic backward.
+"""The fast CPU backend: ``csrc/reassemble_cpu.cpp`` compiled for this CPU, with its own analytic backward.
 
-The library is plain C++ with a C ABI (no libtorch headers), so building it takes a couple of seconds; it is cached
-under ``$CARAFE_BUILD_DIR`` (default ``~/.cache/carafe``) in a file whose name hashes the source, the compiler and
-its flags and this CPU's instruction-set flags, so an edit or a different machine triggers a fresh build. Beside it
-lies the library's SHA-256, recorded at build time; a cached library that does not match it is rebuilt, not loaded.
+The library is plain C++ with a C ABI, loaded with ctypes. It is normally compiled when the package is installed,
+once per instruction-set level, and the widest level this CPU runs is loaded; where none was built it is compiled
+on first use into a cache (see ``carafe.build``, which also says how to pre-build it: ``python -m carafe.build``).
 
 The kernels read and write both NCHW and channels_last tensors in place (other strides are made contiguous first);
 results take the layout of the input they belong to. Threads: ``torch.get_num_threads()``.
@@ -13,133 +12,45 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from carafe import build
 from carafe.backends.function import (check_storage, is_channels_last, kernel_operand,
                                      kernel_unavailable_reason, run_kernel)
+from carafe.build import BuildError, is_valid_build  # noqa: F401 -- is_valid_build: re-exported for callers
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "reassemble_cpu.cpp"
-CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+SOURCE = build.SOURCE
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-
-
-class BuildError(RuntimeError):
-    pass
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compiler() -> str:
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        raise BuildError(f"no C++ compiler: {cxx!r} is not on PATH (install g++, or set CXX to a C++17 compiler)")
-    return cxx
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _digest_path(library: Path) -> Path:
-    """Where the SHA-256 of ``library``, recorded when it was built, is kept."""
-    return library.with_name(library.name + ".sha256")
-
-
-def is_valid_build(library: Path) -> bool:
-    """True if ``library`` exists and its bytes hash to the digest recorded at build time (a truncated or otherwise
-    damaged file would crash the process when called, so it is rebuilt instead of loaded)."""
-    try:
-        return _digest_path(library).read_text().strip() == _file_digest(library)
-    except OSError:
-        return False
-
-
-def _temp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
-
-
-def _remove_stale_temp_files(build_dir: Path) -> None:
-    """Delete the temporary files of builds whose process is gone (killed mid-build); live builds keep theirs."""
-    for tmp in build_dir.glob(".reassemble_cpu-*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = _temp_path(path)
-    try:
-        tmp.write_bytes(b"")  # fails here, with the folder named, if the cache is not writable
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _compile(cxx: str, output: Path) -> None:
-    result = subprocess.run([cxx, *CXX_FLAGS, str(SOURCE), "-o", str(output)], capture_output=True, text=True)
-    if result.returncode != 0:
-        log = result.stderr.strip() or result.stdout.strip() or "(the compiler printed nothing)"
-        raise BuildError(f"the C++ compiler {cxx!r} failed on {SOURCE} with exit status {result.returncode}: {log}\n"
-                         "Set CXX to a working C++17 compiler (for example CXX=g++) or install g++.")
+_loaded: dict[str, str] = {}
 
 
 def build_library() -> Path:
-    """Compile the kernels unless a valid build is cached; return the shared library's path.
+    """Compile this CPU's library into the cache unless a valid build is there; return its path (the prebuilt
+    library of the installation, if any, is neither used nor touched: see ``library_to_load``)."""
+    return build.build_library()
 
-    The library and its recorded SHA-256 are each written to a temporary file and renamed, so concurrent builds
-    (DDP workers, pytest-xdist) are safe and a killed build leaves no half-written library under the final name.
-    """
-    cxx = _compiler()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, *CXX_FLAGS, _cpu_flags()]).encode())
-    build_dir = Path(os.environ.get("CARAFE_BUILD_DIR", Path.home() / ".cache" / "carafe"))
-    target = build_dir / f"reassemble_cpu-{key.hexdigest()[:16]}.so"
-    if is_valid_build(target):
-        return target
-    try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(build_dir)
-        _write_atomically(target, lambda tmp: _compile(cxx, tmp))
-        _write_atomically(_digest_path(target), lambda tmp: tmp.write_text(_file_digest(target) + "\n"))
-    except OSError as err:
-        raise BuildError(f"writing the compiled kernels to {build_dir} failed ({err}); set CARAFE_BUILD_DIR to a "
-                         "writable folder") from None
-    return target
+
+def library_to_load() -> tuple[Path, str]:
+    """The library this process loads and where it comes from (prebuilt, cached, or compiled now)."""
+    return build.library_to_load()
+
+
+def loaded_library() -> dict[str, str]:
+    """Which library this process loaded (``path``, ``source``: e.g. ``prebuilt avx512``); empty before the first
+    call on the CPU backend."""
+    return dict(_loaded)
 
 
 def _open_library() -> ctypes.CDLL | BuildError:
     try:
-        lib = ctypes.CDLL(str(build_library()))
+        path, source = library_to_load()
+        lib = ctypes.CDLL(str(path))
     except (BuildError, OSError) as err:
         return err if isinstance(err, BuildError) else BuildError(f"loading the compiled kernels failed: {err}")
+    _loaded.update(path=str(path), source=source)
     for suffix in _SUFFIX.values():
         for name in ("forward", "backward_features", "backward_masks"):
             fn = getattr(lib, f"carafe_{name}_{suffix}")

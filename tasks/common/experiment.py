@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, ValidationError
 
+import carafe.backends
 from tasks.common.distributed import World, close_world, init_world
 from tasks.common.engine import RunSettings, Schedule, fit
 from tasks.common.factories import UntrustedConfigError, build_operator, import_task_class
@@ -260,6 +261,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, world: World, started: float) ->
         "train_seconds": round(result.train_seconds, 1),
         "wall_seconds": round(sum(segment["wall_seconds"] for segment in segments), 1), "segments": segments,
         **git_state(), "finished_at": utc_now(), "torch": torch.__version__,
+        "carafe_backends": carafe.backends.usage(),
     }
     if world.is_main:
         write_json_atomic(run_dir / METRICS_NAME, record)
