@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from tasks.common.experiment import ConfigError, hold_named_run_folder, run_experiment
-from tasks.common.io import RunFolderLocked
+from tasks.common.io import LOCK_NAME, RunFolderLocked
 
 log = logging.getLogger("train")
 
@@ -48,13 +48,13 @@ def _to_log_file(level: int, message: str, exc_info: bool = False) -> None:
 
 def _only_hydras_files(run_dir: Path, job_name: str) -> bool:
     """True if ``run_dir`` holds nothing but what Hydra writes before the job starts (its .hydra folder and the
-    job's log file): no run has used the folder."""
-    return all(entry.name in (".hydra", f"{job_name}.log") for entry in run_dir.iterdir())
+    job's log file) and the folder's lock this script took before Hydra ran: no run has used the folder."""
+    return all(entry.name in (".hydra", f"{job_name}.log", LOCK_NAME) for entry in run_dir.iterdir())
 
 
 def _remove_unused_run_dir(run_dir: Path, job_name: str) -> None:
     logging.shutdown()  # closes the log file, so that it can be removed
-    for name in (".hydra", f"{job_name}.log"):
+    for name in (".hydra", f"{job_name}.log", LOCK_NAME):  # the lock's open handle keeps holding it until exit
         path = run_dir / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     try:
