@@ -215,9 +215,41 @@ def load_optimizer_state(optimizers: dict[str, Any], state: dict[str, Any], key:
         o.load_state_dict(saved[part])
 
 
-def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, world: World,
-        config_hash: str = "") -> FitResult:
-    """Train ``task`` for ``schedule.epochs``, resuming from ``run_dir/checkpoint.pt`` if it exists."""
+@dataclass
+class _Training:
+    """What ``fit`` trains with: the model (wrapped for data parallelism once resumed), data, optimizers."""
+    model: nn.Module
+    val_set: Any
+    train_loader: Any
+    val_loader: Any
+    iters_per_epoch: int
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    scaler: torch.amp.GradScaler
+
+
+@dataclass
+class _Progress:
+    """Where a run is: epochs done, their history, training seconds so far and the earlier processes' segments;
+    this process's segment is timed from ``segment_started``."""
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    segments: list[dict[str, float]] = field(default_factory=list)
+    segment_started: float = field(default_factory=time.perf_counter)
+    segment_train_seconds: float = 0.0
+
+    def add_training(self, seconds: float) -> None:
+        self.train_seconds += seconds
+        self.segment_train_seconds += seconds
+
+    def all_segments(self) -> list[dict[str, float]]:
+        return [*self.segments, {"wall_seconds": round(time.perf_counter() - self.segment_started, 1),
+                                 "train_seconds": round(self.segment_train_seconds, 1)}]
+
+
+def _prepare(task: Task, schedule: Schedule, settings: RunSettings, world: World) -> _Training:
+    """Seed, build the model, the data and the optimizers (in this order: the seeds fix what each draws)."""
     set_deterministic(settings.deterministic)
     seed_everything(derive_seed(settings.seed, world.rank))
     if schedule.batch_size % world.world_size:
@@ -238,88 +270,117 @@ def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, wo
     if iters_per_epoch == 0:
         raise ValueError(f"the training set has {len(train_set)} samples, fewer than one batch of {per_rank} per "
                          f"process; lower schedule.batch_size or use more data")
-
     optimizers, schedulers = build_optimizers(task, model, schedule, iters_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=settings.amp and world.device.type == "cuda")
+    return _Training(model, val_set, train_loader, val_loader, iters_per_epoch, optimizers, schedulers, scaler)
 
-    segment_started = time.perf_counter()
-    start_epoch, history, train_seconds, segments = 0, [], 0.0, []
-    checkpoint_path = run_dir / CHECKPOINT_NAME
+
+def _resume(task: Task, training: _Training, checkpoint_path: Path, epochs: int, world: World,
+            config_hash: str) -> _Progress:
+    """The run's progress: from its checkpoint (weights, optimizer, scheduler and scaler states loaded into
+    ``training``), or a fresh start when there is none."""
+    progress = _Progress()
     if world.is_main:  # a checkpoint write killed half-way leaves its temporary file; the run's lock is held
         remove_stale_temporaries(checkpoint_path)
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, map_location=world.device)
-        if config_hash and state.get("config_hash") != config_hash:
-            raise RuntimeError(f"{checkpoint_path} was written by a run with another config (hash "
-                               f"{state.get('config_hash')} != {config_hash}); use a new run folder or delete it")
-        check_resume_state(state, checkpoint_path, schedule.epochs,
-                           ("optimizers", "schedulers") if task.optimizer_parts else ("optimizer", "scheduler"))
-        model.load_state_dict(state["model"])
-        load_optimizer_state(optimizers, state, "optimizer", checkpoint_path)
-        load_optimizer_state(schedulers, state, "scheduler", checkpoint_path)
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, history, train_seconds = state["epoch"], state["history"], state["train_seconds"]
-        segments = list(state.get("segments") or [])
-        if world.is_main:
-            log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, schedule.epochs)
-
-    model = data_parallel(task, model, world, settings)
-    writer = None
+    if not checkpoint_path.exists():
+        return progress
+    state = load_checkpoint(checkpoint_path, map_location=world.device)
+    if config_hash and state.get("config_hash") != config_hash:
+        raise RuntimeError(f"{checkpoint_path} was written by a run with another config (hash "
+                           f"{state.get('config_hash')} != {config_hash}); use a new run folder or delete it")
+    check_resume_state(state, checkpoint_path, epochs,
+                       ("optimizers", "schedulers") if task.optimizer_parts else ("optimizer", "scheduler"))
+    training.model.load_state_dict(state["model"])
+    load_optimizer_state(training.optimizers, state, "optimizer", checkpoint_path)
+    load_optimizer_state(training.schedulers, state, "scheduler", checkpoint_path)
+    if state.get("scaler"):
+        training.scaler.load_state_dict(state["scaler"])
+    progress.start_epoch, progress.history = state["epoch"], state["history"]
+    progress.train_seconds = state["train_seconds"]
+    progress.segments = list(state.get("segments") or [])
     if world.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-        if start_epoch == 0:
-            writer.add_text("hyper-parameters", hyperparameters_markdown(task.cfg), 0)
+        log.info("resuming %s after epoch %d of %d", checkpoint_path.parent, progress.start_epoch, epochs)
+    return progress
 
+
+def _evaluate_and_log(task: Task, training: _Training, settings: RunSettings, writer: Any,
+                      epochs_done: int) -> dict[str, float]:
+    """Validation metrics after ``epochs_done`` epochs, written to TensorBoard on the training scalars' axis
+    (iterations done) with the task's images."""
+    metrics = evaluate(task, training.model, training.val_loader, settings)
+    if writer is not None:
+        step = epochs_done * training.iters_per_epoch
+        for name, value in metrics.items():
+            writer.add_scalar(f"val/{name}", value, step)
+        task.log_images(unwrap(training.model), training.val_set, writer, step)
+    return metrics
+
+
+def _save(training: _Training, progress: _Progress, checkpoint_path: Path, config_hash: str) -> None:
+    """The checkpoint after an epoch: everything ``_resume`` needs to continue exactly where this left off."""
+    save_checkpoint(checkpoint_path, {
+        "model": unwrap(training.model).state_dict(), **optimizer_state(training.optimizers, "optimizer"),
+        **optimizer_state(training.schedulers, "scheduler"), "scaler": training.scaler.state_dict(),
+        "epoch": progress.start_epoch, "history": progress.history, "train_seconds": progress.train_seconds,
+        "segments": progress.all_segments(), "config_hash": config_hash})
+
+
+def _tensorboard(task: Task, run_dir: Path, world: World, fresh: bool) -> Any:
+    if not world.is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    if fresh:
+        writer.add_text("hyper-parameters", hyperparameters_markdown(task.cfg), 0)
+    return writer
+
+
+def fit(task: Task, schedule: Schedule, settings: RunSettings, run_dir: Path, world: World,
+        config_hash: str = "") -> FitResult:
+    """Train ``task`` for ``schedule.epochs``, resuming from ``run_dir/checkpoint.pt`` if it exists: prepare, resume,
+    then per epoch train, evaluate when due, log and save a checkpoint."""
+    training = _prepare(task, schedule, settings, world)
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    progress = _resume(task, training, checkpoint_path, schedule.epochs, world, config_hash)
+    resumed_at = progress.start_epoch
+    training.model = data_parallel(task, training.model, world, settings)
+    writer = _tensorboard(task, run_dir, world, fresh=resumed_at == 0)
+    history = progress.history
     metrics: dict[str, float] = history[-1].get("val", {}) if history else {}
-    segment_train_seconds = 0.0
-
-    def all_segments() -> list[dict[str, float]]:
-        return [*segments, {"wall_seconds": round(time.perf_counter() - segment_started, 1),
-                            "train_seconds": round(segment_train_seconds, 1)}]
-
     try:
-        for epoch in range(start_epoch, schedule.epochs):
+        for epoch in range(resumed_at, schedule.epochs):
             if settings.stop_after_epochs is not None and epoch >= settings.stop_after_epochs:
-                return FitResult(metrics, history, train_seconds, all_segments(), finished=False)
+                return FitResult(metrics, history, progress.train_seconds, progress.all_segments(), finished=False)
             seed_everything(derive_seed(settings.seed, epoch, world.rank))
-            reseed_loader(train_loader, settings.seed, epoch, world.rank)
+            reseed_loader(training.train_loader, settings.seed, epoch, world.rank)
             started = time.perf_counter()
-            losses = train_one_epoch(task, model, train_loader, optimizers, schedulers, scaler, world, epoch,
-                                     settings, schedule.clip_grad_norm, writer)
-            train_seconds += time.perf_counter() - started
-            segment_train_seconds += time.perf_counter() - started
+            losses = train_one_epoch(task, training.model, training.train_loader, training.optimizers,
+                                     training.schedulers, training.scaler, world, epoch, settings,
+                                     schedule.clip_grad_norm, writer)
+            progress.add_training(time.perf_counter() - started)
             record: dict[str, Any] = {"epoch": epoch + 1, "train": losses}
             if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == schedule.epochs:
-                metrics = evaluate(task, model, val_loader, settings)
-                record["val"] = metrics
-                if writer is not None:  # on the training scalars' axis: iterations done
-                    for name, value in metrics.items():
-                        writer.add_scalar(f"val/{name}", value, (epoch + 1) * iters_per_epoch)
-                    task.log_images(unwrap(model), val_set, writer, (epoch + 1) * iters_per_epoch)
+                metrics = record["val"] = _evaluate_and_log(task, training, settings, writer, epoch + 1)
             history.append(record)
+            progress.start_epoch = epoch + 1
             if world.is_main:
                 summary = " ".join(f"{k} {v:.4f}" for k, v in {**losses, **record.get("val", {})}.items())
                 log.info("epoch %d/%d: %s", epoch + 1, schedule.epochs, summary)
-                save_checkpoint(checkpoint_path, {
-                    "model": unwrap(model).state_dict(), **optimizer_state(optimizers, "optimizer"),
-                    **optimizer_state(schedulers, "scheduler"), "scaler": scaler.state_dict(),
-                    "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
-                    "segments": all_segments(), "config_hash": config_hash})
+                _save(training, progress, checkpoint_path, config_hash)
             barrier()
-        if start_epoch == schedule.epochs and not _usable(metrics, task.primary_metric):
+        if resumed_at == schedule.epochs and not _usable(metrics, task.primary_metric):
             # Resumed after the last epoch from a checkpoint without that epoch's evaluation (or with an unusable
             # one): evaluate the final weights now rather than finish without the run's result.
             if world.is_main:
                 log.warning("%s holds no usable final evaluation (%s); evaluating the final weights again",
                             checkpoint_path, metrics or "none")
-            metrics = evaluate(task, model, val_loader, settings)
+            metrics = evaluate(task, training.model, training.val_loader, settings)
             history[-1]["val"] = metrics
     finally:
         if writer is not None:
             writer.close()
-    return FitResult(metrics, history, train_seconds, all_segments())
+    return FitResult(metrics, history, progress.train_seconds, progress.all_segments())
 
 
 #: What a resume checkpoint must hold besides the optimizer and scheduler states (``optimizer`` and ``scheduler``,
