@@ -1,4 +1,5 @@
-"""Per-row ImageNet backbone weights for the detection and segmentation tables at paper scale.
+"""Per-row ImageNet backbone weights for the detection and segmentation tables: files in a folder at paper scale,
+pretraining runs found (or trained) by config hash at tiny scale.
 
 The papers fine-tune each detector / segmenter from an ImageNet-trained ResNet *with the same backbone*: a row with
 CARAFE++ (or max pooling, DPP, ...) at the ResNet's downsampling places starts from an ImageNet run of the
@@ -20,7 +21,8 @@ At tiny scale the same pretraining happens in miniature and is found by config h
 (``conf/experiment/classification/backbone_tiny.yaml``, seed 0) with the backbone ``cfg`` has, in
 ``runs/classification/<its config hash>``; ``ensure_pretrained`` trains it unless a finished run is there, once per
 backbone for every table; ``fine_tuning_overrides`` are what a detection row then adds, the papers' protocol: those
-weights, frozen BatchNorm, and the stem and first stage frozen. From the command line::
+weights, frozen BatchNorm, and the stem and first stage frozen; ``tiny_fine_tuning`` does all three for a row (the
+hook for ``scripts/reproduce.py``). From the command line::
 
     python -m tasks.common.backbones task=detection model=mask_rcnn_r50 scale=tiny   # prints the overrides
     python scripts/train.py task=detection model=mask_rcnn_r50 scale=tiny $(python -m tasks.common.backbones \
@@ -166,20 +168,30 @@ def fine_tuning_overrides(checkpoint: str | Path) -> list[str]:
     return [f"{BACKBONE_KEY}={Path(checkpoint).absolute()}", *FROZEN]
 
 
+def tiny_fine_tuning(cfg: DictConfig, runs: str | Path = REPO_ROOT / "runs", train: bool = True,
+                     runner: Callable[[list[str], Path], int] = run_command) -> list[str]:
+    """The overrides a tiny detection config adds to fine-tune its pretrained backbone, that backbone's run trained
+    first when ``train`` (else the overrides name its checkpoint whether or not it exists yet: for listing or
+    rendering a table, whose validation then names the missing file)."""
+    run = pretraining_run(cfg, runs)
+    return fine_tuning_overrides(ensure_pretrained(run, runner=runner) if train else run.checkpoint)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Print the overrides that make a tiny detection / segmentation run start from its pretrained "
-                    "backbone, training that backbone first unless its run has finished.")
+        description="Print the overrides that make a tiny detection run start from its pretrained backbone, "
+                    "training that backbone first unless its run has finished.")
     parser.add_argument("--runs", type=Path, default=REPO_ROOT / "runs", help="the runs store")
     parser.add_argument("--no-train", action="store_true", help="fail instead of training a missing backbone")
-    parser.add_argument("overrides", nargs="+", metavar="KEY=VALUE", help="the detection / segmentation run's")
+    parser.add_argument("overrides", nargs="+", metavar="KEY=VALUE", help="the detection run's")
     args = parser.parse_args(argv)
-    run = pretraining_run(compose(args.overrides), args.runs)
+    cfg = compose(args.overrides)
+    run = pretraining_run(cfg, args.runs)
     if args.no_train and not run.finished():
         print(f"no finished pretraining of {run.name} in {run.run_dir}: run `{' '.join(run.command('python'))}`",
               file=sys.stderr)
         return 1
-    print(" ".join(fine_tuning_overrides(ensure_pretrained(run))))
+    print(" ".join(tiny_fine_tuning(cfg, args.runs)))
     return 0
 
 
