@@ -187,6 +187,7 @@ def test_synthetic_shapes_have_holes_concavities_and_thin_parts(synthetic_root: 
             ys, xs = np.nonzero(mask)
             if min(np.ptp(ys), np.ptp(xs)) < 16:
                 continue
+            mask = np.pad(mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1], 1)  # the box and a border
             rows = max(_runs(row) for row in mask)
             cols = max(_runs(col) for col in mask.T)
             if name == "disc":

@@ -171,7 +171,7 @@ def test_a_detector_fine_tunes_the_backbone_its_pretraining_run_trained(tmp_path
     from tasks.detection.task import DetectionTask
     from torchvision.ops import FrozenBatchNorm2d
 
-    detection = [*detection_smoke(tmp_path / "coco"), "model=mask_rcnn_r50"]
+    detection = [*detection_smoke(tmp_path / "coco"), "model=faster_rcnn_r50"]
     run = backbones.pretraining_run(compose(detection), tmp_path / "runs")
     run = replace(run, overrides=(*run.overrides, *smoke_overrides(tmp_path / "imagenet")))
     calls = []
