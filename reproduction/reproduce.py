@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,18 @@ def write_summary(results_dir: str | Path) -> Path:
     return path
 
 
+def pretraining_runner(allow_dirty: bool) -> Callable[[list[str], Path], int]:
+    """How a missing pretraining run is trained while the rows are composed: as a child of this script, and, like
+    every training here, not from a tree with uncommitted changes unless allowed."""
+    def run(command: list[str], cwd: Path) -> int:
+        changed = [] if allow_dirty else uncommitted_changes()
+        if changed:
+            raise TableSpecError(f"a backbone's pretraining would be trained from a tree with uncommitted changes "
+                                 f"({', '.join(changed[:5])}); commit first, or pass --allow-dirty")
+        return run_child(command, cwd)
+    return run
+
+
 def reproduce(args: argparse.Namespace, argv: list[str]) -> int:
     """Run ``scripts/reproduce.py``'s table (``args`` as its command line parses them, ``argv`` as given, for the
     provenance): 0 when every seed has a result, 1 when a training failed, 2 for a bad table, record or tree."""
@@ -155,7 +168,8 @@ def reproduce(args: argparse.Namespace, argv: list[str]) -> int:
     records_dir = args.records or args.out / RECORDS_DIR_NAME
     try:
         spec = load_table_spec(args.table)
-        compose_rows(spec, args.scale, extra, args.seeds, args.backbones)
+        compose_rows(spec, args.scale, extra, args.seeds, args.backbones, args.runs,
+                     None if args.render_only else pretraining_runner(args.allow_dirty))
         records = load_records(records_dir)
         folders = index_runs(args.runs, *args.extra)
     except (TableSpecError, RecordError) as error:

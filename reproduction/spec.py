@@ -52,14 +52,19 @@ and, for the headline row, in ``results/SUMMARY.md``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.common.backbones import BACKBONE_KEY, backbone_name, missing_backbones, takes_backbone_weights
+from tasks.common.backbones import (BACKBONE_KEY, backbone_name, missing_backbones, run_command,
+                                    takes_backbone_weights, tiny_fine_tuning)
 from tasks.common.experiment import CONF_DIR, compose, config_hash, validate
+from tasks.common.provenance import REPO_ROOT
+from tasks.common.resnet import backbone_weights_pending
 
 TABLE_DIR = CONF_DIR / "table"
 
@@ -68,6 +73,9 @@ NOTES_DIR = TABLE_DIR / "notes"
 COLUMN_GROUPS_DIR = TABLE_DIR / "columns"
 
 SEED_KEY = "run.seed"
+#: The tasks whose tiny rows start from a backbone pretrained by the classification task (the papers' protocol in
+#: miniature: tasks/common/backbones.py, docs/detection-tiny.md).
+TINY_PRETRAINED_TASKS = ("detection",)
 
 
 class TableSpecError(ValueError):
@@ -347,11 +355,15 @@ def row_overrides(spec: TableSpec, row: Row, scale: str, extra: list[str] = (),
     return [*spec.overrides, *row.overrides, f"scale={scale}", *extra, *row.backbone, *(run.overrides if run else [])]
 
 def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int | None = None,
-                 backbones: Path | None = None) -> None:
+                 backbones: Path | None = None, runs: Path = REPO_ROOT / "runs",
+                 pretrain: Callable[[list[str], Path], int] | None = None) -> None:
     """Compose and validate every row and seed (so a bad row fails before any training) and fill in their config
     hashes. ``seeds`` (default: the spec's for ``scale``) seeds per row: 0 .. seeds-1. With ``backbones`` (a
     folder), every row that takes backbone weights gets ``model.backbone_weights=<backbones>/<name>.pt`` for the
-    backbone it has (``tasks.common.backbones``); a missing file fails here, naming the run that makes it."""
+    backbone it has (``tasks.common.backbones``); a missing file fails here, naming the run that makes it. Without
+    it, a tiny detection row fine-tunes the backbone its classification pretraining run trained
+    (``backbones.tiny_fine_tuning``, in ``runs``): ``pretrain(command, cwd) -> exit status`` trains a missing one
+    first; with ``pretrain=None`` (listing, rendering) the rows name its checkpoint whether or not it exists yet."""
     seeds = spec.seeds_at(scale) if seeds is None else seeds
     if seeds < 1:
         raise TableSpecError(f"table {spec.name}: seeds={seeds}; give a whole number >= 1")
@@ -360,7 +372,13 @@ def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int 
         raise TableSpecError(f"table {spec.name}: {fixed_seed[0]} fixes the seed of every run, but the table runs "
                              f"{seeds} seeds (run.seed=0..{seeds - 1}); drop the override or ask for 1 seed")
     needed: dict[Path, DictConfig] = {}
+    chosen = any(o.lstrip("+").startswith((f"{BACKBONE_KEY}=", "model.norm=")) for o in extra)
     for row in spec.rows:
+        if backbones is None and scale == "tiny" and not chosen:
+            plain = compose(row_overrides(spec, row, scale, extra))
+            if plain.task.name in TINY_PRETRAINED_TASKS:
+                row.backbone = tiny_fine_tuning(plain, runs, train=pretrain is not None,
+                                                runner=pretrain or run_command)
         if backbones is not None:
             plain = compose(row_overrides(spec, row, scale, extra))
             if takes_backbone_weights(plain):
@@ -376,7 +394,8 @@ def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int 
             overrides = row_overrides(spec, row, scale, extra, run)
             try:
                 run.config = compose(overrides)
-                validate(run.config)
+                with backbone_weights_pending() if pretrain is None else contextlib.nullcontext():
+                    validate(run.config)
             except Exception as error:
                 raise TableSpecError(f"table {spec.name}, row {row.label!r} ({' '.join(overrides)}): "
                                      f"{error}") from error

@@ -146,6 +146,87 @@ def test_synthetic_bad_arguments(tmp_path: Path, kwargs: dict, error: type[Excep
         ensure_synthetic_coco(**{"root": tmp_path / "x", **kwargs})
 
 
+def _masks_by_image(data: dict) -> dict[int, list[tuple[str, np.ndarray]]]:
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    sizes = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
+    masks: dict[int, list[tuple[str, np.ndarray]]] = {im["id"]: [] for im in data["images"]}
+    for ann in data["annotations"]:
+        h, w = sizes[ann["image_id"]]
+        seg = ann["segmentation"]
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else seg
+        masks[ann["image_id"]].append((names[ann["category_id"]], mask_utils.decode(rle).astype(bool)))
+    return masks
+
+
+def _runs(line: np.ndarray) -> int:
+    """How many separate runs of True a 1-D bool array has."""
+    return int(np.count_nonzero(np.diff(np.concatenate([[0], line.astype(np.int8), [0]])) == 1))
+
+
+def _has_hole(mask: np.ndarray) -> bool:
+    """Whether some background pixel is cut off from the image border (4-connected flood fill from the border)."""
+    outside = np.zeros_like(mask)
+    stack = [(y, x) for y in range(mask.shape[0]) for x in (0, mask.shape[1] - 1)]
+    stack += [(y, x) for x in range(mask.shape[1]) for y in (0, mask.shape[0] - 1)]
+    while stack:
+        y, x = stack.pop()
+        if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and not mask[y, x] and not outside[y, x]:
+            outside[y, x] = True
+            stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+    return bool((~mask & ~outside).any())
+
+
+def test_synthetic_shapes_have_holes_concavities_and_thin_parts(synthetic_root: Path) -> None:
+    """Version 2's point: each category's masks have the structure named for it, checked on the decoded masks of
+    every object at least 16 px across (smaller ones are a handful of pixels)."""
+    checked = set()
+    images = [objects for split in ("train", "val") for objects in _masks_by_image(_instances(synthetic_root,
+                                                                                               split)).values()]
+    for objects in images:
+        for name, mask in objects:
+            ys, xs = np.nonzero(mask)
+            if min(np.ptp(ys), np.ptp(xs)) < 16:
+                continue
+            mask = np.pad(mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1], 1)  # the box and a border
+            rows = max(_runs(row) for row in mask)
+            cols = max(_runs(col) for col in mask.T)
+            if name == "disc":
+                assert rows == cols == 1 and not _has_hole(mask)
+            elif name == "ring":
+                assert _has_hole(mask)
+            elif name == "comb":  # three or four prongs: a scanline across them crosses each
+                assert max(rows, cols) >= 3 and not _has_hole(mask)
+            elif name in ("star", "crescent"):  # a concavity: some scanline leaves the shape and re-enters
+                assert max(rows, cols) >= 2 and not _has_hole(mask), name
+            elif name == "cross":  # arms at most a third of the box wide
+                assert rows == cols == 1 and mask.sum() < 0.6 * (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
+            checked.add(name)
+    assert checked == {name for _, name in synthetic.CATEGORIES}
+
+
+def test_synthetic_masks_keep_a_clear_pixel_and_small_objects_cluster(synthetic_root: Path) -> None:
+    """No two masks of an image are 8-neighbours (brute force over pixel pairs), while some boxes come closer than
+    version 1's two-pixel box gap: overlapping (an object in another's hole or concavity) or a pixel apart."""
+    closest_box_gap = 1 << 30
+    for objects in _masks_by_image(_instances(synthetic_root, "train")).values():
+        points = [np.argwhere(mask) for _, mask in objects]
+        for i in range(len(points)):
+            for j in range(i + 1, len(points)):
+                chebyshev = np.abs(points[i][:, None, :] - points[j][None, :, :]).max(-1).min()
+                assert chebyshev >= 2
+                low = np.maximum(points[i].min(0), points[j].min(0))
+                high = np.minimum(points[i].max(0), points[j].max(0))
+                closest_box_gap = min(closest_box_gap, int((low - high).max()) - 1)  # < 0: the boxes overlap
+    assert closest_box_gap < 2
+
+
+def test_synthetic_version_is_checked(tmp_path: Path) -> None:
+    assert synthetic.GENERATOR_VERSION == 2
+    with pytest.raises(ValueError, match="version=1"):
+        ensure_synthetic_coco(tmp_path / "v1", seed=0, num_train=2, num_val=1, image_size=64, version=1)
+    assert not (tmp_path / "v1").exists()
+
+
 # ---- the loader -----------------------------------------------------------------------------------------------
 
 def _tight_box(mask: torch.Tensor) -> list[float]:

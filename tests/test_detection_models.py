@@ -384,6 +384,32 @@ def test_options_reach_torchvision() -> None:
                       InterpolateUpsample)
 
 
+def test_anchor_sizes_and_roi_levels_for_small_images() -> None:
+    """``anchor_sizes``: the anchors of P2..P6 have those sides (ratio 1: a square of that side); the default is
+    torchvision's. ``roi_canonical_scale`` c: a RoI of side s pools from level floor(4 + log2(s / c)) clamped to
+    2..5, read off features that hold their level number everywhere."""
+    from torchvision.models.detection.image_list import ImageList
+
+    model = build_detector("faster_rcnn", num_classes=NUM_CLASSES, min_size=128, max_size=128,
+                           anchor_sizes=[8, 16, 32, 64, 128], roi_canonical_scale=56)
+    features = {f"p{level}": torch.full((1, 1, 128 // 2 ** level, 128 // 2 ** level), float(level))
+                for level in range(2, 7)}
+    anchors = model.rpn.anchor_generator(ImageList(torch.zeros(1, 3, 128, 128), [(128, 128)]),
+                                         list(features.values()))[0]
+    sides = sorted({round(float(w)) for w, h in zip(anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1])
+                    if abs(float(w - h)) < 1e-3})
+    assert sides == [8, 16, 32, 64, 128]
+    assert build_detector("faster_rcnn").rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
+    sides = [8, 16, 27, 33, 60, 120]
+    boxes = torch.tensor([[4.0, 4.0, 4.0 + s, 4.0 + s] for s in sides])
+    pooled = model.roi_heads.box_roi_pool(features, [boxes], [(128, 128)])
+    expected = [min(max(math.floor(4 + math.log2(s / 56)), 2), 5) for s in sides]
+    assert expected == [2, 2, 2, 3, 4, 5]
+    assert pooled[:, 0, 3, 3].tolist() == [float(level) for level in expected]
+    assert build_detector("mask_rcnn", num_classes=NUM_CLASSES, roi_canonical_scale=56
+                          ).roi_heads.mask_roi_pool.canonical_scale == 56
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"arch": "retinanet"}, ValueError, "retinanet"),
     ({"num_classes": 1}, ValueError, "num_classes"),
@@ -396,6 +422,9 @@ def test_options_reach_torchvision() -> None:
     ({"rpn_batch_size": 3}, TypeError, "rpn_batch_size"),
     ({"box_predictor": None}, TypeError, "box_predictor"),
     ({"fpn_upsampler": "sinc"}, KeyError, "sinc"),
+    ({"anchor_sizes": [8, 16, 32]}, ValueError, "anchor_sizes"),
+    ({"anchor_sizes": [8, 16, 32, 64, 12.5]}, TypeError, "anchor_sizes"),
+    ({"roi_canonical_scale": 0}, ValueError, "roi_canonical_scale"),
 ])
 def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):

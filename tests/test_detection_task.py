@@ -133,3 +133,70 @@ def test_mask_upsampler_overrides_reach_the_model() -> None:
     cfg = compose(["task=detection", "model=mask_rcnn_r50", "upsampler@mask_upsampler=carafe"])
     assert isinstance(DetectionTask(cfg, world).build_model().roi_heads.mask_predictor.upsample, CARAFEPack)
     assert instantiate(cfg.fpn_upsampler).func.__name__ == "InterpolateUpsample"
+
+
+# ---- the tiny scale's pretrained backbone (tasks/common/backbones.py) ------------------------------------------
+
+def test_pretraining_run_names_the_classification_run_of_the_same_backbone() -> None:
+    from tasks.common import backbones
+
+    plain = backbones.pretraining_run(compose(["task=detection", "scale=tiny"]))
+    # the plain ResNet-50's pretraining is CARAFE++ Table II's ResNet-50 row: the hash its committed JSON holds
+    table = json.loads((REPO / "results" / "table-pp-2.json").read_text())
+    assert plain.config_hash == next(r["config_hash"] for r in table["rows"] if r["label"] == "ResNet-50")
+    assert plain.run_dir == (REPO / "runs" / "classification" / plain.config_hash)
+    deep = backbones.pretraining_run(compose(["task=detection", "scale=tiny", "model=mask_rcnn_r101",
+                                              "downsampler=carafe", "model.dcn_stages=[c3,c4,c5]"]))
+    assert deep.name == "resnet101-carafe"
+    assert {"model=resnet101", "downsampler=carafe"} <= set(deep.overrides)
+    cfg = compose(list(deep.overrides))
+    assert cfg.task.name == "classification" and cfg.model.depth == 101 and cfg.data.crop_size == 32
+    with pytest.raises(ValueError, match="match no conf/downsampler"):
+        backbones.pretraining_overrides(compose(["task=detection", "downsampler=carafe",
+                                                 "downsampler.compressed_channels=8"]))
+    with pytest.raises(ValueError, match="takes no backbone weights"):
+        backbones.pretraining_overrides(compose(["task=classification"]))
+
+
+def test_a_detector_fine_tunes_the_backbone_its_pretraining_run_trained(tmp_path: Path) -> None:
+    """ensure_pretrained trains the missing run once (here in-process, a one-iteration smoke run, in place of the
+    ``scripts/train.py`` subprocess it is given), reuses it after, and fails with the log's name; the detector built with
+    fine_tuning_overrides holds the checkpoint's weights with BatchNorm, stem and layer1 frozen."""
+    from dataclasses import replace
+
+    from experiment_helpers import smoke_overrides
+    from tasks.common import backbones
+    from tasks.common.distributed import World
+    from tasks.common.io import load_checkpoint
+    from tasks.detection.task import DetectionTask
+    from torchvision.ops import FrozenBatchNorm2d
+
+    detection = [*detection_smoke(tmp_path / "coco"), "model=faster_rcnn_r50"]
+    run = backbones.pretraining_run(compose(detection), tmp_path / "runs")
+    run = replace(run, overrides=(*run.overrides, *smoke_overrides(tmp_path / "imagenet")))
+    calls = []
+
+    def train_in_process(command: list[str], cwd: Path) -> int:
+        calls.append(command)
+        assert command[1] == str(REPO / "scripts" / "train.py") and command[-1] == f"hydra.run.dir={run.run_dir}"
+        run_experiment(compose(command[2:-1]), run.run_dir)
+        return 0
+
+    checkpoint = backbones.ensure_pretrained(run, runner=train_in_process)
+    assert checkpoint == run.run_dir / "checkpoint.pt" and run.finished() and len(calls) == 1
+    assert backbones.ensure_pretrained(run, runner=train_in_process) == checkpoint and len(calls) == 1  # found
+
+    cfg = compose([*detection, *backbones.fine_tuning_overrides(checkpoint)])
+    validate(cfg)
+    body = DetectionTask(cfg, World(0, 1, 0, torch.device("cpu"))).build_model().backbone.body
+    trained = load_checkpoint(checkpoint)["model"]
+    for key, value in body.state_dict().items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=0, msg=key)
+    assert isinstance(body["bn1"], FrozenBatchNorm2d) and isinstance(body["layer4"][0].downsample[1], FrozenBatchNorm2d)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+    assert not any(p.requires_grad for name in ("conv1", "layer1") for p in body[name].parameters())
+    assert all(p.requires_grad for name in ("layer2", "layer3", "layer4") for p in body[name].parameters())
+
+    failing = replace(run, run_dir=tmp_path / "runs" / "classification" / "broken")
+    with pytest.raises(RuntimeError, match="exit 3.*broken/train.log"):
+        backbones.ensure_pretrained(failing, runner=lambda command, cwd: 3)

@@ -32,7 +32,7 @@ README_LIMIT_BYTES = 12 * 1024
 # results/SUMMARY.md and results/runs/: the results-trust issue; the rest: the CUDA and packaging work). The lead
 # must empty both lists after merging; a listed name that exists fails the test below as the reminder.
 PENDING_TARGETS: set[str] = set()
-PENDING_FILES = {"docs/detection-tiny.md"}
+PENDING_FILES: set[str] = set()
 
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
 OPERATORS = {"&&", "||", ";", "|"}

@@ -19,7 +19,10 @@ stages a modulated deformable convolution (``tasks.common.deformable``). Where a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from torch import nn
@@ -28,6 +31,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from carafe import build_downsampler
 from tasks.common.deformable import ModulatedDeformConv2d
 from tasks.common.io import load_checkpoint
+from tasks.common.provenance import REPO_ROOT
 
 RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STAGES = ("layer1", "layer2", "layer3", "layer4")       # Res-2 .. Res-5 in the papers' naming
@@ -93,9 +97,30 @@ def count_downsamplers(model: nn.Module, kind: type[nn.Module]) -> int:
     return sum(isinstance(m, kind) for m in model.modules())
 
 
+_WEIGHTS_PENDING: contextvars.ContextVar[bool] = contextvars.ContextVar("backbone_weights_pending", default=False)
+
+
+@contextlib.contextmanager
+def backbone_weights_pending() -> Iterator[None]:
+    """Within the block ``check_backbone_weights`` accepts a file that does not exist yet: composing a table's rows
+    to list or render them names the checkpoints of pretraining runs that are trained only when the rows run."""
+    token = _WEIGHTS_PENDING.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_PENDING.reset(token)
+
+
+def backbone_weights_path(path: str | Path) -> Path:
+    """``model.backbone_weights`` as a file: a relative path is the repository's (the pretraining checkpoints of the
+    runs store are named so, which keeps their rows' config hashes the same in every checkout)."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 def check_backbone_weights(path: str | Path | None) -> None:
     """The config check behind ``model.backbone_weights``: None / empty (train from scratch) or an existing file."""
-    if path and not Path(path).is_file():
+    if path and not backbone_weights_path(path).is_file() and not _WEIGHTS_PENDING.get():
         raise ValueError(f"model.backbone_weights={path} is not a file; give torchvision's ImageNet ResNet weights "
                          "(.pth) or a checkpoint of scripts/train.py task=classification")
 
@@ -107,7 +132,7 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
     predictors, which an ImageNet ResNet has not, keep their zero initialisation (the DCNv2 paper's recipe); any
     other key that does not match is an error naming the keys. Dilation (PSPNet's layer3 / layer4) changes no
     parameter, so a plain ResNet's weights load into a dilated one."""
-    path = Path(path)
+    path = backbone_weights_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.backbone_weights={path} does not exist")
     state = load_checkpoint(path)

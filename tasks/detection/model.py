@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
@@ -39,8 +40,13 @@ STAGES = (("conv1", "bn1", "maxpool"), ("layer1",), ("layer2",), ("layer3",), ("
 ROI_LEVELS = ["p2", "p3", "p4", "p5"]  # P6 feeds only the RPN, as in the papers' configs
 # Set by build_detector itself; every other keyword of torchvision's FasterRCNN / MaskRCNN may be passed through.
 _RESERVED = {"self", "backbone", "num_classes", "min_size", "max_size", "box_roi_pool", "box_predictor",
-             "mask_roi_pool", "mask_predictor", "kwargs"}
+             "mask_roi_pool", "mask_predictor", "rpn_anchor_generator", "kwargs"}
 _TRANSFORM_OPTIONS = {"size_divisible", "fixed_size"}
+#: the papers' (and torchvision's) anchors, one size per FPN level P2..P6 (8 x the level's stride), three ratios
+ANCHOR_SIZES = (32, 64, 128, 256, 512)
+ANCHOR_RATIOS = (0.5, 1.0, 2.0)
+#: RoIs of this size pool from P4 (the FPN paper's k0 = 4 at 224 px, torchvision's LevelMapper default)
+CANONICAL_SCALE = 224
 
 
 class ResNetFPNBackbone(nn.Module):
@@ -122,6 +128,12 @@ def _check_sizes(min_size: object, max_size: object, size_divisible: object) -> 
     return sizes, check_int("max_size", max_size, 1), check_int("size_divisible", size_divisible, 1)
 
 
+def _check_anchor_sizes(sizes: object) -> tuple[int, ...]:
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) != len(ROI_LEVELS) + 1:
+        raise ValueError(f"anchor_sizes must be {len(ROI_LEVELS) + 1} ints, one per FPN level P2..P6, got {sizes!r}")
+    return tuple(check_int("anchor_sizes entry", size, 1) for size in sizes)
+
+
 def build_backbone(depth: int = 50, fpn_upsampler: object = "nearest", backbone_downsampler: object = None,
                    trainable_layers: int = 5, norm: str = "bn", fpn_channels: int = 256,
                    dcn_stages: Sequence[str] = ()) -> ResNetFPNBackbone:
@@ -175,7 +187,11 @@ def build_detector(arch: str = "faster_rcnn", depth: int = 50, num_classes: int 
             ResNet-101-DCNv2: ``("c3", "c4", "c5")``). With ``backbone_downsampler``, a stride-2 DCNv2 becomes the
             downsampler followed by a stride-1 DCNv2.
         **options: any other keyword of torchvision's ``FasterRCNN`` / ``MaskRCNN`` (``rpn_post_nms_top_n_test``,
-            ``box_detections_per_img``, ``image_mean``, ``fixed_size``, ...).
+            ``box_detections_per_img``, ``image_mean``, ``fixed_size``, ...), and two of this builder's own, for
+            images far smaller than COCO's: ``anchor_sizes``, one anchor side per level P2..P6 (default
+            ``ANCHOR_SIZES``, the papers' 32..512, each with ratios 0.5, 1, 2), and ``roi_canonical_scale``, the
+            RoI side that pools from P4 (default 224; a RoI of side s pools from level
+            floor(4 + log2(s / roi_canonical_scale)), clamped to P2..P5).
 
     Returns: a torchvision ``FasterRCNN`` or ``MaskRCNN`` (no pretrained weights). In training mode
     ``model(images, targets)`` returns the loss dict; in eval mode ``model(images)`` the detections, boxes in the
@@ -184,6 +200,8 @@ def build_detector(arch: str = "faster_rcnn", depth: int = 50, num_classes: int 
     if not isinstance(arch, str) or arch not in ARCHS:
         raise ValueError(f"unknown detector arch {arch!r}; choose one of {', '.join(ARCHS)}")
     num_classes = check_int("num_classes", num_classes, 2)
+    anchor_sizes = _check_anchor_sizes(options.pop("anchor_sizes", ANCHOR_SIZES))
+    canonical_scale = check_int("roi_canonical_scale", options.pop("roi_canonical_scale", CANONICAL_SCALE), 1)
     min_size, max_size, size_divisible = _check_sizes(min_size, max_size, size_divisible)
     detector_cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
     allowed = (set(inspect.signature(detector_cls.__init__).parameters) | _TRANSFORM_OPTIONS) - _RESERVED
@@ -195,11 +213,15 @@ def build_detector(arch: str = "faster_rcnn", depth: int = 50, num_classes: int 
                               dcn_stages=dcn_stages)
     box_head_size = 1024  # torchvision's TwoMLPHead width, the papers' 2 x 1024 shared FCs
     heads: dict[str, object] = {
-        "box_roi_pool": MultiScaleRoIAlign(featmap_names=ROI_LEVELS, output_size=7, sampling_ratio=2),
+        "rpn_anchor_generator": AnchorGenerator(tuple((size,) for size in anchor_sizes),
+                                                (ANCHOR_RATIOS,) * len(anchor_sizes)),
+        "box_roi_pool": MultiScaleRoIAlign(featmap_names=ROI_LEVELS, output_size=7, sampling_ratio=2,
+                                           canonical_scale=canonical_scale),
         "box_predictor": FastRCNNPredictor(box_head_size, num_classes),
     }
     if arch == "mask_rcnn":
-        heads["mask_roi_pool"] = MultiScaleRoIAlign(featmap_names=ROI_LEVELS, output_size=14, sampling_ratio=2)
+        heads["mask_roi_pool"] = MultiScaleRoIAlign(featmap_names=ROI_LEVELS, output_size=14, sampling_ratio=2,
+                                                    canonical_scale=canonical_scale)
         heads["mask_predictor"] = MaskPredictor(256, num_classes, mask_upsampler)
     return detector_cls(backbone, num_classes=None, min_size=min_size, max_size=max_size,
                         size_divisible=size_divisible, **heads, **options)

@@ -71,11 +71,13 @@ class DetectionTask(Task):
     def write_embedded_dataset(self, embedded: Any) -> None:
         self.require_embedded_classes(len(CATEGORIES) + 1, f"{len(CATEGORIES)} categories (+ background = "
                                                            f"{len(CATEGORIES) + 1})")
-        ensure_synthetic_coco(embedded.dir, embedded.seed, embedded.num_train, embedded.num_val, embedded.image_size)
+        ensure_synthetic_coco(embedded.dir, embedded.seed, embedded.num_train, embedded.num_val, embedded.image_size,
+                              embedded.version)
 
     def describe_embedded_dataset(self, embedded: Any) -> str:
         return (f"embedded COCO-format default ({len(CATEGORIES)} categories, {embedded.image_size} px, "
-                f"{embedded.num_train}/{embedded.num_val} train/val images, seed {embedded.seed})")
+                f"{embedded.num_train}/{embedded.num_val} train/val images, seed {embedded.seed}, "
+                f"version {embedded.version})")
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
