@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from reproduction.records import RECORD_FORMAT, RECORDS_DIR_NAME, RecordError, newer, record_from_run
+from reproduction.records import RECORDS_DIR_NAME, RecordError, newer, record_from_run
 from reproduction.spec import SeedRun, TableSpec, TableSpecError
 from tasks.common.experiment import CONFIG_NAME, METRICS_NAME, read_record
 from tasks.common.provenance import REPO_ROOT, git_output
@@ -88,7 +88,7 @@ def record_of_run_folder(run_dir: Path) -> dict[str, Any] | None:
         return None
     config_file = run_dir / CONFIG_NAME
     config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
-    return record_from_run({"format": RECORD_FORMAT, **metrics}, config)
+    return record_from_run(metrics, config)
 
 def index_runs(*sources: str | Path) -> dict[str, FinishedRun]:
     """Finished runs found in the folders ``sources`` (run folders, a runs store, Hydra sweep folders), by config

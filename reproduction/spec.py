@@ -372,34 +372,38 @@ def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int 
         raise TableSpecError(f"table {spec.name}: {fixed_seed[0]} fixes the seed of every run, but the table runs "
                              f"{seeds} seeds (run.seed=0..{seeds - 1}); drop the override or ask for 1 seed")
     needed: dict[Path, DictConfig] = {}
+    plain_of: dict[int, DictConfig] = {}   # a row's overrides composed before any backbone was added (its seed 0)
     chosen = any(o.lstrip("+").startswith((f"{BACKBONE_KEY}=", "model.norm=")) for o in extra)
-    for row in spec.rows:
-        if backbones is None and scale == "tiny" and not chosen:
-            plain = compose(row_overrides(spec, row, scale, extra))
-            if plain.task.name in TINY_PRETRAINED_TASKS:
-                row.backbone = tiny_fine_tuning(plain, runs, train=pretrain is not None,
-                                                runner=pretrain or run_command)
+    for index, row in enumerate(spec.rows):
         if backbones is not None:
-            plain = compose(row_overrides(spec, row, scale, extra))
+            plain = plain_of[index] = compose(row_overrides(spec, row, scale, extra))
             if takes_backbone_weights(plain):
                 path = Path(backbones).absolute() / f"{backbone_name(plain)}.pt"
                 needed[path] = plain
                 row.backbone = [f"{BACKBONE_KEY}={path}"]
+        elif scale == "tiny" and not chosen:
+            plain = plain_of[index] = compose(row_overrides(spec, row, scale, extra))
+            if plain.task.name in TINY_PRETRAINED_TASKS:
+                row.backbone = tiny_fine_tuning(plain, runs, train=pretrain is not None,
+                                                runner=pretrain or run_command)
     missing = missing_backbones(needed)
     if missing:
         raise TableSpecError(f"table {spec.name}: backbone weights missing from {backbones}:\n{missing}")
-    for row in spec.rows:
+    for index, row in enumerate(spec.rows):
         row.runs = [SeedRun(seed) for seed in range(seeds)]
         for run in row.runs:
             overrides = row_overrides(spec, row, scale, extra, run)
             try:
-                run.config = compose(overrides)
+                # seed 0 of a row that got no backbone overrides is exactly the config composed above
+                reuse = run.seed == 0 and not row.backbone and index in plain_of
+                run.config = plain_of[index] if reuse else compose(overrides)
                 with backbone_weights_pending() if pretrain is None else contextlib.nullcontext():
                     validate(run.config)
             except Exception as error:
                 raise TableSpecError(f"table {spec.name}, row {row.label!r} ({' '.join(overrides)}): "
                                      f"{error}") from error
             run.config_hash = config_hash(run.config)
+
 
 def shared_runs(specs: list[TableSpec]) -> dict[str, list[tuple[str, str]]]:
     """Config hash -> the (table, row label) pairs whose runs have that hash, for every run two or more tables
