@@ -53,6 +53,8 @@ and, for the headline row, in ``results/SUMMARY.md``).
 from __future__ import annotations
 
 import contextlib
+import copy
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +62,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.common.backbones import (BACKBONE_KEY, backbone_name, missing_backbones, run_command,
+from tasks.common.backbones import (BACKBONE_KEY, backbone_name, missing_backbones, pretraining_overrides,
                                     takes_backbone_weights, tiny_fine_tuning)
 from tasks.common.experiment import CONF_DIR, compose, config_hash, validate
 from tasks.common.provenance import REPO_ROOT
@@ -80,6 +82,42 @@ TINY_PRETRAINED_TASKS = ("detection",)
 
 class TableSpecError(ValueError):
     pass
+
+
+_COMPOSED: OrderedDict[tuple, DictConfig] = OrderedDict()
+_COMPOSED_MAX = 512
+
+
+def _conf_fingerprint() -> tuple:
+    """Every file under conf/ with its modification time and size: a composed config is reused only while none of
+    the files it may have read has changed."""
+    return tuple(sorted((str(path.relative_to(CONF_DIR)), stat.st_mtime_ns, stat.st_size)
+                        for path in CONF_DIR.rglob("*") if path.is_file() for stat in [path.stat()]))
+
+
+def compose_once(overrides: list[str]) -> DictConfig:
+    """``tasks.common.experiment.compose``, remembered for this process: tables share rows, and listing, checking
+    or testing every table composes the same overrides again (Hydra takes about 0.2 s per config, a copy about 3 ms).
+    Each call returns its own copy, so a caller may change it."""
+    key = (tuple(overrides), _conf_fingerprint())
+    if key not in _COMPOSED:
+        _COMPOSED[key] = compose(list(overrides))
+        while len(_COMPOSED) > _COMPOSED_MAX:
+            _COMPOSED.popitem(last=False)
+    _COMPOSED.move_to_end(key)
+    return copy.deepcopy(_COMPOSED[key])
+
+
+_FINE_TUNING: dict[tuple, list[str]] = {}
+
+
+def _named_fine_tuning(plain: DictConfig, runs: Path) -> list[str]:
+    """``tiny_fine_tuning(plain, runs, train=False)``, remembered for this process: it depends on ``plain`` only
+    through its backbone's pretraining overrides (one Hydra composition for each row otherwise)."""
+    key = (tuple(pretraining_overrides(plain)), str(Path(runs).absolute()), _conf_fingerprint())
+    if key not in _FINE_TUNING:
+        _FINE_TUNING[key] = tiny_fine_tuning(plain, runs, train=False)
+    return list(_FINE_TUNING[key])
 
 MEASURED_AT_RENDER = ("speed.", "cost.")  # column metrics measured by the renderer, not read from a run
 
@@ -354,6 +392,15 @@ def row_overrides(spec: TableSpec, row: Row, scale: str, extra: list[str] = (),
     """The overrides of ``scripts/train.py`` for one seed of a row (seed 0 when ``run`` is None)."""
     return [*spec.overrides, *row.overrides, f"scale={scale}", *extra, *row.backbone, *(run.overrides if run else [])]
 
+def with_seed(seed_0: DictConfig, seed: int) -> DictConfig:
+    """Seed ``seed`` of a row from its seed 0's config: what Hydra composes for the same overrides followed by
+    ``run.seed=<seed>``, because Hydra applies value overrides in order after the defaults are merged and the seed's
+    is the last one (the tests compare the two). Saves one composition per seed."""
+    cfg = copy.deepcopy(seed_0)
+    cfg.run.seed = seed
+    return cfg
+
+
 def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int | None = None,
                  backbones: Path | None = None, runs: Path = REPO_ROOT / "runs",
                  pretrain: Callable[[list[str], Path], int] | None = None) -> None:
@@ -376,16 +423,16 @@ def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int 
     chosen = any(o.lstrip("+").startswith((f"{BACKBONE_KEY}=", "model.norm=")) for o in extra)
     for index, row in enumerate(spec.rows):
         if backbones is not None:
-            plain = plain_of[index] = compose(row_overrides(spec, row, scale, extra))
+            plain = plain_of[index] = compose_once(row_overrides(spec, row, scale, extra))
             if takes_backbone_weights(plain):
                 path = Path(backbones).absolute() / f"{backbone_name(plain)}.pt"
                 needed[path] = plain
                 row.backbone = [f"{BACKBONE_KEY}={path}"]
         elif scale == "tiny" and not chosen:
-            plain = plain_of[index] = compose(row_overrides(spec, row, scale, extra))
+            plain = plain_of[index] = compose_once(row_overrides(spec, row, scale, extra))
             if plain.task.name in TINY_PRETRAINED_TASKS:
-                row.backbone = tiny_fine_tuning(plain, runs, train=pretrain is not None,
-                                                runner=pretrain or run_command)
+                row.backbone = (_named_fine_tuning(plain, runs) if pretrain is None else
+                                tiny_fine_tuning(plain, runs, runner=pretrain))
     missing = missing_backbones(needed)
     if missing:
         raise TableSpecError(f"table {spec.name}: backbone weights missing from {backbones}:\n{missing}")
@@ -394,9 +441,11 @@ def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int 
         for run in row.runs:
             overrides = row_overrides(spec, row, scale, extra, run)
             try:
-                # seed 0 of a row that got no backbone overrides is exactly the config composed above
-                reuse = run.seed == 0 and not row.backbone and index in plain_of
-                run.config = plain_of[index] if reuse else compose(overrides)
+                if run.seed == 0:  # a row that got no backbone overrides: exactly the config composed above
+                    reuse = not row.backbone and index in plain_of
+                    run.config = plain_of[index] if reuse else compose_once(overrides)
+                else:
+                    run.config = with_seed(row.runs[0].config, run.seed)
                 with backbone_weights_pending() if pretrain is None else contextlib.nullcontext():
                     validate(run.config)
             except Exception as error:

@@ -335,6 +335,15 @@ def test_a_seed_differs_from_seed_0_by_run_seed_alone() -> None:
         assert mine["run"].pop("seed") == run.seed and theirs["run"].pop("seed") == 0
         assert mine == theirs
     assert len({run.config_hash for run in row.runs}) == 3
+    # seeds k >= 1 are derived from seed 0's config (reproduction.spec.with_seed): Hydra composing the whole command
+    # line, as scripts/train.py does, is the oracle; a tiny detection row also carries its fine-tuning overrides
+    table1 = load_table_spec("1")
+    compose_rows(table1, "tiny", seeds=2)
+    for table, row in ((spec, row), (table1, table1.rows[-1])):
+        for run in row.runs:
+            command = reproduction.spec.row_overrides(table, row, "tiny", [], run)
+            assert run.config_hash == config_hash(compose(command)), (table.name, row.label, run.seed)
+    assert table1.rows[-1].backbone
     with pytest.raises(TableSpecError, match="run.seed=5 fixes the seed"):
         compose_rows(spec, "tiny", ["run.seed=5"], seeds=2)
 
@@ -606,3 +615,20 @@ def test_stopping_reproduce_stops_its_training_child(tmp_path: Path, how: str) -
         for pid in (parent.pid, child):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_compose_once_returns_hydras_config_as_a_fresh_copy_and_notices_a_changed_conf_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reproduction import spec as spec_module
+
+    overrides = ["task=classification", "model=resnet50", "scale=tiny"]
+    first = spec_module.compose_once(overrides)
+    assert resolved(first) == resolved(compose(overrides))   # Hydra's own composition is the oracle
+    first.run.seed = 123                                      # a caller's change stays in its copy
+    assert spec_module.compose_once(overrides).run.seed == 0
+    # the cache key holds every conf/ file's modification time and size: an edited file is composed again
+    (tmp_path / "a.yaml").write_text("x: 1\n")
+    monkeypatch.setattr(spec_module, "CONF_DIR", tmp_path)
+    before = spec_module._conf_fingerprint()
+    (tmp_path / "a.yaml").write_text("x: 22\n")
+    assert spec_module._conf_fingerprint() != before
