@@ -348,9 +348,10 @@ class ReassemblyTester:
             assert torch.equal(inside, ~torch.isnan(got))
             torch.testing.assert_close(got[inside], expected[inside], rtol=1e-12, atol=1e-12)
 
-    @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-    def test_onnx_export_runs_in_onnxruntime(self, dynamo):
-        assert_onnx_export_matches_eager(self.module(), 16, dynamo)
+    def test_onnx_export_runs_in_onnxruntime(self):
+        # the TorchScript exporter here; the dynamo exporter (about 5 s an export) takes both ops in one graph in
+        # test_onnx_export_of_a_model_with_both_ops
+        assert_onnx_export_matches_eager(self.module(), 16, dynamo=False)
 
 
 class TestCarafe(ReassemblyTester):
@@ -424,7 +425,7 @@ class _SmallModel(torch.nn.Module):
         super().__init__()
         self.down = CARAFEDownPack(8, 2, down_kernel=3)
         self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
-        self.up = CARAFEPack(8, 2, up_group=2, up_kernel=3, compressed_channels=16)
+        self.up = CARAFEPack(8, 2, up_group=2, up_kernel=5, compressed_channels=16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(torch.relu(self.conv(self.down(x))))
