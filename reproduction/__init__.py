@@ -12,7 +12,10 @@ One module per job, each importing only those before it:
 - ``figures``: a table's figure;
 - ``check``: rendering a committed table again from its spec and the records (``make check-results``);
 - ``recover``: records from tables rendered before records existed;
-- ``reproduce``: the loop that trains what is missing and writes the table.
+- ``reproduce``: the loop that trains what is missing and writes the table;
+- ``figure_detections``, ``figure_reassembly``, ``figure_segmentation``, ``figure_inpainting``: the papers'
+  qualitative figures (ICCV 2019 Figures 4, 5, 8 and 9) drawn from a table's finished runs.
 
-``scripts/reproduce.py``, ``scripts/check_results.py`` and ``scripts/recover_records.py`` are their command lines.
+``scripts/reproduce.py``, ``scripts/check_results.py``, ``scripts/recover_records.py``, ``scripts/detection_figure.py``,
+``scripts/figure5.py``, ``scripts/segmentation_figure.py`` and ``scripts/inpainting_figure.py`` are their command lines.
 """

@@ -14,7 +14,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from experiment_helpers import detection_smoke, load_script
+from experiment_helpers import detection_smoke
+import reproduction.figure_detections
+import reproduction.figure_reassembly
 from tasks.common.distributed import World
 from tasks.common.engine import load_weights
 from tasks.common.experiment import compose, run_experiment, task_class
@@ -40,7 +42,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
 
 def test_figure_5_draws_the_reassembly_sources_and_refuses_a_run_without_carafe(runs: dict[str, Path],
                                                                                 tmp_path: Path) -> None:
-    script = load_script("figure5")
+    script = reproduction.figure_reassembly
     out = script.figure(runs["carafe"], tmp_path / "figure-5.png", image=0, points=[(33.0, 30.0), (2.0, 61.0)],
                         cell=64)
     panel = np.asarray(Image.open(out))
@@ -71,7 +73,7 @@ def test_figure_5_draws_the_reassembly_sources_and_refuses_a_run_without_carafe(
 def test_detection_grid_draws_each_models_own_boxes(runs: dict[str, Path], tmp_path: Path) -> None:
     columns = [runs["nearest"], runs["carafe"]]
     cell = 128
-    out = load_script("detection_figure").figure(columns, tmp_path / "figure-4.png", count=2, threshold=0.0,
+    out = reproduction.figure_detections.figure(columns, tmp_path / "figure-4.png", count=2, threshold=0.0,
                                                  max_per_image=3, cell=cell, labels=["Faster", "w/ CARAFE"])
     grid = np.asarray(Image.open(out))
     assert grid.shape == (HEADER + 2 * (cell + GAP) - GAP, 2 * (cell + GAP) - GAP, 3)

@@ -17,7 +17,8 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from carafe.modules import CARAFEPack
-from experiment_helpers import inpainting_smoke, load_script
+from experiment_helpers import inpainting_smoke
+import reproduction.figure_inpainting
 from tasks.common.distributed import World
 from tasks.common.engine import Schedule, build_optimizers
 from tasks.common.experiment import ConfigError, compose, run_experiment
@@ -296,7 +297,7 @@ def test_figure_grid_of_two_runs_and_the_tensorboard_image(data_dir: Path, tmp_p
     events = b"".join(p.read_bytes() for p in (runs[0] / "tensorboard").iterdir())
     assert b"val/inpainting" in events
 
-    out = load_script("inpainting_figure").figure(runs, count=2, out=tmp_path / "figure.png", labels=["G&L", "w/ C"])
+    out = reproduction.figure_inpainting.figure(runs, count=2, out=tmp_path / "figure.png", labels=["G&L", "w/ C"])
     caption = out.with_suffix(".md").read_text()
     for run_dir in runs:
         assert json.loads((run_dir / "metrics.json").read_text())["config_hash"] in caption

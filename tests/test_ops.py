@@ -24,7 +24,7 @@ from carafe.costs import conv_flops, flops_per_pixel
 from carafe.decomposition import reassemble_standard_ops
 from carafe.library import OPS
 from carafe.naive import carafe_down_unfold, carafe_unfold
-from conftest import (BACKEND_DEVICE_DTYPES, BACKEND_DEVICES, DEVICES, assert_matches_oracle, brute_force, on_cuda,
+from conftest import (BACKEND_DEVICE_DTYPES, BACKEND_DEVICES, DEVICES, assert_matches_oracle, brute_force,
                       out_size, reassembly_inputs)
 
 # The compiled backends (the reference is the oracle they are compared with).

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
-from experiment_helpers import load_script, segmentation_smoke
+from experiment_helpers import segmentation_smoke
+import reproduction.figure_segmentation
 from tasks.common.experiment import ConfigError, compose, config_hash, run_experiment, validate
 from tasks.common.qualitative import GAP, enlarge, image_grid
 from tasks.segmentation.data import ADE20kSegmentation, ade_split_folders, collate_segmentation
@@ -442,7 +443,7 @@ def figure_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 def test_figure_8_cells_are_the_image_the_coloured_label_and_each_runs_argmax(
         figure_runs: list[Path], data_dir: Path, tmp_path: Path) -> None:
-    out = load_script("segmentation_figure").figure(figure_runs, count=2, out=tmp_path / "figure-8.png",
+    out = reproduction.figure_segmentation.figure(figure_runs, count=2, out=tmp_path / "figure-8.png",
                                                     labels=["UperNet", "w/ CARAFE"])
     caption = out.with_suffix(".md").read_text()
     for run_dir in figure_runs:
@@ -483,7 +484,7 @@ def test_figure_8_refuses_runs_validated_on_other_data(figure_runs: list[Path], 
     cfg.data.test_size = 48
     (other / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     with pytest.raises(ValueError, match=r"validated on other data than .*'test_size': \(48, 64\)"):
-        load_script("segmentation_figure").figure([figure_runs[0], other], count=1, out=tmp_path / "f.png")
+        reproduction.figure_segmentation.figure([figure_runs[0], other], count=1, out=tmp_path / "f.png")
     assert not (tmp_path / "f.png").exists()
 
 
