@@ -14,8 +14,10 @@ One module per job, each importing only those before it:
 - ``recover``: records from tables rendered before records existed;
 - ``reproduce``: the loop that trains what is missing and writes the table;
 - ``figure_detections``, ``figure_reassembly``, ``figure_segmentation``, ``figure_inpainting``: the papers'
-  qualitative figures (ICCV 2019 Figures 4, 5, 8 and 9) drawn from a table's finished runs.
+  qualitative figures (ICCV 2019 Figures 4, 5, 8 and 9) drawn from a table's finished runs;
+- ``op_benchmark``: the operators' speed and memory on this machine (``results/bench/op-<device>.md``).
 
 ``scripts/reproduce.py``, ``scripts/check_results.py``, ``scripts/recover_records.py``, ``scripts/detection_figure.py``,
-``scripts/figure5.py``, ``scripts/segmentation_figure.py`` and ``scripts/inpainting_figure.py`` are their command lines.
+``scripts/figure5.py``, ``scripts/segmentation_figure.py``, ``scripts/inpainting_figure.py`` and ``scripts/bench_op.py``
+are their command lines.
 """

@@ -56,13 +56,12 @@ def test_inner_loops_of_sass():
         (0x10, 0x50, 5, 1, 1), (0x60, 0x90, 4, 2, 1)]
 
 
-def test_bench_op_cuda_dry_run(monkeypatch, capsys):
+def test_bench_op_cuda_dry_run(capsys):
     """The GPU benchmark's plan parses and builds on a machine without a GPU: both shapes, both directions, three
     dtypes, and the reassembly paths it compares."""
-    import bench_op
+    from reproduction import op_benchmark
 
-    monkeypatch.setattr(sys, "argv", ["bench_op.py", "--device", "cuda", "--dry-run"])
-    bench_op.main()
+    op_benchmark.main(["--device", "cuda", "--dry-run"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 * 2 * 3
     for label in ("up (2, 256, 128, 128) ", "down (2, 256, 64, 64) float16", "up (2, 256, 64, 64) bfloat16"):
