@@ -6,14 +6,19 @@
 //   carafe_forward_KS_IB_SUFFIX           (x, m, out, geometry...)
 //   carafe_backward_features_KS_IB_SUFFIX (grad_out, m, grad_x, geometry...)
 //   carafe_backward_masks_KS_IB_SUFFIX    (grad_out, x, grad_m, geometry...)
+// on NCHW-contiguous tensors, and their channels_last twins carafe_forward_KS_IB_nhwc_SUFFIX, ... (same pointers,
+// geometry..., masks_nhwc) on channels_last features / outputs / output gradients, with masks and their gradient
+// channels_last when masks_nhwc is 1 and NCHW-contiguous when it is 0.
 // geometry: n, c, h, w, out_h, out_w, k, groups, sigma, up, slices (all 64-bit integers; up is 1 for CARAFE, 0 for
-// CARAFE++ downsampling; slices: channel slices per group of the fixed-k forward pass, 1 elsewhere). The i32
+// CARAFE++ downsampling; slices: channel slices per group of the forward pass, fixed k for NCHW and every k for
+// NHWC, 1 elsewhere). The i32
 // kernels may only be launched when every element offset and work item count fits in 31 bits (the loader checks).
 // Launch one thread per work item (Geometry::*_items()), THREADS_PER_BLOCK threads per block; threads stride over
 // the grid, so any grid size is correct. The math lives in carafe_reassemble.cuh.
 //
-// The loader compiles one module per dtype, kernel size and index width by defining CARAFE_ONLY_<SUFFIX>,
-// CARAFE_ONLY_K=<k or 0> and CARAFE_ONLY_INDEX=<32 or 64>; with none defined, every variant is exported. The
+// The loader compiles one module per dtype, kernel size, index width and layout by defining CARAFE_ONLY_<SUFFIX>,
+// CARAFE_ONLY_K=<k or 0>, CARAFE_ONLY_INDEX=<32 or 64> and CARAFE_ONLY_NHWC=<0 or 1>; with none defined, every
+// variant is exported. The
 // fp16 / bf16 headers are included only by the modules that need them, so f32 / f64 build without any CUDA include
 // folder.
 
@@ -73,6 +78,29 @@ __host__ __device__ constexpr int min_blocks() {
                                                                       : 4;
 }
 
+// The channels_last kernels' register caps (resident blocks of 256 threads per SM), the same way.
+template <int P, int K, typename I, typename T>
+__host__ __device__ constexpr int min_blocks_nhwc() {
+  return min_blocks<P, K, I, T>();
+}
+
+// The L lanes that share an output pixel (consecutive lanes of a warp, L a power of two) add their partial sums:
+// at each step lane l adds lane (l ^ offset)'s values to its own, so after log2(L) steps every lane holds the
+// totals (tests/cuda_host_harness.cpp repeats the same additions in the same order).
+template <int L, int N, typename Acc>
+__device__ __forceinline__ void sum_over_lanes(Acc* acc) {
+  static_assert(L >= 1 && L <= 32 && (L & (L - 1)) == 0, "lanes must be a power of two within a warp");
+  if constexpr (L > 1) {
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned lanes = L == 32 ? 0xffffffffu : ((1u << L) - 1u) << (lane & ~(L - 1u));
+#pragma unroll
+    for (int offset = L / 2; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int t = 0; t < N; ++t) acc[t] = acc[t] + __shfl_xor_sync(lanes, acc[t], offset, L);
+    }
+  }
+}
+
 template <typename I>
 __device__ __forceinline__ I first_item() {
   return static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x);
@@ -95,12 +123,61 @@ __device__ __forceinline__ I item_stride() {
     }                                                                                                             \
   }
 
-#define CARAFE_EXPORT_KI(T, SUFFIX, K, KNAME, I, INAME)                                                           \
+// Channels_last: one thread per work item as above (Geometry items of the _nhwc_ passes); masks_nhwc says the masks'
+// layout.
+#define CARAFE_NHWC_KERNEL(NAME, PASS, PASS_ID, K, I, T, A, B, OUT)                                               \
+  extern "C" __global__ void __launch_bounds__(CARAFE_THREADS,                                                    \
+                                               (carafe::min_blocks_nhwc<carafe::PASS_ID, K, I, T>()))            \
+      NAME(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ OUT, CARAFE_GEOMETRY_PARAMS,       \
+           long long masks_nhwc) {                                                                                \
+    carafe::Geometry<I> g = CARAFE_GEOMETRY(I);                                                                   \
+    g.masks_nhwc = masks_nhwc != 0;                                                                               \
+    const I total = carafe::PASS##_nhwc_items<K, T>(g);                                                           \
+    for (I item = carafe::first_item<I>(); item < total; item += carafe::item_stride<I>()) {                      \
+      carafe::PASS##_nhwc_item<K>(g, item, A, B, OUT);                                                            \
+    }                                                                                                             \
+  }
+
+// The channels_last mask gradient: each lane's partial sums, added over the pixel's lanes, then stored. The item
+// count is a multiple of the lane count and the grid stride a multiple of the warp size, so the lanes of a pixel
+// are always in the same loop iteration.
+#define CARAFE_NHWC_MASKS_KERNEL(NAME, K, I, T)                                                                   \
+  extern "C" __global__ void __launch_bounds__(CARAFE_THREADS,                                                    \
+                                               (carafe::min_blocks_nhwc<carafe::kBackwardMasks, K, I, T>()))     \
+      NAME(const T* __restrict__ grad_out, const T* __restrict__ x, T* __restrict__ grad_m,                       \
+           CARAFE_GEOMETRY_PARAMS, long long masks_nhwc) {                                                        \
+    carafe::Geometry<I> g = CARAFE_GEOMETRY(I);                                                                   \
+    g.masks_nhwc = masks_nhwc != 0;                                                                               \
+    const I total = carafe::backward_masks_nhwc_items<K, T>(g);                                                   \
+    for (I item = carafe::first_item<I>(); item < total; item += carafe::item_stride<I>()) {                      \
+      typename carafe::Accumulator<T>::type acc[carafe::nhwc_mask_taps<K>()];                                     \
+      carafe::backward_masks_nhwc_partial<K>(g, item, grad_out, x, acc);                                          \
+      carafe::sum_over_lanes<carafe::nhwc_lanes<T>(), carafe::nhwc_mask_taps<K>()>(acc);                          \
+      carafe::backward_masks_nhwc_store<K>(g, item, acc, grad_m);                                                 \
+    }                                                                                                             \
+  }
+
+#if !defined(CARAFE_ONLY_NHWC) || CARAFE_ONLY_NHWC == 0
+#define CARAFE_EXPORT_NCHW(T, SUFFIX, K, KNAME, I, INAME)                                                         \
   CARAFE_KERNEL(carafe_forward_##KNAME##_##INAME##_##SUFFIX, forward, kForward, K, I, T, x, m, out)               \
   CARAFE_KERNEL(carafe_backward_features_##KNAME##_##INAME##_##SUFFIX, backward_features, kBackwardFeatures, K, I, \
                 T, grad_out, m, grad_x)                                                                           \
   CARAFE_KERNEL(carafe_backward_masks_##KNAME##_##INAME##_##SUFFIX, backward_masks, kBackwardMasks, K, I, T,      \
                 grad_out, x, grad_m)
+#else
+#define CARAFE_EXPORT_NCHW(T, SUFFIX, K, KNAME, I, INAME)
+#endif
+#if !defined(CARAFE_ONLY_NHWC) || CARAFE_ONLY_NHWC == 1
+#define CARAFE_EXPORT_NHWC(T, SUFFIX, K, KNAME, I, INAME)                                                         \
+  CARAFE_NHWC_KERNEL(carafe_forward_##KNAME##_##INAME##_nhwc_##SUFFIX, forward, kForward, K, I, T, x, m, out)     \
+  CARAFE_NHWC_KERNEL(carafe_backward_features_##KNAME##_##INAME##_nhwc_##SUFFIX, backward_features,               \
+                     kBackwardFeatures, K, I, T, grad_out, m, grad_x)                                             \
+  CARAFE_NHWC_MASKS_KERNEL(carafe_backward_masks_##KNAME##_##INAME##_nhwc_##SUFFIX, K, I, T)
+#else
+#define CARAFE_EXPORT_NHWC(T, SUFFIX, K, KNAME, I, INAME)
+#endif
+#define CARAFE_EXPORT_KI(T, SUFFIX, K, KNAME, I, INAME) \
+  CARAFE_EXPORT_NCHW(T, SUFFIX, K, KNAME, I, INAME) CARAFE_EXPORT_NHWC(T, SUFFIX, K, KNAME, I, INAME)
 
 #if !defined(CARAFE_ONLY_INDEX) || CARAFE_ONLY_INDEX == 32
 #define CARAFE_EXPORT_K_I32(T, SUFFIX, K, KNAME) CARAFE_EXPORT_KI(T, SUFFIX, K, KNAME, int, i32)

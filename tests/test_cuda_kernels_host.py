@@ -40,10 +40,11 @@ def harness(tmp_path_factory) -> ctypes.CDLL:
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lib = ctypes.CDLL(str(library))
-    for name in cuda_backend.kernel_names():  # every GPU kernel has its host twin
-        fn = getattr(lib, f"host_{name}")
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 11
-        fn.restype = None
+    for layout, scalars in (("nchw", 11), ("nhwc", 12)):  # every GPU kernel has its host twin
+        for name in cuda_backend.kernel_names(layout=layout):
+            fn = getattr(lib, f"host_{name}")
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * scalars
+            fn.restype = None
     for name in ("host_round_f16", "host_round_bf16", "host_widen_f16"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
     return lib
@@ -58,8 +59,12 @@ def test_work_split_matches_header():
     header = (ROOT / "cuda" / "carafe_reassemble.cuh").read_text()
     for constant, value in (("kChannelsPerThread", cuda_backend.CHANNELS_PER_THREAD),
                             ("kGradChannelsPerThread", cuda_backend.GRAD_CHANNELS_PER_THREAD),
-                            ("kTapsPerThread", cuda_backend.TAPS_PER_THREAD)):
+                            ("kTapsPerThread", cuda_backend.TAPS_PER_THREAD),
+                            ("kNhwcForwardChannels", cuda_backend.NHWC_FORWARD_CHANNELS),
+                            ("kNhwcGradChannels", cuda_backend.NHWC_GRAD_CHANNELS),
+                            ("kNhwcMaskChannels", cuda_backend.NHWC_MASK_CHANNELS)):
         assert int(re.search(rf"{constant} = (\d+);", header).group(1)) == value, constant
+    assert re.search(r"nhwc_lanes\(\) \{\s*return (\d+) / ", header).group(1) == str(cuda_backend.NHWC_LANE_BYTES)
 
 
 def _conversion_inputs() -> torch.Tensor:
@@ -168,3 +173,49 @@ def test_launch_plan_picks_the_variant():
     assert cuda_backend.index_bits((1, 2 ** 10, 2 ** 9, 2 ** 9, 2 ** 9, 2 ** 9, 1, 1, 1, 1)) == 32  # 2^28
     # slices never exceed the group's channels
     assert cuda_backend.forward_slices((1, 6, 2, 2, 4, 4, 3, 2, 2, 1), target_threads=10 ** 9) == 2
+
+
+# Channels_last: the NCHW cases, and groups with more channels than one block of lanes (a partial last block, some
+# lanes without channels in it, several feature-gradient chunks, several forward blocks to deal out to slices).
+NHWC_CASES = CASES + [(1, 72, 3, 4, 3, 1, 2), (1, 72, 4, 5, 5, 2, 2)]
+CHANNELS_LAST = torch.channels_last
+
+
+@pytest.mark.parametrize("up", [True, False], ids=["up", "down"])
+@pytest.mark.parametrize("case", NHWC_CASES, ids=lambda c: "n{}c{}h{}w{}k{}g{}s{}".format(*c))
+def test_host_nhwc_kernels_match_reference(harness, case, up):
+    """The channels_last kernels (features, outputs and output gradients channels_last in memory; masks and their
+    gradient channels_last or NCHW) against the float64 reference: the loader's variant for k and the run-time-k
+    one, both index widths, forward slices 1 and 3, every dtype."""
+    n, c, h, w, k, groups, sigma = case
+    x, m, grad = reassembly_inputs(*case, up, seed=sum(case) * 5 + up)
+    x.requires_grad_(True)
+    m.requires_grad_(True)
+    ref = reassemble(x, m, k, groups, sigma, up)
+    ref_gx, ref_gm = torch.autograd.grad(ref, (x, m), grad)
+    nan = float("nan")
+    runs = [(variant, bits, slices, masks_nhwc)
+            for variant in dict.fromkeys([cuda_backend.kernel_variant(k), "kx"]) for bits in cuda_backend.INDEX_BITS
+            for slices, masks_nhwc in ((1, 1), (3, 0), (1, 0))]
+    for variant, bits, slices, masks_nhwc in runs:
+        geometry = (n, c, h, w, *ref.shape[2:], k, groups, sigma, int(up), slices, masks_nhwc)
+        mask_format = CHANNELS_LAST if masks_nhwc else torch.contiguous_format
+        for dtype in DTYPES:
+            xd, gd = (t.detach().to(dtype).contiguous(memory_format=CHANNELS_LAST) for t in (x, grad))
+            md = m.detach().to(dtype).contiguous(memory_format=mask_format)
+
+            def name(kernel: str) -> str:
+                return f"carafe_{kernel}_{variant}_i{bits}_nhwc_{cuda_backend.SUFFIXES[dtype]}"
+
+            def empty(shape, memory_format=CHANNELS_LAST):
+                return torch.full(shape, nan, dtype=dtype).contiguous(memory_format=memory_format)
+
+            tag = f"nhwc {variant} i{bits} slices={slices} masks_nhwc={masks_nhwc} {dtype}"
+            out = _run(harness, name("forward"), xd, md, empty(ref.shape), geometry)
+            assert_matches_oracle(out, ref, dtype, f"output ({tag})")
+            if slices != 1:
+                continue  # slices only change the forward pass
+            gx = _run(harness, name("backward_features"), gd, md, empty(x.shape), geometry)
+            gm = _run(harness, name("backward_masks"), gd, xd, empty(m.shape, mask_format), geometry)
+            assert_matches_oracle(gx, ref_gx, dtype, f"grad features ({tag})")
+            assert_matches_oracle(gm, ref_gm, dtype, f"grad masks ({tag})")
