@@ -320,27 +320,24 @@ CARAFE_HD void forward_item(const Geometry<I>& g, I item, const T* __restrict__ 
 
 // ---- feature gradient ---------------------------------------------------------------------------------------------
 
-// grad_x[n, c, iy, ix] = sum over the outputs (p, q) that read input (iy, ix) through tap (ky, kx) of
-// grad_out[n, c, p, q] * m[n, grp*k*k + ky*k + kx, p, q], for kGradChannelsPerThread channels of one input pixel.
-// K > 0 unrolls the taps (k = K); K = 0 loops over g.k taps.
-template <int K, typename T, typename I>
-CARAFE_HD void backward_features_item(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
-                                      const T* __restrict__ m, T* __restrict__ grad_x) {
-  typedef typename Accumulator<T>::type Acc;
-  constexpr int J = kGradChannelsPerThread;
-  const PixelItem<I> it = pixel_item(g, item, g.channel_chunks(J), g.h, g.w);
-  const I k = K > 0 ? I(K) : g.k, r = k / 2, cg = g.group_channels();
-  const I iy = it.row, ix = it.col;
-  const I first_channel = it.n * g.c + it.grp * cg + it.chunk * J;
-  const I channels = min_index(I(J), cg - it.chunk * J);
-  const I in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
-  const T* masks = m + (it.n * g.groups + it.grp) * (k * k) * out_plane;
-  const T* go = grad_out + first_channel * out_plane;
-  Acc acc[J];
+// acc[j] += weight * grad_out at channel + j * stride, for the J channels of a feature-gradient thread (kPartial:
+// only j < channels, a test per channel; without it the loop has none).
+template <int J, bool kPartial, typename T, typename I, typename Acc>
+CARAFE_HD void gather_channels(Acc* acc, Acc weight, const T* __restrict__ channel, I stride, I channels) {
 #pragma unroll
-  for (int j = 0; j < J; ++j) acc[j] = Acc(0);
-  // Input (iy, ix) is tap (ky, kx) of every output whose centre is (iy - ky + r, ix - kx + r). The tap loops stay
-  // rolled (unrolled, their sigma^2-output bodies make very long code for little gain).
+  for (int j = 0; j < J; ++j) {
+    if (!kPartial || j < channels) acc[j] += weight * to_acc(load(channel));
+    channel += stride;  // one add per load, no per-channel address
+  }
+}
+
+// The taps of backward_features_item: input (iy, ix) is tap (ky, kx) of every output whose centre is
+// (iy - ky + r, ix - kx + r). The tap loops stay rolled (unrolled, their sigma^2-output bodies make very long code
+// for little gain).
+template <int K, int J, bool kPartial, typename T, typename I, typename Acc>
+CARAFE_HD void backward_features_taps(const Geometry<I>& g, I iy, I ix, const T* __restrict__ masks,
+                                      const T* __restrict__ go, I channels, Acc* acc) {
+  const I k = K > 0 ? I(K) : g.k, r = k / 2, out_plane = g.out_h * g.out_w;
 #pragma unroll 1
   for (I ky = 0; ky < k; ++ky) {
     const I cy = iy - ky + r;
@@ -357,16 +354,37 @@ CARAFE_HD void backward_features_item(const Geometry<I>& g, I item, const T* __r
       for (I p = p0; p < p1; ++p) {
         for (I q = q0; q < q1; ++q) {
           const I offset = p * g.out_w + q;
-          const Acc weight = to_acc(load(tap_masks + offset));
-          const T* channel = go + offset;  // walks the chunk's channels: one add per load, no per-channel address
-#pragma unroll
-          for (int j = 0; j < J; ++j) {
-            if (j < channels) acc[j] += weight * to_acc(load(channel));
-            channel += out_plane;
-          }
+          gather_channels<J, kPartial>(acc, to_acc(load(tap_masks + offset)), go + offset, out_plane, channels);
         }
       }
     }
+  }
+}
+
+// grad_x[n, c, iy, ix] = sum over the outputs (p, q) that read input (iy, ix) through tap (ky, kx) of
+// grad_out[n, c, p, q] * m[n, grp*k*k + ky*k + kx, p, q], for kGradChannelsPerThread channels of one input pixel.
+// K > 0 fixes k = K; K = 0 loops over g.k taps. A thread whose chunk is full (every chunk when the group's channels
+// are a multiple of kGradChannelsPerThread) runs the loops without per-channel tests.
+template <int K, typename T, typename I>
+CARAFE_HD void backward_features_item(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
+                                      const T* __restrict__ m, T* __restrict__ grad_x) {
+  typedef typename Accumulator<T>::type Acc;
+  constexpr int J = kGradChannelsPerThread;
+  const PixelItem<I> it = pixel_item(g, item, g.channel_chunks(J), g.h, g.w);
+  const I k = K > 0 ? I(K) : g.k, cg = g.group_channels();
+  const I iy = it.row, ix = it.col;
+  const I first_channel = it.n * g.c + it.grp * cg + it.chunk * J;
+  const I channels = min_index(I(J), cg - it.chunk * J);
+  const I in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
+  const T* masks = m + (it.n * g.groups + it.grp) * (k * k) * out_plane;
+  const T* go = grad_out + first_channel * out_plane;
+  Acc acc[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) acc[j] = Acc(0);
+  if (channels == J) {
+    backward_features_taps<K, J, false>(g, iy, ix, masks, go, channels, acc);
+  } else {
+    backward_features_taps<K, J, true>(g, iy, ix, masks, go, channels, acc);
   }
   T* dst = grad_x + first_channel * in_plane + iy * g.w + ix;
 #pragma unroll
@@ -613,6 +631,7 @@ CARAFE_HD void forward_nhwc_block(const Acc* weight, const T* __restrict__ xs, I
         if (!kPartial || j * L < remaining) acc[j] += weight[ky * K + kx] * to_acc(load(tap + j * L));
       }
     }
+    CARAFE_ROW_BARRIER();
   }
 #pragma unroll
   for (int j = 0; j < J; ++j) {
@@ -638,19 +657,19 @@ CARAFE_HD void forward_nhwc_item_fixed(const Geometry<I>& g, I item, const T* __
   const T* xs = x + ((it.n * g.h + cy - R) * g.w + cx - R) * g.c + channel;  // tap (0, 0) of the first channel
   T* dst = out + it.pixel * g.c + channel;
   I remaining = cg - first;  // the thread's channels are first + j * L (j * L < remaining) of this block
-  if (cy >= R && cy + R < g.h && cx >= R && cx + R < g.w) {
+  unsigned rows, cols;
+  window_bits<K>(g, cy, cx, &rows, &cols);
+  if (rows == (1u << K) - 1u && cols == (1u << K) - 1u) {  // the whole window is inside the map: no per-tap test
     for (; remaining > (J - 1) * L; remaining -= step, xs += step, dst += step) {
-      forward_nhwc_block<K, J, L, false, false>(weight, xs, row_step, col_step, 0u, 0u, remaining, dst);
+      forward_nhwc_block<K, J, L, false, false>(weight, xs, row_step, col_step, rows, cols, remaining, dst);
     }
-    if (remaining > 0) forward_nhwc_block<K, J, L, false, true>(weight, xs, row_step, col_step, 0u, 0u, remaining, dst);
   } else {
-    unsigned rows, cols;
-    window_bits<K>(g, cy, cx, &rows, &cols);
     for (; remaining > (J - 1) * L; remaining -= step, xs += step, dst += step) {
       forward_nhwc_block<K, J, L, true, false>(weight, xs, row_step, col_step, rows, cols, remaining, dst);
     }
-    if (remaining > 0) forward_nhwc_block<K, J, L, true, true>(weight, xs, row_step, col_step, rows, cols, remaining, dst);
   }
+  // The last, partial block (when the lane's channels do not fill it), with per-tap tests either way.
+  if (remaining > 0) forward_nhwc_block<K, J, L, true, true>(weight, xs, row_step, col_step, rows, cols, remaining, dst);
 }
 
 // Run-time k: the same, the taps in a run-time loop and each weight read once per block.
@@ -701,24 +720,12 @@ CARAFE_HD void forward_nhwc_item(const Geometry<I>& g, I item, const T* __restri
   }
 }
 
-// grad_x[n, iy, ix, c] for the kNhwcGradChannels channels chunk * L * J + j * L + lane of a group (a gather, as
-// backward_features_item). K > 0 unrolls nothing but fixes k.
-template <int K, typename T, typename I>
-CARAFE_HD void backward_features_nhwc_item(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
-                                           const T* __restrict__ m, T* __restrict__ grad_x) {
-  typedef typename Accumulator<T>::type Acc;
-  constexpr int L = nhwc_lanes<T>(), J = kNhwcGradChannels;
-  const NhwcItem<I> it = nhwc_item<L>(g, item, g.channel_chunks(I(L * J)), g.h, g.w);
-  const I k = K > 0 ? I(K) : g.k, r = k / 2, cg = g.group_channels();
-  const I iy = it.row, ix = it.col;
-  const I first = it.chunk * (L * J) + it.lane, channel = it.grp * cg + first;
-  const I remaining = cg - first;  // channel + j * L is the thread's for j * L < remaining
+// The taps of backward_features_nhwc_item (as backward_features_taps): acc[j] gathers channel + j * L.
+template <int K, int J, int L, bool kPartial, typename T, typename I, typename Acc>
+CARAFE_HD void backward_features_nhwc_taps(const Geometry<I>& g, I iy, I ix, const T* __restrict__ masks,
+                                           const T* __restrict__ go, I remaining, Acc* acc) {
+  const I k = K > 0 ? I(K) : g.k, r = k / 2;
   const I tap_stride = mask_tap_stride(g), mask_col = mask_column_stride(g), mask_row = mask_col * g.out_w;
-  const T* masks = m + mask_offset(g, it.n, it.grp, I(0), I(0));
-  const T* go = grad_out + it.n * g.out_h * g.out_w * g.c + channel;
-  Acc acc[J];
-#pragma unroll
-  for (int j = 0; j < J; ++j) acc[j] = Acc(0);
 #pragma unroll 1
   for (I ky = 0; ky < k; ++ky) {
     const I cy = iy - ky + r;
@@ -738,11 +745,34 @@ CARAFE_HD void backward_features_nhwc_item(const Geometry<I>& g, I item, const T
           const T* channels = go + (p * g.out_w + q) * g.c;
 #pragma unroll
           for (int j = 0; j < J; ++j) {
-            if (j * L < remaining) acc[j] += weight * to_acc(load(channels + j * L));
+            if (!kPartial || j * L < remaining) acc[j] += weight * to_acc(load(channels + j * L));
           }
         }
       }
     }
+  }
+}
+
+// grad_x[n, iy, ix, c] for the kNhwcGradChannels channels chunk * L * J + j * L + lane of a group (a gather, as
+// backward_features_item; a thread whose channels fill its chunk runs without per-channel tests).
+template <int K, typename T, typename I>
+CARAFE_HD void backward_features_nhwc_item(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
+                                           const T* __restrict__ m, T* __restrict__ grad_x) {
+  typedef typename Accumulator<T>::type Acc;
+  constexpr int L = nhwc_lanes<T>(), J = kNhwcGradChannels;
+  const NhwcItem<I> it = nhwc_item<L>(g, item, g.channel_chunks(I(L * J)), g.h, g.w);
+  const I cg = g.group_channels();
+  const I first = it.chunk * (L * J) + it.lane, channel = it.grp * cg + first;
+  const I remaining = cg - first;  // channel + j * L is the thread's for j * L < remaining
+  const T* masks = m + mask_offset(g, it.n, it.grp, I(0), I(0));
+  const T* go = grad_out + it.n * g.out_h * g.out_w * g.c + channel;
+  Acc acc[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) acc[j] = Acc(0);
+  if (remaining > (J - 1) * L) {
+    backward_features_nhwc_taps<K, J, L, false>(g, it.row, it.col, masks, go, remaining, acc);
+  } else {
+    backward_features_nhwc_taps<K, J, L, true>(g, it.row, it.col, masks, go, remaining, acc);
   }
   T* dst = grad_x + it.pixel * g.c + channel;
 #pragma unroll
@@ -795,19 +825,18 @@ CARAFE_HD void backward_masks_nhwc_partial(const Geometry<I>& g, I item, const T
     const I col_step = g.c, row_step = g.w * g.c;
     const T* xs = x + ((it.n * g.h + cy - R) * g.w + cx - R) * g.c + channel;  // tap (0, 0) of the first channel
     I remaining = cg - it.lane;
-    if (cy >= R && cy + R < g.h && cx >= R && cx + R < g.w) {
+    unsigned rows, cols;
+    window_bits<K>(g, cy, cx, &rows, &cols);
+    if (rows == (1u << K) - 1u && cols == (1u << K) - 1u) {  // the whole window is inside the map
       for (; remaining > (J - 1) * L; remaining -= step, go += step, xs += step) {
-        masks_nhwc_block<K, J, L, false, false>(acc, go, xs, row_step, col_step, 0u, 0u, remaining);
+        masks_nhwc_block<K, J, L, false, false>(acc, go, xs, row_step, col_step, rows, cols, remaining);
       }
-      if (remaining > 0) masks_nhwc_block<K, J, L, false, true>(acc, go, xs, row_step, col_step, 0u, 0u, remaining);
     } else {
-      unsigned rows, cols;
-      window_bits<K>(g, cy, cx, &rows, &cols);
       for (; remaining > (J - 1) * L; remaining -= step, go += step, xs += step) {
         masks_nhwc_block<K, J, L, true, false>(acc, go, xs, row_step, col_step, rows, cols, remaining);
       }
-      if (remaining > 0) masks_nhwc_block<K, J, L, true, true>(acc, go, xs, row_step, col_step, rows, cols, remaining);
     }
+    if (remaining > 0) masks_nhwc_block<K, J, L, true, true>(acc, go, xs, row_step, col_step, rows, cols, remaining);
   } else {
     const I r = g.radius(), k = g.k, kk = g.taps(), first_tap = it.chunk * TAPS;
     I offsets[TAPS];  // of each tap's pixel in an image, or -1 when the tap lies outside the map (or past the last)
