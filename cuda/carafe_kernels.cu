@@ -13,7 +13,7 @@
 // CARAFE++ downsampling; slices: channel slices per group of the forward pass, fixed k for NCHW and every k for
 // NHWC, 1 elsewhere). The i32
 // kernels may only be launched when every element offset and work item count fits in 31 bits (the loader checks).
-// Launch one thread per work item (Geometry::*_items()), THREADS_PER_BLOCK threads per block; threads stride over
+// Launch one thread per work item (Geometry::*_items(), *_nhwc_items()), THREADS_PER_BLOCK threads per block; threads stride over
 // the grid, so any grid size is correct. The math lives in carafe_reassemble.cuh.
 //
 // The loader compiles one module per dtype, kernel size, index width and layout by defining CARAFE_ONLY_<SUFFIX>,
@@ -56,32 +56,40 @@ struct Convert<__nv_bfloat16> {
 };
 #endif
 
-// Resident blocks per SM that __launch_bounds__ asks for, i.e. the register cap, chosen per variant as the most
-// that compiles without spills on sm_80 and sm_90 (scripts/bench_cuda_static.py reports the result):
-//   4 blocks of 256 threads (50 % occupancy, 64 registers): 32-bit indices with 4- and 2-byte types, k <= 5 or
-//     run-time k, and every such feature gradient;
-//   3 blocks (80 registers): the 64-bit index forward pass (only used for tensors of 2^30 elements or more) and
-//     double with k <= 3 or run-time k;
-//   2 blocks (128 registers): k = 7 (49 weights or sums per thread), double with k >= 5 or 64-bit indices, and the
-//     64-bit index gradients;
-//   1 block (255 registers): the double forward pass and mask gradient with k = 7 (49 two-register values).
+// Resident blocks per SM that __launch_bounds__ asks for, i.e. the register cap: per variant the most blocks of
+// 256 threads that compile without spills on sm_80 and sm_90 (found by compiling every kernel at 4 and 3 blocks;
+// scripts/bench_cuda_static.py reports the result). 4 blocks = 64 registers = 50 % occupancy, 3 = 80 registers =
+// 37.5 %, 2 = 128 registers = 25 %, 1 = 255 registers = 12.5 %. What stays below 4: the k = 7 kernels that hold
+// 49 weights or sums per thread, fp64 with k >= 5 (two registers a value), and most 64-bit index kernels (used only
+// for tensors of 2^30 elements or more), whose addresses and loop bounds take two registers each.
 enum Pass { kForward, kBackwardFeatures, kBackwardMasks };
 template <int P, int K, typename I, typename T>
 __host__ __device__ constexpr int min_blocks() {
-  return P == kBackwardFeatures ? (sizeof(I) == 8                     ? 2
-                                   : sizeof(T) == 8                   ? (K >= 5 ? 2 : 3)
-                                                                      : 4)
-         : K == 7                                                     ? (sizeof(T) == 8 ? 1 : 2)
-         : sizeof(T) == 8 && (sizeof(I) == 8 || K >= 5)               ? 2
-         : sizeof(I) == 8 && P == kBackwardMasks                      ? 2
-         : sizeof(I) == 8 || sizeof(T) == 8                           ? 3
-                                                                      : 4;
+  constexpr bool wide = sizeof(I) == 8, f64 = sizeof(T) == 8;
+  if constexpr (!f64) {
+    if constexpr (P == kForward) return K == 7 ? 2 : !wide ? 4 : (K == 1 || K == 3) ? 4 : 3;
+    if constexpr (P == kBackwardFeatures) return !wide ? 4 : (K == 0 && sizeof(T) == 2) ? 2 : 3;
+    return K == 7 ? 2 : !wide ? 4 : K == 1 ? 4 : K == 3 ? 3 : K == 5 ? (sizeof(T) == 4 ? 3 : 2) : 2;
+  } else {
+    if constexpr (P == kForward) return K == 7 ? 1 : K == 5 ? 2 : (K == 0 && wide) ? 3 : 4;
+    if constexpr (P == kBackwardFeatures) return wide ? 2 : K == 1 ? 4 : 3;
+    return K == 7 ? 1 : K == 5 ? 2 : K == 1 ? 4 : K == 3 ? (wide ? 3 : 4) : (wide ? 2 : 3);
+  }
 }
 
-// The channels_last kernels' register caps (resident blocks of 256 threads per SM), the same way.
+// The channels_last kernels' register caps, the same way.
 template <int P, int K, typename I, typename T>
 __host__ __device__ constexpr int min_blocks_nhwc() {
-  return min_blocks<P, K, I, T>();
+  constexpr bool wide = sizeof(I) == 8, f64 = sizeof(T) == 8;
+  if constexpr (!f64) {
+    if constexpr (P == kForward) return K == 7 ? 1 : !wide ? 4 : K == 5 ? 2 : 4;
+    if constexpr (P == kBackwardFeatures) return !wide ? 4 : K == 1 ? 3 : 2;
+    return K == 7 ? 1 : !wide ? 4 : K == 1 ? 4 : K == 3 ? 3 : K == 5 ? 1 : 2;
+  } else {
+    if constexpr (P == kForward) return K == 7 ? 1 : K == 5 ? 2 : 4;
+    if constexpr (P == kBackwardFeatures) return wide ? 2 : K == 1 ? 4 : 3;
+    return K >= 5 ? (K == 7 ? 1 : 2) : K == 1 ? 4 : (K == 3 && !wide) ? 3 : 2;
+  }
 }
 
 // The L lanes that share an output pixel (consecutive lanes of a warp, L a power of two) add their partial sums:

@@ -1,6 +1,6 @@
 // CARAFE / CARAFE++ reassembly: the per-thread work of the forward pass and of both gradients.
 //
-// Every tensor is NCHW-contiguous (the loader makes it so):
+// The passes below take NCHW-contiguous tensors (the channels_last twins are at the end of the file):
 //   x    [N, C,     H,  W ]   input features
 //   m    [N, G*k*k, Ho, Wo]   reassembly kernels, tap (ky, kx) of group g at channel g*k*k + ky*k + kx
 //   out  [N, C,     Ho, Wo]
@@ -533,7 +533,7 @@ CARAFE_HD constexpr int nhwc_lanes() {
 // Channels of a forward thread's block, of a feature-gradient thread, and of a mask-gradient thread's block.
 inline constexpr int kNhwcForwardChannels = 4;
 inline constexpr int kNhwcGradChannels = 8;
-inline constexpr int kNhwcMaskChannels = 4;
+inline constexpr int kNhwcMaskChannels = 3;
 // Taps (partial sums) a mask-gradient thread holds.
 template <int K>
 CARAFE_HD constexpr int nhwc_mask_taps() {

@@ -160,16 +160,21 @@ def compile_options(dtype_suffix: str | None = None, variant: str | None = None,
 
 
 def compile_sources(arch: str, warnings_as_errors: bool = True, dtype_suffix: str | None = None,
-                    variant: str | None = None, index_bits: int | None = None, layout: str | None = None) -> str:
+                    variant: str | None = None, index_bits: int | None = None, layout: str | None = None,
+                    device_debug: bool = False) -> str:
     """Compile the kernels to PTX for ``arch`` (e.g. ``"compute_80"``) through NVRTC, without needing a GPU: every
     variant, or only those of ``dtype_suffix`` (``"f16"``...), ``variant`` (``"k5"``, ``"kx"``...),
-    ``index_bits`` and ``layout`` (``"nchw"`` / ``"nhwc"``) as the loader does. Returns the NVRTC log; raises ``CompileError`` if compilation fails (with
+    ``index_bits`` and ``layout`` (``"nchw"`` / ``"nhwc"``) as the loader does. ``device_debug`` compiles with
+    ``-G`` (no device optimisation: the same front end, templates and warnings in a fraction of the time; the
+    loader never uses it). Returns the NVRTC log; raises ``CompileError`` if compilation fails (with
     ``warnings_as_errors``, any warning fails it) or a kernel is missing from the PTX."""
     from cupy_backends.cuda.libs import nvrtc
 
     options = [f"--gpu-architecture={arch}", *compile_options(dtype_suffix, variant, index_bits, layout)]
     if warnings_as_errors:
         options.append("-Werror=all-warnings")
+    if device_debug:
+        options.append("--device-debug")
     program = nvrtc.createProgram(kernel_source(), KERNEL_SOURCE.name, [], [])
     try:
         try:
