@@ -63,7 +63,7 @@ TAPS_PER_THREAD = 16
 NHWC_LANE_BYTES = 32
 NHWC_FORWARD_CHANNELS = 4
 NHWC_GRAD_CHANNELS = 8
-NHWC_MASK_CHANNELS = 4
+NHWC_MASK_CHANNELS = 3
 # Kernel sizes with a compiled-in variant (taps unrolled, weights in registers); any other odd size runs the
 # run-time-k variant ("kx").
 FIXED_KERNEL_SIZES = (1, 3, 5, 7)
