@@ -1,6 +1,6 @@
 // CARAFE / CARAFE++ reassembly: the per-thread work of the forward pass and of both gradients.
 //
-// Every tensor is NCHW-contiguous (the loader makes it so):
+// The passes below take NCHW-contiguous tensors (the channels_last twins are at the end of the file):
 //   x    [N, C,     H,  W ]   input features
 //   m    [N, G*k*k, Ho, Wo]   reassembly kernels, tap (ky, kx) of group g at channel g*k*k + ky*k + kx
 //   out  [N, C,     Ho, Wo]
@@ -42,11 +42,11 @@
 namespace carafe {
 
 // Channels handled by one thread of the run-time-k forward pass: each mask value loaded is reused this many times.
-constexpr int kChannelsPerThread = 4;
+inline constexpr int kChannelsPerThread = 4;
 // Channels handled by one thread of the feature gradient: each mask value loaded is reused this many times.
-constexpr int kGradChannelsPerThread = 16;
+inline constexpr int kGradChannelsPerThread = 16;
 // Taps handled by one thread of the run-time-k mask gradient.
-constexpr int kTapsPerThread = 16;
+inline constexpr int kTapsPerThread = 16;
 
 // Every global-memory access of the kernels goes through load() / store(), so the host harness can record the
 // addresses a thread block touches (tests/cuda_host_harness.cpp built with CARAFE_TRACE: the memory-traffic model
@@ -131,6 +131,7 @@ template <typename I>
 struct Geometry {
   I n, c, h, w, out_h, out_w, k, groups, sigma, slices;
   bool up;
+  bool masks_nhwc;  // the channels_last kernels only: masks (and their gradient) are [N, Ho, Wo, G*k*k]
 
   CARAFE_HD I radius() const { return k / 2; }
   CARAFE_HD I taps() const { return k * k; }
@@ -179,6 +180,7 @@ CARAFE_HD Geometry<I> make_geometry(long long n, long long c, long long h, long 
   g.sigma = static_cast<I>(sigma);
   g.slices = static_cast<I>(slices);
   g.up = up != 0;
+  g.masks_nhwc = false;
   return g;
 }
 
@@ -318,27 +320,24 @@ CARAFE_HD void forward_item(const Geometry<I>& g, I item, const T* __restrict__ 
 
 // ---- feature gradient ---------------------------------------------------------------------------------------------
 
-// grad_x[n, c, iy, ix] = sum over the outputs (p, q) that read input (iy, ix) through tap (ky, kx) of
-// grad_out[n, c, p, q] * m[n, grp*k*k + ky*k + kx, p, q], for kGradChannelsPerThread channels of one input pixel.
-// K > 0 unrolls the taps (k = K); K = 0 loops over g.k taps.
-template <int K, typename T, typename I>
-CARAFE_HD void backward_features_item(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
-                                      const T* __restrict__ m, T* __restrict__ grad_x) {
-  typedef typename Accumulator<T>::type Acc;
-  constexpr int J = kGradChannelsPerThread;
-  const PixelItem<I> it = pixel_item(g, item, g.channel_chunks(J), g.h, g.w);
-  const I k = K > 0 ? I(K) : g.k, r = k / 2, cg = g.group_channels();
-  const I iy = it.row, ix = it.col;
-  const I first_channel = it.n * g.c + it.grp * cg + it.chunk * J;
-  const I channels = min_index(I(J), cg - it.chunk * J);
-  const I in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
-  const T* masks = m + (it.n * g.groups + it.grp) * (k * k) * out_plane;
-  const T* go = grad_out + first_channel * out_plane;
-  Acc acc[J];
+// acc[j] += weight * grad_out at channel + j * stride, for the J channels of a feature-gradient thread (kPartial:
+// only j < channels, a test per channel; without it the loop has none).
+template <int J, bool kPartial, typename T, typename I, typename Acc>
+CARAFE_HD void gather_channels(Acc* acc, Acc weight, const T* __restrict__ channel, I stride, I channels) {
 #pragma unroll
-  for (int j = 0; j < J; ++j) acc[j] = Acc(0);
-  // Input (iy, ix) is tap (ky, kx) of every output whose centre is (iy - ky + r, ix - kx + r). The tap loops stay
-  // rolled (unrolled, their sigma^2-output bodies make very long code for little gain).
+  for (int j = 0; j < J; ++j) {
+    if (!kPartial || j < channels) acc[j] += weight * to_acc(load(channel));
+    channel += stride;  // one add per load, no per-channel address
+  }
+}
+
+// The taps of backward_features_item: input (iy, ix) is tap (ky, kx) of every output whose centre is
+// (iy - ky + r, ix - kx + r). The tap loops stay rolled (unrolled, their sigma^2-output bodies make very long code
+// for little gain).
+template <int K, int J, bool kPartial, typename T, typename I, typename Acc>
+CARAFE_HD void backward_features_taps(const Geometry<I>& g, I iy, I ix, const T* __restrict__ masks,
+                                      const T* __restrict__ go, I channels, Acc* acc) {
+  const I k = K > 0 ? I(K) : g.k, r = k / 2, out_plane = g.out_h * g.out_w;
 #pragma unroll 1
   for (I ky = 0; ky < k; ++ky) {
     const I cy = iy - ky + r;
@@ -355,16 +354,37 @@ CARAFE_HD void backward_features_item(const Geometry<I>& g, I item, const T* __r
       for (I p = p0; p < p1; ++p) {
         for (I q = q0; q < q1; ++q) {
           const I offset = p * g.out_w + q;
-          const Acc weight = to_acc(load(tap_masks + offset));
-          const T* channel = go + offset;  // walks the chunk's channels: one add per load, no per-channel address
-#pragma unroll
-          for (int j = 0; j < J; ++j) {
-            if (j < channels) acc[j] += weight * to_acc(load(channel));
-            channel += out_plane;
-          }
+          gather_channels<J, kPartial>(acc, to_acc(load(tap_masks + offset)), go + offset, out_plane, channels);
         }
       }
     }
+  }
+}
+
+// grad_x[n, c, iy, ix] = sum over the outputs (p, q) that read input (iy, ix) through tap (ky, kx) of
+// grad_out[n, c, p, q] * m[n, grp*k*k + ky*k + kx, p, q], for kGradChannelsPerThread channels of one input pixel.
+// K > 0 fixes k = K; K = 0 loops over g.k taps. A thread whose chunk is full (every chunk when the group's channels
+// are a multiple of kGradChannelsPerThread) runs the loops without per-channel tests.
+template <int K, typename T, typename I>
+CARAFE_HD void backward_features_item(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
+                                      const T* __restrict__ m, T* __restrict__ grad_x) {
+  typedef typename Accumulator<T>::type Acc;
+  constexpr int J = kGradChannelsPerThread;
+  const PixelItem<I> it = pixel_item(g, item, g.channel_chunks(J), g.h, g.w);
+  const I k = K > 0 ? I(K) : g.k, cg = g.group_channels();
+  const I iy = it.row, ix = it.col;
+  const I first_channel = it.n * g.c + it.grp * cg + it.chunk * J;
+  const I channels = min_index(I(J), cg - it.chunk * J);
+  const I in_plane = g.h * g.w, out_plane = g.out_h * g.out_w;
+  const T* masks = m + (it.n * g.groups + it.grp) * (k * k) * out_plane;
+  const T* go = grad_out + first_channel * out_plane;
+  Acc acc[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) acc[j] = Acc(0);
+  if (channels == J) {
+    backward_features_taps<K, J, false>(g, iy, ix, masks, go, channels, acc);
+  } else {
+    backward_features_taps<K, J, true>(g, iy, ix, masks, go, channels, acc);
   }
   T* dst = grad_x + first_channel * in_plane + iy * g.w + ix;
 #pragma unroll
@@ -478,6 +498,384 @@ CARAFE_HD void backward_masks_item(const Geometry<I>& g, I item, const T* __rest
     backward_masks_item_fixed<K>(g, item, grad_out, x, grad_m);
   } else {
     backward_masks_item_runtime(g, item, grad_out, x, grad_m);
+  }
+}
+
+// ---- channels_last (NHWC) -----------------------------------------------------------------------------------------
+//
+// The same three passes on channels_last tensors, read and written in place (no transposes):
+//   x              memory order [N, H,  W,  C]  (the logical shape stays [N, C, H, W])
+//   out, grad_out  memory order [N, Ho, Wo, C]
+//   m, grad_m      memory order [N, Ho, Wo, G*k*k] when g.masks_nhwc, else NCHW as above: masks come in either
+//                  layout (a thread reads its pixel's k*k weights once, so the layout costs nothing in the loops),
+//                  and their gradient is written in the masks' layout.
+// Adjacent threads own adjacent channels: a work item is (pixel, group, chunk, lane), lane fastest, and lane l of
+// the L = nhwc_lanes<T>() lanes of a pixel takes channels l, l + L, l + 2L, ... of its group, so one load
+// instruction of those L lanes reads one whole 32-byte sector (L = 32 / sizeof(T): 8 fp32, 16 fp16 / bf16 and 4
+// fp64 channels). A thread works on blocks of J of its channels (J * L consecutive channels for the L lanes), the
+// J loads of a tap at compile-time offsets 0, L, ..., (J - 1) L.
+//   forward, K > 0      mask-stationary: the thread keeps its pixel's K*K weights in registers (the L lanes load
+//                       the same values: one broadcast) and loops over its blocks; slices > 1 deals a group's
+//                       blocks out to more threads (the loader raises it only to fill the GPU);
+//   forward, K = 0      the same with the taps in a run-time loop (a weight is re-read for each block);
+//   backward_features   a gather as in NCHW: one thread per input pixel, chunk of L * kNhwcGradChannels channels
+//                       and lane;
+//   backward_masks      each lane sums the products of its own channels for the pixel's taps (all K*K, or
+//                       kTapsPerThread of them for K = 0: backward_masks_nhwc_partial); the kernel then adds the L
+//                       lanes' partial sums with a butterfly of warp shuffles (every lane ends with the same
+//                       totals; the host harness does the same additions in the same order) and each lane stores
+//                       the taps t with t % L == lane (backward_masks_nhwc_store).
+
+template <typename T>
+CARAFE_HD constexpr int nhwc_lanes() {
+  return 32 / static_cast<int>(sizeof(T));
+}
+// Channels of a forward thread's block, of a feature-gradient thread, and of a mask-gradient thread's block.
+inline constexpr int kNhwcForwardChannels = 4;
+inline constexpr int kNhwcGradChannels = 8;
+inline constexpr int kNhwcMaskChannels = 3;
+// Taps (partial sums) a mask-gradient thread holds.
+template <int K>
+CARAFE_HD constexpr int nhwc_mask_taps() {
+  return K > 0 ? K * K : kTapsPerThread;
+}
+
+// Where the k*k masks of (n, grp, p, q) start, and the distance between consecutive taps, in either mask layout.
+template <typename I>
+CARAFE_HD I mask_offset(const Geometry<I>& g, I n, I grp, I p, I q) {
+  return g.masks_nhwc ? ((n * g.out_h + p) * g.out_w + q) * g.mask_channels() + grp * g.taps()
+                      : (((n * g.groups + grp) * g.taps()) * g.out_h + p) * g.out_w + q;
+}
+template <typename I>
+CARAFE_HD I mask_tap_stride(const Geometry<I>& g) {
+  return g.masks_nhwc ? I(1) : g.out_h * g.out_w;
+}
+// The distance between the masks of horizontally adjacent output pixels.
+template <typename I>
+CARAFE_HD I mask_column_stride(const Geometry<I>& g) {
+  return g.masks_nhwc ? g.mask_channels() : I(1);
+}
+
+// Work item counts of the channels_last passes (the loader's work_items() mirrors them).
+template <int K, typename T, typename I>
+CARAFE_HD I forward_nhwc_items(const Geometry<I>& g) {
+  return g.n * g.out_h * g.out_w * g.groups * g.slices * nhwc_lanes<T>();
+}
+template <int K, typename T, typename I>
+CARAFE_HD I backward_features_nhwc_items(const Geometry<I>& g) {
+  return g.n * g.h * g.w * g.groups * g.channel_chunks(nhwc_lanes<T>() * kNhwcGradChannels) * nhwc_lanes<T>();
+}
+template <int K, typename T, typename I>
+CARAFE_HD I backward_masks_nhwc_items(const Geometry<I>& g) {
+  return g.n * g.out_h * g.out_w * g.groups * (K > 0 ? I(1) : g.tap_chunks()) * nhwc_lanes<T>();
+}
+
+// A channels_last work item numbered (pixel, grp, chunk, lane), lane fastest; pixel = (n * height + row) * width +
+// col.
+template <typename I>
+struct NhwcItem {
+  I lane, chunk, grp, pixel, n, row, col;
+};
+
+template <int L, typename I>
+CARAFE_HD NhwcItem<I> nhwc_item(const Geometry<I>& g, I item, I chunks, I height, I width) {
+  NhwcItem<I> it;
+  I rest = divide(item, I(L));
+  it.lane = item - rest * L;
+  item = rest;
+  rest = divide(item, chunks);
+  it.chunk = item - rest * chunks;
+  item = rest;
+  rest = divide(item, g.groups);
+  it.grp = item - rest * g.groups;
+  it.pixel = rest;
+  rest = divide(it.pixel, width);
+  it.col = it.pixel - rest * width;
+  it.n = divide(rest, height);
+  it.row = rest - it.n * height;
+  return it;
+}
+
+// Window rows / columns inside the map: bit d set when row / column d of the K x K window centred at (cy, cx) is.
+template <int K, typename I>
+CARAFE_HD void window_bits(const Geometry<I>& g, I cy, I cx, unsigned* rows, unsigned* cols) {
+  constexpr int R = K / 2;
+  *rows = 0;
+  *cols = 0;
+#pragma unroll
+  for (int d = 0; d < K; ++d) {
+    *rows |= (cy + d - R >= 0 && cy + d - R < g.h) ? 1u << d : 0u;
+    *cols |= (cx + d - R >= 0 && cx + d - R < g.w) ? 1u << d : 0u;
+  }
+}
+
+// One forward block: J channels (at xs + j * L) of the K x K window whose tap (ky, kx) is at xs + ky * row_step +
+// kx * col_step, written at dst + j * L. kBorder: only the window rows / columns whose bit is set; kPartial: only
+// the channels j with j * L < remaining.
+template <int K, int J, int L, bool kBorder, bool kPartial, typename T, typename I, typename Acc>
+CARAFE_HD void forward_nhwc_block(const Acc* weight, const T* __restrict__ xs, I row_step, I col_step,
+                                  unsigned rows, unsigned cols, I remaining, T* __restrict__ dst) {
+  Acc acc[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) acc[j] = Acc(0);
+#pragma unroll
+  for (int ky = 0; ky < K; ++ky) {
+    if (kBorder && !((rows >> ky) & 1u)) continue;
+    const T* row = xs + ky * row_step;
+#pragma unroll
+    for (int kx = 0; kx < K; ++kx) {
+      if (kBorder && !((cols >> kx) & 1u)) continue;
+      const T* tap = row + kx * col_step;
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        if (!kPartial || j * L < remaining) acc[j] += weight[ky * K + kx] * to_acc(load(tap + j * L));
+      }
+    }
+    CARAFE_ROW_BARRIER();
+  }
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    if (!kPartial || j * L < remaining) from_acc(acc[j], dst + j * L);
+  }
+}
+
+// k = K: out[n, p, q, c] for the channels of one lane of a slice of a group, the pixel's K*K weights in registers.
+template <int K, typename T, typename I>
+CARAFE_HD void forward_nhwc_item_fixed(const Geometry<I>& g, I item, const T* __restrict__ x,
+                                       const T* __restrict__ m, T* __restrict__ out) {
+  typedef typename Accumulator<T>::type Acc;
+  constexpr int L = nhwc_lanes<T>(), J = kNhwcForwardChannels, R = K / 2;
+  const NhwcItem<I> it = nhwc_item<L>(g, item, g.slices, g.out_h, g.out_w);
+  const I cg = g.group_channels(), cy = g.centre(it.row), cx = g.centre(it.col);
+  const T* mask = m + mask_offset(g, it.n, it.grp, it.row, it.col);
+  const I tap_stride = mask_tap_stride(g);
+  Acc weight[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) weight[t] = to_acc(load(mask + t * tap_stride));
+  const I first = it.chunk * (L * J) + it.lane, step = g.slices * (L * J), channel = it.grp * cg + first;
+  const I col_step = g.c, row_step = g.w * g.c;
+  const T* xs = x + ((it.n * g.h + cy - R) * g.w + cx - R) * g.c + channel;  // tap (0, 0) of the first channel
+  T* dst = out + it.pixel * g.c + channel;
+  I remaining = cg - first;  // the thread's channels are first + j * L (j * L < remaining) of this block
+  unsigned rows, cols;
+  window_bits<K>(g, cy, cx, &rows, &cols);
+  if (rows == (1u << K) - 1u && cols == (1u << K) - 1u) {  // the whole window is inside the map: no per-tap test
+    for (; remaining > (J - 1) * L; remaining -= step, xs += step, dst += step) {
+      forward_nhwc_block<K, J, L, false, false>(weight, xs, row_step, col_step, rows, cols, remaining, dst);
+    }
+  } else {
+    for (; remaining > (J - 1) * L; remaining -= step, xs += step, dst += step) {
+      forward_nhwc_block<K, J, L, true, false>(weight, xs, row_step, col_step, rows, cols, remaining, dst);
+    }
+  }
+  // The last, partial block (when the lane's channels do not fill it), with per-tap tests either way.
+  if (remaining > 0) forward_nhwc_block<K, J, L, true, true>(weight, xs, row_step, col_step, rows, cols, remaining, dst);
+}
+
+// Run-time k: the same, the taps in a run-time loop and each weight read once per block.
+template <typename T, typename I>
+CARAFE_HD void forward_nhwc_item_runtime(const Geometry<I>& g, I item, const T* __restrict__ x,
+                                         const T* __restrict__ m, T* __restrict__ out) {
+  typedef typename Accumulator<T>::type Acc;
+  constexpr int L = nhwc_lanes<T>(), J = kNhwcForwardChannels;
+  const NhwcItem<I> it = nhwc_item<L>(g, item, g.slices, g.out_h, g.out_w);
+  const I k = g.k, r = g.radius(), cg = g.group_channels(), cy = g.centre(it.row), cx = g.centre(it.col);
+  const T* mask = m + mask_offset(g, it.n, it.grp, it.row, it.col);
+  const I tap_stride = mask_tap_stride(g);
+  const I first = it.chunk * (L * J) + it.lane, step = g.slices * (L * J), channel = it.grp * cg + first;
+  const T* xs = x + it.n * g.h * g.w * g.c + channel;
+  T* dst = out + it.pixel * g.c + channel;
+  for (I remaining = cg - first; remaining > 0; remaining -= step, xs += step, dst += step) {
+    Acc acc[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) acc[j] = Acc(0);
+    for (I ky = 0; ky < k; ++ky) {
+      const I iy = cy + ky - r;
+      if (iy < 0 || iy >= g.h) continue;
+      for (I kx = 0; kx < k; ++kx) {
+        const I ix = cx + kx - r;
+        if (ix < 0 || ix >= g.w) continue;
+        const Acc weight = to_acc(load(mask + (ky * k + kx) * tap_stride));
+        const T* tap = xs + (iy * g.w + ix) * g.c;
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          if (j * L < remaining) acc[j] += weight * to_acc(load(tap + j * L));
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      if (j * L < remaining) from_acc(acc[j], dst + j * L);
+    }
+  }
+}
+
+template <int K, typename T, typename I>
+CARAFE_HD void forward_nhwc_item(const Geometry<I>& g, I item, const T* __restrict__ x, const T* __restrict__ m,
+                                 T* __restrict__ out) {
+  if constexpr (K > 0) {
+    forward_nhwc_item_fixed<K>(g, item, x, m, out);
+  } else {
+    forward_nhwc_item_runtime(g, item, x, m, out);
+  }
+}
+
+// The taps of backward_features_nhwc_item (as backward_features_taps): acc[j] gathers channel + j * L.
+template <int K, int J, int L, bool kPartial, typename T, typename I, typename Acc>
+CARAFE_HD void backward_features_nhwc_taps(const Geometry<I>& g, I iy, I ix, const T* __restrict__ masks,
+                                           const T* __restrict__ go, I remaining, Acc* acc) {
+  const I k = K > 0 ? I(K) : g.k, r = k / 2;
+  const I tap_stride = mask_tap_stride(g), mask_col = mask_column_stride(g), mask_row = mask_col * g.out_w;
+#pragma unroll 1
+  for (I ky = 0; ky < k; ++ky) {
+    const I cy = iy - ky + r;
+    if (cy < 0 || cy >= g.h) continue;
+    I p0, p1;
+    g.outputs_centred_at(cy, g.out_h, &p0, &p1);
+#pragma unroll 1
+    for (I kx = 0; kx < k; ++kx) {
+      const I cx = ix - kx + r;
+      if (cx < 0 || cx >= g.w) continue;
+      I q0, q1;
+      g.outputs_centred_at(cx, g.out_w, &q0, &q1);
+      const T* tap_masks = masks + (ky * k + kx) * tap_stride;
+      for (I p = p0; p < p1; ++p) {
+        for (I q = q0; q < q1; ++q) {
+          const Acc weight = to_acc(load(tap_masks + p * mask_row + q * mask_col));
+          const T* channels = go + (p * g.out_w + q) * g.c;
+#pragma unroll
+          for (int j = 0; j < J; ++j) {
+            if (!kPartial || j * L < remaining) acc[j] += weight * to_acc(load(channels + j * L));
+          }
+        }
+      }
+    }
+  }
+}
+
+// grad_x[n, iy, ix, c] for the kNhwcGradChannels channels chunk * L * J + j * L + lane of a group (a gather, as
+// backward_features_item; a thread whose channels fill its chunk runs without per-channel tests).
+template <int K, typename T, typename I>
+CARAFE_HD void backward_features_nhwc_item(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
+                                           const T* __restrict__ m, T* __restrict__ grad_x) {
+  typedef typename Accumulator<T>::type Acc;
+  constexpr int L = nhwc_lanes<T>(), J = kNhwcGradChannels;
+  const NhwcItem<I> it = nhwc_item<L>(g, item, g.channel_chunks(I(L * J)), g.h, g.w);
+  const I cg = g.group_channels();
+  const I first = it.chunk * (L * J) + it.lane, channel = it.grp * cg + first;
+  const I remaining = cg - first;  // channel + j * L is the thread's for j * L < remaining
+  const T* masks = m + mask_offset(g, it.n, it.grp, I(0), I(0));
+  const T* go = grad_out + it.n * g.out_h * g.out_w * g.c + channel;
+  Acc acc[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) acc[j] = Acc(0);
+  if (remaining > (J - 1) * L) {
+    backward_features_nhwc_taps<K, J, L, false>(g, it.row, it.col, masks, go, remaining, acc);
+  } else {
+    backward_features_nhwc_taps<K, J, L, true>(g, it.row, it.col, masks, go, remaining, acc);
+  }
+  T* dst = grad_x + it.pixel * g.c + channel;
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    if (j * L < remaining) from_acc(acc[j], dst + j * L);
+  }
+}
+
+// One mask-gradient block: the J channels at go + j * L of the output pixel, times the same channels of each tap
+// of the window (tap (ky, kx) at xs + ky * row_step + kx * col_step), added to acc[ky * K + kx].
+template <int K, int J, int L, bool kBorder, bool kPartial, typename T, typename I, typename Acc>
+CARAFE_HD void masks_nhwc_block(Acc* acc, const T* __restrict__ go, const T* __restrict__ xs, I row_step,
+                                I col_step, unsigned rows, unsigned cols, I remaining) {
+  Acc grad[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) grad[j] = (!kPartial || j * L < remaining) ? to_acc(load(go + j * L)) : Acc(0);
+#pragma unroll
+  for (int ky = 0; ky < K; ++ky) {
+    if (kBorder && !((rows >> ky) & 1u)) continue;
+    const T* row = xs + ky * row_step;
+#pragma unroll
+    for (int kx = 0; kx < K; ++kx) {
+      if (kBorder && !((cols >> kx) & 1u)) continue;
+      const T* tap = row + kx * col_step;
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        if (!kPartial || j * L < remaining) acc[ky * K + kx] += grad[j] * to_acc(load(tap + j * L));
+      }
+    }
+    CARAFE_ROW_BARRIER();
+  }
+}
+
+// acc[t] = sum over this lane's channels c (lane, lane + L, ... of the group) of grad_out[n, p, q, c] *
+// x[n, tap t of (p, q), c], for the nhwc_mask_taps<K>() taps of the item (all K*K, or kTapsPerThread from
+// chunk * kTapsPerThread for K = 0). The L lanes' sums still have to be added (see the section comment).
+template <int K, typename T, typename I>
+CARAFE_HD void backward_masks_nhwc_partial(const Geometry<I>& g, I item, const T* __restrict__ grad_out,
+                                           const T* __restrict__ x, typename Accumulator<T>::type* acc) {
+  typedef typename Accumulator<T>::type Acc;
+  constexpr int L = nhwc_lanes<T>(), J = kNhwcMaskChannels, TAPS = nhwc_mask_taps<K>();
+  const NhwcItem<I> it = nhwc_item<L>(g, item, K > 0 ? I(1) : g.tap_chunks(), g.out_h, g.out_w);
+  const I cg = g.group_channels(), cy = g.centre(it.row), cx = g.centre(it.col);
+  const I channel = it.grp * cg + it.lane, step = L * J;
+  const T* go = grad_out + it.pixel * g.c + channel;
+#pragma unroll
+  for (int t = 0; t < TAPS; ++t) acc[t] = Acc(0);
+  if constexpr (K > 0) {
+    constexpr int R = K / 2;
+    const I col_step = g.c, row_step = g.w * g.c;
+    const T* xs = x + ((it.n * g.h + cy - R) * g.w + cx - R) * g.c + channel;  // tap (0, 0) of the first channel
+    I remaining = cg - it.lane;
+    unsigned rows, cols;
+    window_bits<K>(g, cy, cx, &rows, &cols);
+    if (rows == (1u << K) - 1u && cols == (1u << K) - 1u) {  // the whole window is inside the map
+      for (; remaining > (J - 1) * L; remaining -= step, go += step, xs += step) {
+        masks_nhwc_block<K, J, L, false, false>(acc, go, xs, row_step, col_step, rows, cols, remaining);
+      }
+    } else {
+      for (; remaining > (J - 1) * L; remaining -= step, go += step, xs += step) {
+        masks_nhwc_block<K, J, L, true, false>(acc, go, xs, row_step, col_step, rows, cols, remaining);
+      }
+    }
+    if (remaining > 0) masks_nhwc_block<K, J, L, true, true>(acc, go, xs, row_step, col_step, rows, cols, remaining);
+  } else {
+    const I r = g.radius(), k = g.k, kk = g.taps(), first_tap = it.chunk * TAPS;
+    I offsets[TAPS];  // of each tap's pixel in an image, or -1 when the tap lies outside the map (or past the last)
+#pragma unroll
+    for (int t = 0; t < TAPS; ++t) {
+      const I tap = first_tap + t, ty = divide(tap, k), iy = cy + ty - r, ix = cx + (tap - ty * k) - r;
+      const bool inside = tap < kk && iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
+      offsets[t] = inside ? (iy * g.w + ix) * g.c : I(-1);
+    }
+    const T* xs = x + it.n * g.h * g.w * g.c + channel;
+    for (I remaining = cg - it.lane; remaining > 0; remaining -= step, go += step, xs += step) {
+      Acc grad[J];
+#pragma unroll
+      for (int j = 0; j < J; ++j) grad[j] = j * L < remaining ? to_acc(load(go + j * L)) : Acc(0);
+#pragma unroll
+      for (int t = 0; t < TAPS; ++t) {
+        if (offsets[t] < 0) continue;
+        const T* tap = xs + offsets[t];
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          if (j * L < remaining) acc[t] += grad[j] * to_acc(load(tap + j * L));
+        }
+      }
+    }
+  }
+}
+
+// After the lanes' sums are added: this lane's share of the stores (taps t with t % L == lane), in the masks'
+// layout.
+template <int K, typename T, typename I>
+CARAFE_HD void backward_masks_nhwc_store(const Geometry<I>& g, I item, const typename Accumulator<T>::type* acc,
+                                         T* __restrict__ grad_m) {
+  constexpr int L = nhwc_lanes<T>(), TAPS = nhwc_mask_taps<K>();
+  const NhwcItem<I> it = nhwc_item<L>(g, item, K > 0 ? I(1) : g.tap_chunks(), g.out_h, g.out_w);
+  const I first_tap = it.chunk * TAPS, kk = g.taps(), tap_stride = mask_tap_stride(g);
+  T* dst = grad_m + mask_offset(g, it.n, it.grp, it.row, it.col) + first_tap * tap_stride;
+#pragma unroll
+  for (int t = 0; t < TAPS; ++t) {
+    if (t % L == it.lane && first_tap + t < kk) from_acc(acc[t], dst + t * tap_stride);
   }
 }
 

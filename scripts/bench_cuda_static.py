@@ -61,6 +61,8 @@ SHAPES = ((2, 256, 128, 128), (2, 256, 64, 64))
 KERNEL_SIZE, SCALE = 5, 2
 TRAFFIC_DTYPES = (torch.float32, torch.float16)
 TRAFFIC_SAMPLES = 48
+# Layouts of the traffic model: NCHW, and channels_last everywhere (the NHWC kernels), if the kernels have them.
+LAYOUTS = tuple(getattr(cuda_backend, "LAYOUTS", ("nchw",)))
 
 
 def tool(name: str) -> str:
@@ -247,8 +249,9 @@ def build_trace_harness(workdir: Path) -> ctypes.CDLL:
 REFERENCE_SMS = 132
 
 
-def traffic_plans(shape: tuple[int, int, int, int], dtype: torch.dtype) -> list[dict]:
-    """What each kernel must move and how the loader launches it at ``shape`` (k = KERNEL_SIZE, sigma = SCALE, up)."""
+def traffic_plans(shape: tuple[int, int, int, int], dtype: torch.dtype, layout: str = "nchw") -> list[dict]:
+    """What each kernel must move and how the loader launches it at ``shape`` (k = KERNEL_SIZE, sigma = SCALE, up),
+    NCHW or channels_last (every tensor channels_last, masks included)."""
     n, c, h, w = shape
     out_h, out_w = h * SCALE, w * SCALE
     geometry = (n, c, h, w, out_h, out_w, KERNEL_SIZE, 1, SCALE, 1)
@@ -257,12 +260,15 @@ def traffic_plans(shape: tuple[int, int, int, int], dtype: torch.dtype) -> list[
     plans = []
     for kernel, (a, b, o) in {"forward": (x, m, out), "backward_features": (out, m, x),
                               "backward_masks": (out, x, m)}.items():
-        if hasattr(cuda_backend, "launch_plan"):
+        if layout == "nhwc":
+            name, full, _ = cuda_backend.launch_plan(kernel, geometry, dtype,
+                                                     REFERENCE_SMS * cuda_backend.THREADS_PER_SM, "nhwc", True)
+        elif hasattr(cuda_backend, "launch_plan"):
             name, full, _ = cuda_backend.launch_plan(kernel, geometry, dtype,
                                                      REFERENCE_SMS * cuda_backend.THREADS_PER_SM)
         else:  # the kernels before issue 28: one variant per dtype, ten geometry arguments
             name, full = f"{kernel}_{cuda_backend.SUFFIXES[dtype]}", geometry
-        plans.append(dict(kernel=kernel, name=name, geometry=full, elements=(a, b, o), size=size,
+        plans.append(dict(kernel=kernel, layout=layout, name=name, geometry=full, elements=(a, b, o), size=size,
                           minimum=size * (a + b + o)))
     return plans
 
@@ -276,7 +282,7 @@ def measure_traffic(lib: ctypes.CDLL, plan: dict, dtype: torch.dtype) -> dict:
     fn(*(t.data_ptr() for t in buffers), *plan["geometry"], cuda_backend.THREADS_PER_BLOCK, TRAFFIC_SAMPLES,
        ctypes.addressof(result))
     moved = 32 * (result[0] + result[1])
-    return dict(kernel=plan["kernel"], name=plan["name"], dtype=cuda_backend.SUFFIXES[dtype],
+    return dict(kernel=plan["kernel"], layout=plan["layout"], name=plan["name"], dtype=cuda_backend.SUFFIXES[dtype],
                 shape=list(plan["geometry"][:4]), minimum=plan["minimum"], read_bytes=32 * result[0],
                 write_bytes=32 * result[1], moved=moved, ratio=moved / plan["minimum"], blocks=result[2])
 
@@ -298,7 +304,7 @@ def collect(jobs: int) -> dict:
         kernels = [k for part in parts for k in part]
         lib = build_trace_harness(workdir)
         traffic = [measure_traffic(lib, plan, dtype) for dtype in TRAFFIC_DTYPES for shape in SHAPES
-                   for plan in traffic_plans(shape, dtype)]
+                   for layout in LAYOUTS for plan in traffic_plans(shape, dtype, layout)]
     rows = []
     for k in kernels:
         row = asdict(k)
@@ -356,7 +362,9 @@ def render(data: dict, before: dict | None) -> str:
             cells = [f"`{r['name']}`", str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}",
                      f"{100 * r['occupancy']:.1f} % ({r['limiter']})", _loop_cell(r)]
             if before:
-                b = old.get((r["name"], arch)) or old.get((_baseline_name(r["name"]), arch))
+                # the before report has no channels_last kernel (channels_last tensors were transposed)
+                b = None if "_nhwc_" in r["name"] else \
+                    old.get((r["name"], arch)) or old.get((_baseline_name(r["name"]), arch))
                 cells += ["–", "–", "–"] if b is None else [
                     str(b["registers"]), f"{100 * b['occupancy']:.1f} %", _loop_cell(b)]
             lines.append("| " + " | ".join(cells) + " |")
@@ -366,16 +374,17 @@ def render(data: dict, before: dict | None) -> str:
               f"k = {case['kernel_size']}, σ = {case['scale']} (up), one group. *Minimum*: every input element read "
               "once and every output element written once. *Moved*: distinct 32-byte sectors read + written per "
               f"thread block (sampled: {TRAFFIC_SAMPLES} blocks spread over the grid, scaled to the grid).", ""]
-    cols = ["kernel", "dtype", "shape (N, C, H, W)", "minimum MB", "moved MB", "moved / minimum"]
+    cols = ["kernel", "layout", "dtype", "shape (N, C, H, W)", "minimum MB", "moved MB", "moved / minimum"]
     if before:
         cols += ["before: moved MB", "before: moved / minimum"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     old_traffic = {(t["kernel"], t["dtype"], tuple(t["shape"])): t for t in before["traffic"]} if before else {}
     for t in data["traffic"]:
-        cells = [t["kernel"], t["dtype"], str(tuple(t["shape"])), f"{t['minimum'] / 1e6:.1f}",
+        layout = t.get("layout", "nchw")
+        cells = [t["kernel"], layout, t["dtype"], str(tuple(t["shape"])), f"{t['minimum'] / 1e6:.1f}",
                  f"{t['moved'] / 1e6:.1f}", f"{t['ratio']:.2f}x"]
         if before:
-            b = old_traffic.get((t["kernel"], t["dtype"], tuple(t["shape"])))
+            b = old_traffic.get((t["kernel"], t["dtype"], tuple(t["shape"]))) if layout == "nchw" else None
             cells += ["–", "–"] if b is None else [f"{b['moved'] / 1e6:.1f}", f"{b['ratio']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *targets(data, before), "", *estimates(data, before), ""]
@@ -395,6 +404,7 @@ def estimates(data: dict, before: dict | None) -> list[str]:
     n, c, h, w = SHAPES[0]
     fmas = n * c * (h * SCALE) * (w * SCALE) * KERNEL_SIZE ** 2
     minimum = next(t["minimum"] for t in data["traffic"] if t["kernel"] == "forward" and t["dtype"] == "f32"
+                   and t.get("layout", "nchw") == "nchw"
                    and tuple(t["shape"]) == SHAPES[0])
     floor = minimum / dev["dram"]
 
@@ -444,15 +454,26 @@ def targets(data: dict, before: dict | None) -> list[str]:
         worst = min(d["kernels"], key=lambda r: r["occupancy"])
         spills = sum(r["spill_stores"] + r["spill_loads"] for r in d["kernels"])
         big = [t for t in d["traffic"] if t["kernel"] == "forward" and t["dtype"] == "f32"
+               and t.get("layout", "nchw") == "nchw"
                and tuple(t["shape"]) == SHAPES[0]]
         # the kernels the benchmark launches: k = KERNEL_SIZE, 32-bit indices (or the only variant), f32/f16/bf16
         bench = [r for r in d["kernels"] if re.search(rf"_(?:k{KERNEL_SIZE}_i32_)?(?:f32|f16|bf16)$", r["name"])
                  and ("_k" not in r["name"] or f"_k{KERNEL_SIZE}_i32_" in r["name"])]
         bench_occ = min(r["occupancy"] for r in bench)
         bench_spills = sum(r["spill_stores"] + r["spill_loads"] for r in bench)
+        # the same for channels_last (the NHWC kernels, when the report has them)
+        nhwc = [r for r in d["kernels"] if re.search(rf"_k{KERNEL_SIZE}_i32_nhwc_(?:f32|f16|bf16)$", r["name"])]
+        nhwc_forward = forward.replace("_i32_", "_i32_nhwc_")
+        nhwc_loop = max((r["hot_loop"]["per_fma"] for r in d["kernels"] if r["name"] == nhwc_forward
+                         and r["hot_loop"]), default=math.nan)
+        nhwc_big = [t for t in d["traffic"] if t["kernel"] == "forward" and t["dtype"] == "f32"
+                    and t.get("layout", "nchw") == "nhwc" and tuple(t["shape"]) == SHAPES[0]]
         return dict(forward=forward, loop=loop, occupancy=occ, worst=f"{worst['name']} on {worst['arch']}",
                     spills=spills, traffic=big[0]["ratio"] if big else math.nan, bench_occupancy=bench_occ,
-                    bench_spills=bench_spills, bench_count=len(bench))
+                    bench_spills=bench_spills, bench_count=len(bench), nhwc_count=len(nhwc),
+                    nhwc_occupancy=min((r["occupancy"] for r in nhwc), default=math.nan),
+                    nhwc_spills=sum(r["spill_stores"] + r["spill_loads"] for r in nhwc), nhwc_forward=nhwc_forward,
+                    nhwc_loop=nhwc_loop, nhwc_traffic=nhwc_big[0]["ratio"] if nhwc_big else math.nan)
 
     now = summary(data, forward_kernel_for_case(data))
     was = summary(before, "carafe_forward_f32") if before else None
@@ -476,6 +497,15 @@ def targets(data: dict, before: dict | None) -> list[str]:
              now["bench_occupancy"] >= 0.5 and now["bench_spills"] == 0),
             ("forward L2 traffic ≤ 3x its minimum (traffic model)", f"{now['traffic']:.2f}x",
              was and f"{was['traffic']:.2f}x", now["traffic"] <= 3)]
+    if now["nhwc_count"]:  # channels_last: the same targets for the NHWC kernels (the before report had none)
+        rows += [(f"channels_last forward (`{now['nhwc_forward']}`) f32 inner loop ≤ 5 SASS instructions per FMA",
+                  f"{now['nhwc_loop']:.2f}", None, now["nhwc_loop"] <= 5),
+                 (f"the channels_last benchmark kernels (k = {KERNEL_SIZE}, 32-bit indices, f32 / f16 / bf16; "
+                  f"{now['nhwc_count']} on 2 architectures) ≥ 50 % occupancy, no spills",
+                  f"min {100 * now['nhwc_occupancy']:.1f} %, {now['nhwc_spills']} spill bytes", None,
+                  now["nhwc_occupancy"] >= 0.5 and now["nhwc_spills"] == 0),
+                 ("channels_last forward L2 traffic ≤ 3x its minimum (traffic model)", f"{now['nhwc_traffic']:.2f}x",
+                  None, now["nhwc_traffic"] <= 3)]
     lines += ["| target | after | before | verdict |", "|---|---|---|---|"]
     for name, after, old, ok in rows:
         lines.append(f"| {name} | {after} | {old or '–'} | {verdict(ok)} |")

@@ -85,6 +85,29 @@ struct Convert<HostBFloat16> {
 
 }  // namespace carafe
 
+namespace carafe {
+
+// The channels_last mask gradient of the L = nhwc_lanes<T>() work items first .. first + L - 1 (the lanes of one
+// output pixel and tap chunk), as the GPU kernel computes it: each lane's partial sums, then the kernel's butterfly
+// of warp shuffles (at each step lane l adds lane l ^ offset's sums to its own: own + other, the same additions in
+// the same order), then each lane's stores.
+template <int K, typename T, typename I>
+void masks_nhwc_lanes(const Geometry<I>& g, I first, const T* grad_out, const T* x, T* grad_m) {
+  typedef typename Accumulator<T>::type Acc;
+  constexpr int L = nhwc_lanes<T>(), TAPS = nhwc_mask_taps<K>();
+  Acc acc[L][TAPS], other[L][TAPS];
+  for (int l = 0; l < L; ++l) backward_masks_nhwc_partial<K>(g, static_cast<I>(first + l), grad_out, x, acc[l]);
+  for (int offset = L / 2; offset > 0; offset /= 2) {
+    std::memcpy(other, acc, sizeof acc);
+    for (int l = 0; l < L; ++l) {
+      for (int t = 0; t < TAPS; ++t) acc[l][t] = other[l][t] + other[l ^ offset][t];
+    }
+  }
+  for (int l = 0; l < L; ++l) backward_masks_nhwc_store<K>(g, static_cast<I>(first + l), acc[l], grad_m);
+}
+
+}  // namespace carafe
+
 // The conversions themselves, for the test that compares them with torch's.
 extern "C" void host_round_f16(const float* in, std::uint16_t* out, long long n) {
   for (long long i = 0; i < n; ++i) out[i] = carafe::float_to_half(in[i]);
@@ -143,6 +166,23 @@ void traffic(long long items, long long threads, long long samples, long long* r
     traffic(g.PASS##_items(K), threads, samples, result,                                                        \
             [&](long long i) { carafe::PASS##_item<K>(g, static_cast<I>(i), a, b, out); });                      \
   }
+#define HOST_NHWC_KERNEL(NAME, PASS, K, I, T)                                                                     \
+  extern "C" void host_traffic_##NAME(const T* a, const T* b, T* out, CARAFE_GEOMETRY_PARAMS, long long masks_nhwc, \
+                                      long long threads, long long samples, long long* result) {                 \
+    carafe::Geometry<I> g = CARAFE_GEOMETRY(I);                                                                 \
+    g.masks_nhwc = masks_nhwc != 0;                                                                             \
+    traffic(carafe::PASS##_nhwc_items<K, T>(g), threads, samples, result,                                      \
+            [&](long long i) { carafe::PASS##_nhwc_item<K>(g, static_cast<I>(i), a, b, out); });                 \
+  }
+#define HOST_NHWC_MASKS_KERNEL(NAME, K, I, T)                                                                     \
+  extern "C" void host_traffic_##NAME(const T* a, const T* b, T* out, CARAFE_GEOMETRY_PARAMS, long long masks_nhwc, \
+                                      long long threads, long long samples, long long* result) {                 \
+    carafe::Geometry<I> g = CARAFE_GEOMETRY(I);                                                                 \
+    g.masks_nhwc = masks_nhwc != 0;                                                                             \
+    traffic(carafe::backward_masks_nhwc_items<K, T>(g), threads, samples, result, [&](long long i) {           \
+      if (i % carafe::nhwc_lanes<T>() == 0) carafe::masks_nhwc_lanes<K>(g, static_cast<I>(i), a, b, out);       \
+    });                                                                                                         \
+  }
 #else
 #define HOST_KERNEL(NAME, PASS, K, I, T)                                                                          \
   extern "C" void host_##NAME(const T* a, const T* b, T* out, CARAFE_GEOMETRY_PARAMS) {                          \
@@ -150,13 +190,31 @@ void traffic(long long items, long long threads, long long samples, long long* r
     const I total = g.PASS##_items(K);                                                                          \
     for (I i = 0; i < total; ++i) carafe::PASS##_item<K>(g, i, a, b, out);                                       \
   }
+#define HOST_NHWC_KERNEL(NAME, PASS, K, I, T)                                                                     \
+  extern "C" void host_##NAME(const T* a, const T* b, T* out, CARAFE_GEOMETRY_PARAMS, long long masks_nhwc) {     \
+    carafe::Geometry<I> g = CARAFE_GEOMETRY(I);                                                                 \
+    g.masks_nhwc = masks_nhwc != 0;                                                                             \
+    const I total = carafe::PASS##_nhwc_items<K, T>(g);                                                         \
+    for (I i = 0; i < total; ++i) carafe::PASS##_nhwc_item<K>(g, i, a, b, out);                                  \
+  }
+#define HOST_NHWC_MASKS_KERNEL(NAME, K, I, T)                                                                     \
+  extern "C" void host_##NAME(const T* a, const T* b, T* out, CARAFE_GEOMETRY_PARAMS, long long masks_nhwc) {     \
+    carafe::Geometry<I> g = CARAFE_GEOMETRY(I);                                                                 \
+    g.masks_nhwc = masks_nhwc != 0;                                                                             \
+    const I total = carafe::backward_masks_nhwc_items<K, T>(g);                                                 \
+    for (I i = 0; i < total; i += carafe::nhwc_lanes<T>()) carafe::masks_nhwc_lanes<K>(g, i, a, b, out);          \
+  }
 #endif
 
-// The same names as the GPU kernels of cuda/carafe_kernels.cu, prefixed host_ (host_traffic_ when tracing).
+// The same names as the GPU kernels of cuda/carafe_kernels.cu, prefixed host_ (host_traffic_ when tracing); the
+// channels_last (_nhwc_) ones take one more argument, masks_nhwc.
 #define HOST_EXPORT_KI(T, SUFFIX, K, KNAME, I, INAME)                                                   \
   HOST_KERNEL(carafe_forward_##KNAME##_##INAME##_##SUFFIX, forward, K, I, T)                            \
   HOST_KERNEL(carafe_backward_features_##KNAME##_##INAME##_##SUFFIX, backward_features, K, I, T)        \
-  HOST_KERNEL(carafe_backward_masks_##KNAME##_##INAME##_##SUFFIX, backward_masks, K, I, T)
+  HOST_KERNEL(carafe_backward_masks_##KNAME##_##INAME##_##SUFFIX, backward_masks, K, I, T)              \
+  HOST_NHWC_KERNEL(carafe_forward_##KNAME##_##INAME##_nhwc_##SUFFIX, forward, K, I, T)                  \
+  HOST_NHWC_KERNEL(carafe_backward_features_##KNAME##_##INAME##_nhwc_##SUFFIX, backward_features, K, I, T) \
+  HOST_NHWC_MASKS_KERNEL(carafe_backward_masks_##KNAME##_##INAME##_nhwc_##SUFFIX, K, I, T)
 #define HOST_EXPORT_K(T, SUFFIX, K, KNAME) \
   HOST_EXPORT_KI(T, SUFFIX, K, KNAME, int, i32) HOST_EXPORT_KI(T, SUFFIX, K, KNAME, long long, i64)
 #define HOST_EXPORT(T, SUFFIX)                                                                          \

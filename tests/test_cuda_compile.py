@@ -17,10 +17,11 @@ from carafe.backends import cuda as cuda_backend  # noqa: E402
 ARCHES = (70, 75, 80, 90)
 
 
-# Modules as the loader builds them (one dtype, kernel-size variant and index width each): per architecture, the
-# half-precision ones (their headers differ per architecture) and a run-time-k 64-bit one. Every variant of every
-# dtype is compiled by test_every_variant_compiles.
-MODULES = (("f16", "k5", 32), ("bf16", "k3", 64), ("f32", "kx", 64))
+# Modules as the loader builds them (one dtype, kernel-size variant, index width and layout each): per
+# architecture, the half-precision ones (their headers differ per architecture), a run-time-k 64-bit one and a
+# channels_last one. Every variant of every dtype is compiled by test_every_variant_compiles (NCHW) and
+# test_every_nhwc_variant_compiles.
+MODULES = (("f16", "k5", 32, "nchw"), ("bf16", "k3", 64, "nchw"), ("f32", "kx", 64, "nchw"), ("bf16", "k7", 32, "nhwc"))
 
 
 def _require(arch: int) -> None:
@@ -34,18 +35,28 @@ def _require(arch: int) -> None:
 @pytest.mark.parametrize("arch", ARCHES, ids=lambda a: f"sm{a}")
 def test_kernels_compile_without_warnings(arch: int):
     _require(arch)
-    for suffix, variant, bits in MODULES:
+    for suffix, variant, bits, layout in MODULES:
         log = cuda_backend.compile_sources(f"compute_{arch}", warnings_as_errors=True, dtype_suffix=suffix,
-                                           variant=variant, index_bits=bits)
-        assert log.strip() == "", f"NVRTC printed diagnostics for compute_{arch} {suffix} {variant} i{bits}:\n{log}"
+                                           variant=variant, index_bits=bits, layout=layout)
+        assert log.strip() == "", \
+            f"NVRTC printed diagnostics for compute_{arch} {suffix} {variant} i{bits} {layout}:\n{log}"
 
 
 @pytest.mark.slow
 def test_every_variant_compiles():
-    """All 120 kernels (4 dtypes x 5 kernel-size variants x 2 index widths x 3 passes) in one program, warnings as
-    errors (about 20 s of CPU)."""
-    log = cuda_backend.compile_sources("compute_80", warnings_as_errors=True)
+    """All 120 NCHW kernels (4 dtypes x 5 kernel-size variants x 2 index widths x 3 passes) in one program,
+    warnings as errors (about 10 s of CPU)."""
+    log = cuda_backend.compile_sources("compute_80", warnings_as_errors=True, layout="nchw")
     assert log.strip() == "", log
+
+
+def test_every_nhwc_variant_compiles():
+    """All 120 channels_last kernels in one program, warnings as errors, without device optimisation (-G: the
+    same front end, templates and warnings in a few seconds instead of about 30; the optimised build of every
+    kernel is the static report's, `make bench-cuda-static`, and of one NHWC module per architecture above)."""
+    log = cuda_backend.compile_sources("compute_80", warnings_as_errors=True, layout="nhwc", device_debug=True)
+    assert log.strip() == "", log
+    assert len(cuda_backend.kernel_names(layout="nhwc")) == 120
 
 
 def test_headers_found():

@@ -40,10 +40,11 @@ def harness(tmp_path_factory) -> ctypes.CDLL:
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lib = ctypes.CDLL(str(library))
-    for name in cuda_backend.kernel_names():  # every GPU kernel has its host twin
-        fn = getattr(lib, f"host_{name}")
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 11
-        fn.restype = None
+    for layout, scalars in (("nchw", 11), ("nhwc", 12)):  # every GPU kernel has its host twin
+        for name in cuda_backend.kernel_names(layout=layout):
+            fn = getattr(lib, f"host_{name}")
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * scalars
+            fn.restype = None
     for name in ("host_round_f16", "host_round_bf16", "host_widen_f16"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
     return lib
@@ -58,8 +59,12 @@ def test_work_split_matches_header():
     header = (ROOT / "cuda" / "carafe_reassemble.cuh").read_text()
     for constant, value in (("kChannelsPerThread", cuda_backend.CHANNELS_PER_THREAD),
                             ("kGradChannelsPerThread", cuda_backend.GRAD_CHANNELS_PER_THREAD),
-                            ("kTapsPerThread", cuda_backend.TAPS_PER_THREAD)):
+                            ("kTapsPerThread", cuda_backend.TAPS_PER_THREAD),
+                            ("kNhwcForwardChannels", cuda_backend.NHWC_FORWARD_CHANNELS),
+                            ("kNhwcGradChannels", cuda_backend.NHWC_GRAD_CHANNELS),
+                            ("kNhwcMaskChannels", cuda_backend.NHWC_MASK_CHANNELS)):
         assert int(re.search(rf"{constant} = (\d+);", header).group(1)) == value, constant
+    assert re.search(r"nhwc_lanes\(\) \{\s*return (\d+) / ", header).group(1) == str(cuda_backend.NHWC_LANE_BYTES)
 
 
 def _conversion_inputs() -> torch.Tensor:
@@ -168,3 +173,123 @@ def test_launch_plan_picks_the_variant():
     assert cuda_backend.index_bits((1, 2 ** 10, 2 ** 9, 2 ** 9, 2 ** 9, 2 ** 9, 1, 1, 1, 1)) == 32  # 2^28
     # slices never exceed the group's channels
     assert cuda_backend.forward_slices((1, 6, 2, 2, 4, 4, 3, 2, 2, 1), target_threads=10 ** 9) == 2
+
+
+# Channels_last: the NCHW cases, and groups with more channels than one block of lanes (a partial last block, some
+# lanes without channels in it, several feature-gradient chunks, several forward blocks to deal out to slices).
+NHWC_CASES = CASES + [(1, 72, 3, 4, 3, 1, 2), (1, 72, 4, 5, 5, 2, 2)]
+CHANNELS_LAST = torch.channels_last
+
+
+@pytest.mark.parametrize("up", [True, False], ids=["up", "down"])
+@pytest.mark.parametrize("case", NHWC_CASES, ids=lambda c: "n{}c{}h{}w{}k{}g{}s{}".format(*c))
+def test_host_nhwc_kernels_match_reference(harness, case, up):
+    """The channels_last kernels (features, outputs and output gradients channels_last in memory; masks and their
+    gradient channels_last or NCHW) against the float64 reference: the loader's variant for k and the run-time-k
+    one, both index widths, forward slices 1 and 3, every dtype."""
+    n, c, h, w, k, groups, sigma = case
+    x, m, grad = reassembly_inputs(*case, up, seed=sum(case) * 5 + up)
+    x.requires_grad_(True)
+    m.requires_grad_(True)
+    ref = reassemble(x, m, k, groups, sigma, up)
+    ref_gx, ref_gm = torch.autograd.grad(ref, (x, m), grad)
+    nan = float("nan")
+    runs = [(variant, bits, slices, masks_nhwc)
+            for variant in dict.fromkeys([cuda_backend.kernel_variant(k), "kx"]) for bits in cuda_backend.INDEX_BITS
+            for slices, masks_nhwc in ((1, 1), (3, 0), (1, 0))]
+    for variant, bits, slices, masks_nhwc in runs:
+        geometry = (n, c, h, w, *ref.shape[2:], k, groups, sigma, int(up), slices, masks_nhwc)
+        mask_format = CHANNELS_LAST if masks_nhwc else torch.contiguous_format
+        for dtype in DTYPES:
+            xd, gd = (t.detach().to(dtype).contiguous(memory_format=CHANNELS_LAST) for t in (x, grad))
+            md = m.detach().to(dtype).contiguous(memory_format=mask_format)
+
+            def name(kernel: str) -> str:
+                return f"carafe_{kernel}_{variant}_i{bits}_nhwc_{cuda_backend.SUFFIXES[dtype]}"
+
+            def empty(shape, memory_format=CHANNELS_LAST):
+                return torch.full(shape, nan, dtype=dtype).contiguous(memory_format=memory_format)
+
+            tag = f"nhwc {variant} i{bits} slices={slices} masks_nhwc={masks_nhwc} {dtype}"
+            out = _run(harness, name("forward"), xd, md, empty(ref.shape), geometry)
+            assert_matches_oracle(out, ref, dtype, f"output ({tag})")
+            if slices != 1:
+                continue  # slices only change the forward pass
+            gx = _run(harness, name("backward_features"), gd, md, empty(x.shape), geometry)
+            gm = _run(harness, name("backward_masks"), gd, xd, empty(m.shape, mask_format), geometry)
+            assert_matches_oracle(gx, ref_gx, dtype, f"grad features ({tag})")
+            assert_matches_oracle(gm, ref_gm, dtype, f"grad masks ({tag})")
+
+
+def test_launch_plan_picks_the_nhwc_variant():
+    """Channels_last calls: the _nhwc_ kernel of the same variant, the masks' layout as the last argument, one
+    thread per lane of 32 bytes of channels (8 fp32 / 16 fp16 channels of a pixel)."""
+    geometry = (2, 256, 128, 128, 256, 256, 5, 1, 2, 1)
+    name, full, items = cuda_backend.launch_plan("forward", geometry, torch.float32, 132 * 1024, "nhwc", True)
+    assert name == "carafe_forward_k5_i32_nhwc_f32" and full[-2:] == (1, 1) and items == 2 * 256 * 256 * 8
+    name, full, items = cuda_backend.launch_plan("backward_masks", geometry, torch.float16, 1, "nhwc", False)
+    assert name == "carafe_backward_masks_k5_i32_nhwc_f16" and full[-1] == 0 and items == 2 * 256 * 256 * 16
+    name, _, items = cuda_backend.launch_plan("backward_features", geometry, torch.float32, 1, "nhwc")
+    assert name == "carafe_backward_features_k5_i32_nhwc_f32" and items == 2 * 128 * 128 * 4 * 8  # 4 chunks of 64
+    # a small map: the forward deals a group's blocks of 32 fp32 channels out to slices to fill the device
+    small = (1, 256, 4, 4, 8, 8, 5, 1, 2, 1)
+    assert cuda_backend.launch_plan("forward", small, torch.float32, 10 ** 6, "nhwc")[1][-2] == 8
+    assert cuda_backend.launch_plan("backward_masks", (1, 4, 8, 8, 16, 16, 9, 1, 2, 1), torch.float64, 1,
+                                    "nhwc")[0] == "carafe_backward_masks_kx_i32_nhwc_f64"
+    with pytest.raises(ValueError, match="NCHW-contiguous masks only"):
+        cuda_backend.launch_plan("forward", geometry, torch.float32, 1, "nchw", True)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        cuda_backend.launch_plan("forward", geometry, torch.float32, 1, "nwhc")
+
+
+def test_layout_of_a_launch_comes_from_the_tensors():
+    x, m, grad = reassembly_inputs(1, 4, 5, 6, 3, 2, 2, True)
+    cl = torch.channels_last
+    xl, ml, gl = (t.contiguous(memory_format=cl) for t in (x, m, grad))
+    assert cuda_backend.tensor_layout("forward", x, m, grad) == ("nchw", False)
+    assert cuda_backend.tensor_layout("forward", xl, ml, gl) == ("nhwc", True)
+    assert cuda_backend.tensor_layout("forward", xl, m, gl) == ("nhwc", False)
+    assert cuda_backend.tensor_layout("backward_features", gl, m, xl) == ("nhwc", False)
+    assert cuda_backend.tensor_layout("backward_masks", gl, xl, ml) == ("nhwc", True)
+    with pytest.raises(ValueError, match="channels_last features"):
+        cuda_backend.tensor_layout("forward", xl, m, grad)  # a channels_last input with an NCHW output
+    with pytest.raises(ValueError, match="channels_last features"):
+        cuda_backend.tensor_layout("forward", x, ml, grad)  # the NCHW kernels read NCHW masks only
+
+
+@pytest.mark.parametrize("kernel", ["forward", "backward_features", "backward_masks"])
+def test_channels_last_operands_reach_the_kernel_untransposed(monkeypatch, kernel):
+    """The backend hands channels_last features (and masks, in either layout) to the kernel as they are; only an
+    output gradient in the other layout is converted; results take their input's layout. (The launch itself is
+    replaced: this runs without a GPU.)"""
+    x, m, grad = reassembly_inputs(1, 4, 5, 6, 3, 2, 2, True)
+    cl = torch.channels_last
+    seen = {}
+
+    def fake_launch(name, a, b, out, geometry):  # noqa: ANN001, ANN202
+        seen.update(a=a, b=b, out=out, layout=cuda_backend.tensor_layout(name, a, b, out))
+        return out
+
+    monkeypatch.setattr(cuda_backend, "launch", fake_launch)
+    geometry = (1, 4, 5, 6, 10, 12, 3, 2, 2, 1)
+    for masks in (m.contiguous(memory_format=cl), m):
+        xl, gl = x.contiguous(memory_format=cl), grad.contiguous(memory_format=cl)
+        a, b, shape, layout_of = {"forward": (xl, masks, grad.shape, xl),
+                                  "backward_features": (grad, masks, x.shape, xl),  # an NCHW output gradient
+                                  "backward_masks": (gl, xl, m.shape, masks)}[kernel]
+        out = cuda_backend._run(kernel, a, b, shape, layout_of, geometry)
+        assert seen["layout"] == ("nhwc", masks.stride(1) == 1)
+        assert seen["out"] is out and tuple(out.shape) == tuple(shape)
+        untouched = {"forward": (a, b), "backward_features": (b,), "backward_masks": (a, b)}[kernel]
+        for t, name in zip(untouched, ("a", "b") if kernel != "backward_features" else ("b",)):
+            assert seen[name].data_ptr() == t.data_ptr(), f"{name} was copied"
+        if kernel == "backward_features":
+            assert seen["a"].is_contiguous(memory_format=cl)  # converted once
+        want_cl = kernel != "backward_masks" or masks.stride(1) == 1
+        assert out.is_contiguous(memory_format=cl) == want_cl and out.is_contiguous() == (not want_cl)
+    # NCHW features: the NCHW kernels, on contiguous operands
+    a, b = {"forward": (x, m), "backward_features": (grad, m), "backward_masks": (grad, x)}[kernel]
+    cuda_backend._run(kernel, a, b, {"forward": grad.shape, "backward_features": x.shape,
+                                     "backward_masks": m.shape}[kernel], {"forward": x, "backward_features": x,
+                                                                          "backward_masks": m}[kernel], geometry)
+    assert seen["layout"] == ("nchw", False)

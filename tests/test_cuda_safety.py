@@ -145,3 +145,48 @@ def test_compiling_inside_graph_capture_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="cuda_warmup"):
         with carafe.use_backend("cuda"), torch.cuda.graph(graph):
             carafe.carafe(x, m, 3, 1, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [32, 64])
+@pytest.mark.parametrize("k", [1, 3, 5, 7, 9])
+@pytest.mark.parametrize("up", [True, False], ids=["up", "down"])
+@pytest.mark.parametrize("masks_layout", ["channels_last", "nchw"])
+def test_channels_last_runs_the_nhwc_kernels(monkeypatch, masks_layout, up, k, bits):
+    """Channels_last features take the NHWC kernels (every variant, both index widths, masks in either layout), the
+    kernels read the caller's tensors without a copy, and forward and both gradients match the float64 reference
+    in the layout of their input."""
+    if bits == 64:
+        monkeypatch.setattr(cuda_backend, "MAX_32BIT_COUNT", 0)
+    launched = []
+    launch = cuda_backend.launch
+
+    def recording(kernel, a, b, out, geometry):  # noqa: ANN001, ANN202
+        launched.append((kernel, a.data_ptr(), b.data_ptr(), cuda_backend.tensor_layout(kernel, a, b, out)))
+        return launch(kernel, a, b, out, geometry)
+
+    monkeypatch.setattr(cuda_backend, "launch", recording)
+    cl = torch.channels_last
+    case = (2, 72, 9, 10, k, 2, 2)  # 36 channels a group: full and partial blocks of lanes
+    x, m, grad = reassembly_inputs(*case, up, seed=k + 11)
+    ref = reassemble(x.requires_grad_(), m.requires_grad_(), k, 2, 2, up)
+    gx, gm = torch.autograd.grad(ref, (x, m), grad)
+    op = carafe.carafe if up else carafe.carafe_down
+    masks_format = cl if masks_layout == "channels_last" else torch.contiguous_format
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        xc = x.detach().to("cuda", dtype).contiguous(memory_format=cl).requires_grad_()
+        mc = m.detach().to("cuda", dtype).contiguous(memory_format=masks_format).requires_grad_()
+        gc = grad.to("cuda", dtype).contiguous(memory_format=cl)
+        launched.clear()
+        with carafe.use_backend("cuda"):
+            out = op(xc, mc, k, 2, 2)
+            got_gx, got_gm = torch.autograd.grad(out, (xc, mc), gc)
+        layouts = {kernel: layout for kernel, _, _, layout in launched}
+        assert set(layouts) == {"forward", "backward_features", "backward_masks"}
+        assert all(layout == ("nhwc", masks_layout == "channels_last") for layout in layouts.values()), layouts
+        forward = next(entry for entry in launched if entry[0] == "forward")
+        assert forward[1:3] == (xc.data_ptr(), mc.data_ptr()), "the forward pass copied its inputs"
+        assert out.is_contiguous(memory_format=cl) and got_gx.is_contiguous(memory_format=cl)
+        assert got_gm.is_contiguous(memory_format=masks_format)
+        for name, got, want in (("output", out, ref), ("grad features", got_gx, gx), ("grad masks", got_gm, gm)):
+            assert_matches_oracle(got, want, dtype, f"{name} k={k} i{bits} {dtype} masks {masks_layout}")

@@ -13,9 +13,12 @@ before capturing a CUDA graph: compiling inside a capture is refused with an err
 kernels need no CUDA headers; float16 / bfloat16 need ``cuda_fp16.h`` / ``cuda_bf16.h`` from the CUDA toolkit CuPy
 finds, and a clear ``MissingHeadersError`` says so when they are absent.
 
-Layout: the kernels read and write NCHW-contiguous tensors; other layouts are made contiguous first, and a result
-whose input was channels_last is returned channels_last (there is no native NHWC kernel yet). The feature gradient
-is a gather (no atomics), so forward and backward are bitwise reproducible.
+Layout: every kernel has an NCHW and a channels_last (NHWC) variant. A call whose features are channels_last runs
+the NHWC kernels on the tensors' memory as it is (no transposes; masks may be channels_last or NCHW-contiguous, and
+the mask gradient is written in the masks' layout); an output gradient in the other layout than the features is
+converted first. Other calls run the NCHW kernels on NCHW-contiguous copies (no copy if already so). Results take
+the layout of the input they belong to. The feature gradient is a gather (no atomics), so forward and backward are
+bitwise reproducible.
 
 Autocast: the op itself is not autocast; features and masks must share a dtype (the registered ops check every
 tensor before a kernel sees a pointer). Under ``torch.autocast`` CARAFEPack's softmax normaliser yields float32
@@ -40,6 +43,10 @@ from torch import Tensor
 from carafe.backends.function import (KERNELS, check_storage, is_channels_last, kernel_operand,
                                      kernel_unavailable_reason, run_kernel)
 
+# Memory layouts with their own kernels: "nchw" (contiguous) and "nhwc" (channels_last features, outputs and output
+# gradients; masks either way).
+LAYOUTS = ("nchw", "nhwc")
+
 # An installed wheel carries the sources as carafe/cuda (mapped from cuda/ at build time); a checkout has cuda/.
 _PACKAGED_SOURCES = Path(__file__).resolve().parents[1] / "cuda"
 CUDA_SOURCE_DIR = _PACKAGED_SOURCES if _PACKAGED_SOURCES.is_dir() else Path(__file__).resolve().parents[2] / "cuda"
@@ -51,6 +58,12 @@ THREADS_PER_BLOCK = 256
 CHANNELS_PER_THREAD = 4
 GRAD_CHANNELS_PER_THREAD = 16
 TAPS_PER_THREAD = 16
+# The channels_last kernels' work split; must equal nhwc_lanes<T>() (32 bytes of channels per pixel and load),
+# kNhwcForwardChannels, kNhwcGradChannels and kNhwcMaskChannels in cuda/carafe_reassemble.cuh (a test checks).
+NHWC_LANE_BYTES = 32
+NHWC_FORWARD_CHANNELS = 4
+NHWC_GRAD_CHANNELS = 8
+NHWC_MASK_CHANNELS = 3
 # Kernel sizes with a compiled-in variant (taps unrolled, weights in registers); any other odd size runs the
 # run-time-k variant ("kx").
 FIXED_KERNEL_SIZES = (1, 3, 5, 7)
@@ -129,8 +142,11 @@ def _include_options(dtype_suffix: str | None) -> list[str]:
 
 
 def compile_options(dtype_suffix: str | None = None, variant: str | None = None,
-                    index_bits: int | None = None) -> tuple[str, ...]:
-    """NVRTC options for one module: every kernel, or only one dtype / kernel-size variant / index width."""
+                    index_bits: int | None = None, layout: str | None = None) -> tuple[str, ...]:
+    """NVRTC options for one module: every kernel, or only one dtype / kernel-size variant / index width /
+    layout."""
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     options = ["--std=c++17", *_include_options(dtype_suffix)]
     if dtype_suffix is not None:
         options.append(f"-DCARAFE_ONLY_{dtype_suffix.upper()}")
@@ -138,20 +154,27 @@ def compile_options(dtype_suffix: str | None = None, variant: str | None = None,
         options.append(f"-DCARAFE_ONLY_K={0 if variant == 'kx' else int(variant[1:])}")
     if index_bits is not None:
         options.append(f"-DCARAFE_ONLY_INDEX={index_bits}")
+    if layout is not None:
+        options.append(f"-DCARAFE_ONLY_NHWC={int(layout == 'nhwc')}")
     return tuple(options)
 
 
 def compile_sources(arch: str, warnings_as_errors: bool = True, dtype_suffix: str | None = None,
-                    variant: str | None = None, index_bits: int | None = None) -> str:
+                    variant: str | None = None, index_bits: int | None = None, layout: str | None = None,
+                    device_debug: bool = False) -> str:
     """Compile the kernels to PTX for ``arch`` (e.g. ``"compute_80"``) through NVRTC, without needing a GPU: every
-    variant, or only those of ``dtype_suffix`` (``"f16"``...), ``variant`` (``"k5"``, ``"kx"``...) and
-    ``index_bits`` as the loader does. Returns the NVRTC log; raises ``CompileError`` if compilation fails (with
+    variant, or only those of ``dtype_suffix`` (``"f16"``...), ``variant`` (``"k5"``, ``"kx"``...),
+    ``index_bits`` and ``layout`` (``"nchw"`` / ``"nhwc"``) as the loader does. ``device_debug`` compiles with
+    ``-G`` (no device optimisation: the same front end, templates and warnings in a fraction of the time; the
+    loader never uses it). Returns the NVRTC log; raises ``CompileError`` if compilation fails (with
     ``warnings_as_errors``, any warning fails it) or a kernel is missing from the PTX."""
     from cupy_backends.cuda.libs import nvrtc
 
-    options = [f"--gpu-architecture={arch}", *compile_options(dtype_suffix, variant, index_bits)]
+    options = [f"--gpu-architecture={arch}", *compile_options(dtype_suffix, variant, index_bits, layout)]
     if warnings_as_errors:
         options.append("-Werror=all-warnings")
+    if device_debug:
+        options.append("--device-debug")
     program = nvrtc.createProgram(kernel_source(), KERNEL_SOURCE.name, [], [])
     try:
         try:
@@ -164,54 +187,59 @@ def compile_sources(arch: str, warnings_as_errors: bool = True, dtype_suffix: st
         ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
     finally:
         nvrtc.destroyProgram(program)
-    missing = [name for name in kernel_names(dtype_suffix, variant, index_bits) if f".entry {name}(" not in ptx]
+    missing = [name for name in kernel_names(dtype_suffix, variant, index_bits, layout)
+               if f".entry {name}(" not in ptx]
     if missing:
         raise CompileError(f"kernels missing from the PTX for {arch}: {missing}")
     return log
 
 
 def kernel_names(dtype_suffix: str | None = None, variant: str | None = None,
-                 index_bits: int | None = None) -> list[str]:
-    """Exported kernel names, all or those of one dtype / variant / index width."""
+                 index_bits: int | None = None, layout: str | None = None) -> list[str]:
+    """Exported kernel names, all or those of one dtype / variant / index width / layout."""
     suffixes = SUFFIXES.values() if dtype_suffix is None else [dtype_suffix]
     variants = VARIANTS if variant is None else [variant]
     widths = INDEX_BITS if index_bits is None else [index_bits]
-    return [f"carafe_{kernel}_{v}_i{bits}_{suffix}" for suffix in suffixes for v in variants for bits in widths
-            for kernel in KERNELS]
+    layouts = LAYOUTS if layout is None else [layout]
+    return [f"carafe_{kernel}_{v}_i{bits}_{'nhwc_' if lay == 'nhwc' else ''}{suffix}" for lay in layouts
+            for suffix in suffixes for v in variants for bits in widths for kernel in KERNELS]
 
 
-_MODULES: dict[tuple[int, torch.dtype, str, int], dict[str, object]] = {}
+_MODULES: dict[tuple[int, torch.dtype, str, int, str], dict[str, object]] = {}
 
 
-def _compiled(device_index: int, dtype: torch.dtype, variant: str, bits: int) -> dict[str, object]:
-    """The three kernels of one (device, dtype, kernel-size variant, index width), compiled on first use (CuPy
-    compiles for that device's architecture and caches the binary on disk)."""
-    key = (device_index, dtype, variant, bits)
+def _compiled(device_index: int, dtype: torch.dtype, variant: str, bits: int, layout: str = "nchw"
+              ) -> dict[str, object]:
+    """The three kernels of one (device, dtype, kernel-size variant, index width, layout), compiled on first use
+    (CuPy compiles for that device's architecture and caches the binary on disk)."""
+    key = (device_index, dtype, variant, bits, layout)
     if key in _MODULES:
         return _MODULES[key]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            f"the CARAFE CUDA kernels for {dtype}, kernel size variant {variant}, {bits}-bit indices are not compiled "
+            f"the CARAFE CUDA kernels for {dtype}, kernel size variant {variant}, {bits}-bit indices, {layout} "
+            "layout are not compiled "
             "yet, and compiling them inside CUDA graph capture would break the capture; call "
             "carafe.cuda_warmup(dtypes=..., kernel_sizes=...) (or run the model once) before capturing")
     cupy = _cupy()
     suffix = SUFFIXES[dtype]
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=kernel_source(), options=compile_options(suffix, variant, bits))
+        module = cupy.RawModule(code=kernel_source(), options=compile_options(suffix, variant, bits, layout))
         try:
-            functions = {name: module.get_function(name) for name in kernel_names(suffix, variant, bits)}
+            functions = {name: module.get_function(name) for name in kernel_names(suffix, variant, bits, layout)}
         except cupy.cuda.compiler.CompileException as err:
-            raise CompileError(f"compiling {KERNEL_SOURCE} for {dtype} ({variant}, {bits}-bit indices) on "
+            raise CompileError(f"compiling {KERNEL_SOURCE} for {dtype} ({variant}, {bits}-bit indices, {layout}) on "
                                f"cuda:{device_index} failed:\n{err}") from None
     _MODULES[key] = functions
     return functions
 
 
 def warmup(device: torch.device | int | str | None = None, dtypes: tuple[torch.dtype, ...] | None = None,
-           kernel_sizes: tuple[int, ...] = (1, 3, 5, 7)) -> list[str]:
-    """Compile and load the kernels for ``dtypes`` (default: all four) and ``kernel_sizes`` (any other odd size
-    loads the run-time-k variant) on ``device`` (default: the current CUDA device), both index widths, so that no
-    later call compiles; returns the kernel names. Needed before CUDA graph capture, where compiling is refused
+           kernel_sizes: tuple[int, ...] = (1, 3, 5, 7), layouts: tuple[str, ...] = LAYOUTS) -> list[str]:
+    """Compile and load the kernels for ``dtypes`` (default: all four), ``kernel_sizes`` (any other odd size
+    loads the run-time-k variant) and ``layouts`` (default both, ``"nchw"`` and ``"nhwc"`` for channels_last
+    features) on ``device`` (default: the current CUDA device), both index widths, so that no later call
+    compiles; returns the kernel names. Needed before CUDA graph capture, where compiling is refused
     (the binaries are cached on disk by CuPy, so later processes load them quickly)."""
     dtypes = tuple(SUFFIXES) if dtypes is None else tuple(dtypes)
     for dtype in dtypes:
@@ -220,6 +248,9 @@ def warmup(device: torch.device | int | str | None = None, dtypes: tuple[torch.d
     for k in kernel_sizes:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"carafe.cuda_warmup: kernel sizes must be odd integers >= 1, got {k!r}")
+    for layout in layouts:
+        if layout not in LAYOUTS:
+            raise ValueError(f"carafe.cuda_warmup: layouts must be among {LAYOUTS}, got {layout!r}")
     if device is None:
         index = torch.cuda.current_device()
     else:
@@ -231,7 +262,8 @@ def warmup(device: torch.device | int | str | None = None, dtypes: tuple[torch.d
     for dtype in dtypes:
         for variant in dict.fromkeys(kernel_variant(k) for k in kernel_sizes):
             for bits in INDEX_BITS:
-                names += list(_compiled(index, dtype, variant, bits))
+                for layout in dict.fromkeys(layouts):
+                    names += list(_compiled(index, dtype, variant, bits, layout))
     _target_threads(index)  # queries the device properties once, outside any capture
     return names
 
@@ -250,17 +282,37 @@ def kernel_variant(kernel_size: int) -> str:
     return f"k{kernel_size}" if kernel_size in FIXED_KERNEL_SIZES else "kx"
 
 
-def kernel_name(kernel: str, kernel_size: int, dtype: torch.dtype, index_bits: int) -> str:
-    """The exported name of one kernel variant, e.g. ``carafe_forward_k5_i32_f32``."""
-    return f"carafe_{kernel}_{kernel_variant(kernel_size)}_i{index_bits}_{SUFFIXES[dtype]}"
+def kernel_name(kernel: str, kernel_size: int, dtype: torch.dtype, index_bits: int, layout: str = "nchw") -> str:
+    """The exported name of one kernel variant, e.g. ``carafe_forward_k5_i32_f32`` or, channels_last,
+    ``carafe_forward_k5_i32_nhwc_f32``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    tag = "nhwc_" if layout == "nhwc" else ""
+    return f"carafe_{kernel}_{kernel_variant(kernel_size)}_i{index_bits}_{tag}{SUFFIXES[dtype]}"
 
 
-def work_items(kernel: str, geometry: tuple[int, ...]) -> int:
+def nhwc_lanes(dtype: torch.dtype) -> int:
+    """Threads that share an output pixel in the channels_last kernels (adjacent channels, one 32-byte sector)."""
+    return NHWC_LANE_BYTES // torch.empty((), dtype=dtype).element_size()
+
+
+def work_items(kernel: str, geometry: tuple[int, ...], layout: str = "nchw",
+               dtype: torch.dtype = torch.float32) -> int:
     """Threads a kernel needs (one per work item, as numbered in cuda/carafe_reassemble.cuh);
-    geometry = (n, c, h, w, out_h, out_w, k, groups, sigma, up, slices)."""
-    n, c, h, w, out_h, out_w, k, groups, _, _, slices = geometry
+    geometry = (n, c, h, w, out_h, out_w, k, groups, sigma, up, slices[, masks_nhwc]); the channels_last items
+    depend on the dtype (its lane count)."""
+    n, c, h, w, out_h, out_w, k, groups, _, _, slices = geometry[:11]
     fixed = k in FIXED_KERNEL_SIZES
     cg = c // groups
+    if layout == "nhwc":
+        lanes = nhwc_lanes(dtype)
+        if kernel == "forward":
+            return n * out_h * out_w * groups * slices * lanes
+        if kernel == "backward_features":
+            return n * h * w * groups * -(-cg // (lanes * NHWC_GRAD_CHANNELS)) * lanes
+        if kernel == "backward_masks":
+            return n * out_h * out_w * groups * (1 if fixed else -(-(k * k) // TAPS_PER_THREAD)) * lanes
+        raise ValueError(f"unknown reassembly kernel {kernel!r}; expected one of {KERNELS}")
     if kernel == "forward":
         per_group = slices if fixed else -(-cg // CHANNELS_PER_THREAD)
         return n * groups * per_group * out_h * out_w
@@ -271,33 +323,49 @@ def work_items(kernel: str, geometry: tuple[int, ...]) -> int:
     raise ValueError(f"unknown reassembly kernel {kernel!r}; expected one of {KERNELS}")
 
 
-def forward_slices(geometry: tuple[int, ...], target_threads: int) -> int:
-    """Channel slices per group for the fixed-k forward pass: 1 (every mask value read once) unless that leaves
-    fewer than ``target_threads`` threads; then the smallest power of two that reaches it, at most the group's
-    channel count."""
+def forward_slices(geometry: tuple[int, ...], target_threads: int, layout: str = "nchw",
+                   dtype: torch.dtype = torch.float32) -> int:
+    """Channel slices per group for the forward pass (NCHW: fixed k only): 1 (every mask value read once) unless
+    that leaves fewer than ``target_threads`` threads; then the smallest power of two that reaches it, at most the
+    group's channel count (channels_last: its blocks of lanes x NHWC_FORWARD_CHANNELS channels)."""
     n, c, _, _, out_h, out_w, _, groups, _, _ = geometry[:10]
     pixels, cg, slices = n * groups * out_h * out_w, c // groups, 1
+    if layout == "nhwc":
+        lanes = nhwc_lanes(dtype)
+        pixels, cg = pixels * lanes, -(-cg // (lanes * NHWC_FORWARD_CHANNELS))
     while pixels * slices < target_threads and slices * 2 <= cg:
         slices *= 2
     return slices
 
 
-def index_bits(geometry: tuple[int, ...]) -> int:
-    """32 when every tensor of the call and every kernel's work items stay within MAX_32BIT_COUNT, else 64."""
+def index_bits(geometry: tuple[int, ...], layout: str = "nchw", dtype: torch.dtype = torch.float32) -> int:
+    """32 when every tensor of the call and every kernel's work items (in ``layout``) stay within
+    MAX_32BIT_COUNT, else 64."""
     n, c, h, w, out_h, out_w, k, groups = geometry[:8]
+    slices = forward_slices(geometry, 0, layout, dtype) if layout == "nhwc" else 1
     counts = [n * c * h * w, n * c * out_h * out_w, n * groups * k * k * out_h * out_w,
-              *(work_items(kernel, (*geometry[:10], 1)) for kernel in KERNELS)]
+              *(work_items(kernel, (*geometry[:10], slices), layout, dtype) for kernel in KERNELS)]
     return 32 if max(counts) <= MAX_32BIT_COUNT else 64
 
 
-def launch_plan(kernel: str, geometry: tuple[int, ...], dtype: torch.dtype, target_threads: int
-                ) -> tuple[str, tuple[int, ...], int]:
-    """(kernel name, the 11 geometry arguments with the slice count, work items) for one call;
-    geometry = (n, c, h, w, out_h, out_w, k, groups, sigma, up)."""
+def launch_plan(kernel: str, geometry: tuple[int, ...], dtype: torch.dtype, target_threads: int,
+                layout: str = "nchw", masks_nhwc: bool = False) -> tuple[str, tuple[int, ...], int]:
+    """(kernel name, the geometry arguments with the slice count (and, channels_last, the masks' layout flag),
+    work items) for one call; geometry = (n, c, h, w, out_h, out_w, k, groups, sigma, up). ``layout`` is the
+    features' ("nhwc": channels_last features, outputs and output gradients), ``masks_nhwc`` whether the masks
+    (and so their gradient) are channels_last; the NCHW kernels take NCHW masks only."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if masks_nhwc and layout != "nhwc":
+        raise ValueError("the NCHW kernels read NCHW-contiguous masks only (masks_nhwc needs layout='nhwc')")
     fixed = geometry[6] in FIXED_KERNEL_SIZES
-    slices = forward_slices(geometry, target_threads) if kernel == "forward" and fixed else 1
-    full = (*geometry, slices)
-    return kernel_name(kernel, geometry[6], dtype, index_bits(geometry)), full, work_items(kernel, full)
+    if kernel == "forward" and (fixed or layout == "nhwc"):
+        slices = forward_slices(geometry, target_threads, layout, dtype)
+    else:
+        slices = 1
+    full = (*geometry, slices) + ((int(masks_nhwc),) if layout == "nhwc" else ())
+    name = kernel_name(kernel, geometry[6], dtype, index_bits(geometry, layout, dtype), layout)
+    return name, full, work_items(kernel, full, layout, dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -305,28 +373,73 @@ def _target_threads(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count * THREADS_PER_SM
 
 
+def _channels_last(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+def tensor_layout(kernel: str, a: Tensor, b: Tensor, out: Tensor) -> tuple[str, bool]:
+    """(layout, masks_nhwc) of one launch from its tensors' memory: "nhwc" when the kernel's feature-shaped tensors
+    (features, output, output gradient, feature gradient) are all channels_last, "nchw" when all are
+    NCHW-contiguous; the mask-shaped one (masks or their gradient) must be NCHW-contiguous, or channels_last with
+    "nhwc". ``ValueError`` for any other combination."""
+    features, masks = {"forward": ((a, out), b), "backward_features": ((a, out), b),
+                       "backward_masks": ((a, b), out)}[kernel]
+    if all(t.is_contiguous() for t in (*features, masks)):
+        return "nchw", False
+    if all(_channels_last(t) for t in features) and (masks.is_contiguous() or _channels_last(masks)):
+        return "nhwc", not masks.is_contiguous()
+    raise ValueError(f"{kernel}: the CUDA kernels take NCHW-contiguous tensors, or channels_last features / "
+                     "outputs / output gradients with NCHW-contiguous or channels_last masks; got strides "
+                     f"{[t.stride() for t in (a, b, out)]}")
+
+
 def launch(kernel: str, a: Tensor, b: Tensor, out: Tensor, geometry: tuple[int, ...]) -> Tensor:
-    """Run ``kernel`` on NCHW-contiguous ``a``, ``b`` writing ``out``; geometry = (n, c, h, w, out_h, out_w, k,
-    groups, sigma, up)."""
+    """Run ``kernel`` on ``a``, ``b`` writing ``out`` (all NCHW-contiguous, or channels_last as
+    ``tensor_layout`` describes: the layout picks the kernel); geometry = (n, c, h, w, out_h, out_w, k, groups,
+    sigma, up)."""
     import numpy
 
     for name, t in (("a", a), ("b", b), ("out", out)):
         check_storage(t, f"{kernel}'s operand {name}")
+    layout, masks_nhwc = tensor_layout(kernel, a, b, out)
     device = out.device.index
-    name, full, items = launch_plan(kernel, geometry, out.dtype, _target_threads(device))
+    name, full, items = launch_plan(kernel, geometry, out.dtype, _target_threads(device), layout, masks_nhwc)
     if items == 0:
         return out
     blocks = min(-(-items // THREADS_PER_BLOCK), _MAX_BLOCKS)
-    fn = _compiled(device, out.dtype, kernel_variant(geometry[6]), index_bits(geometry))[name]
+    fn = _compiled(device, out.dtype, kernel_variant(geometry[6]), index_bits(geometry, layout, out.dtype),
+                   layout)[name]
     args = (*(numpy.uint64(t.data_ptr()) for t in (a, b, out)), *(numpy.int64(v) for v in full))
     with _cupy().cuda.Device(device), _cupy_stream(out.device):
         fn((blocks,), (THREADS_PER_BLOCK,), args)
     return out
 
 
+def _as_channels_last(t: Tensor) -> Tensor:
+    return t if _channels_last(t) else t.contiguous(memory_format=torch.channels_last)
+
+
+def _as_masks(t: Tensor) -> Tensor:
+    """Masks as they come when NCHW-contiguous or channels_last (the NHWC kernels read both), else contiguous."""
+    return t if t.is_contiguous() or _channels_last(t) else t.contiguous()
+
+
 def _run(kernel: str, a: Tensor, b: Tensor, shape: tuple, layout_of: Tensor, geometry: tuple) -> Tensor:
-    """Run ``kernel`` on NCHW-contiguous copies of a, b (no copy if already so); channels_last in, channels_last out."""
-    a, b = kernel_operand(a).contiguous(), kernel_operand(b).contiguous()
+    """Run ``kernel``. Channels_last features: the NHWC kernels on the tensors as they are (an output gradient in
+    the other layout is converted; masks are read in either layout), the result channels_last, or for the mask
+    gradient in the masks' layout. Otherwise the NCHW kernels on NCHW-contiguous copies (no copy if already so),
+    a result whose input was channels_last returned channels_last."""
+    a, b = kernel_operand(a), kernel_operand(b)
+    features = {"forward": a, "backward_features": layout_of, "backward_masks": b}[kernel]
+    if is_channels_last(features):
+        if kernel == "backward_masks":
+            a, b = _as_channels_last(a), _as_channels_last(b)
+            fmt = torch.channels_last if is_channels_last(layout_of) else torch.contiguous_format
+        else:
+            a, b, fmt = _as_channels_last(a), _as_masks(b), torch.channels_last
+        out = torch.empty(shape, dtype=a.dtype, device=a.device, memory_format=fmt)
+        return launch(kernel, a, b, out, geometry)
+    a, b = a.contiguous(), b.contiguous()
     out = launch(kernel, a, b, torch.empty(shape, dtype=a.dtype, device=a.device), geometry)
     return out.contiguous(memory_format=torch.channels_last) if is_channels_last(layout_of) else out
 
