@@ -397,7 +397,7 @@ def with_seed(seed_0: DictConfig, seed: int) -> DictConfig:
     ``run.seed=<seed>``, because Hydra applies value overrides in order after the defaults are merged and the seed's
     is the last one (the tests compare the two). Saves one composition per seed."""
     cfg = copy.deepcopy(seed_0)
-    cfg.run.seed = seed
+    OmegaConf.update(cfg, SEED_KEY, seed)
     return cfg
 
 
