@@ -49,6 +49,9 @@ def test_one_training_step_and_coco_evaluation(overrides: list[str], data_dir: P
     losses = record["history"][0]["train"]
     assert {"loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
     assert ("loss_mask" in losses) == ("mask" in overrides[0])
+    # the gradient norm before clipping (schedule.clip_grad_norm: 35) is on TensorBoard, to diagnose an unstable start
+    events = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard").iterdir())
+    assert b"train/grad_norm" in events
 
 
 def test_two_process_ddp_scores_every_validation_image_once(data_dir: Path, tmp_path: Path) -> None:
