@@ -20,9 +20,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from reproduction.equivalence import (
+    EQUIVALENCE_NAME,
+    EquivalenceError,
+    load_attestations,
+)
 from reproduction.records import RECORDS_DIR_NAME, RecordError, load_records
-from reproduction.render import (SUMMARY_NAME, TABLE_FORMAT, committed_tables, figure_path, json_text, render_markdown,
-                                 render_summary, table_json)
+from reproduction.render import (
+    SUMMARY_NAME,
+    TABLE_FORMAT,
+    committed_tables,
+    figure_path,
+    json_text,
+    render_markdown,
+    render_summary,
+    table_json,
+)
 from reproduction.runs import code_status, on_gpu
 from reproduction.spec import SeedRun, TableSpec, load_table_spec
 from tasks.common.provenance import REPO_ROOT
@@ -101,12 +114,17 @@ def check(results_dir: Path) -> tuple[list[str], list[str]]:
         records = load_records(results_dir / RECORDS_DIR_NAME)
     except RecordError as error:
         return [str(error)], notes
+    cache: dict = {}
+    try:
+        cache["attestations"] = load_attestations(results_dir / EQUIVALENCE_NAME)
+    except EquivalenceError as error:
+        problems.append(str(error))
+        cache["attestations"] = []
     tables = committed_tables(results_dir)
     if not tables:
-        return [f"{results_dir}: no rendered tables (table-*.json)"], notes
+        return [*problems, f"{results_dir}: no rendered tables (table-*.json)"], notes
     used: set[str] = set()
     datas = []
-    cache: dict = {}
     for path in tables:
         problems += check_table(path, records)
         try:

@@ -88,9 +88,12 @@ def seed_statement(spec: TableSpec) -> str:
 
 
 #: How a run's code relates to the commit a table is rendered at (``provenance.code_status``): its mark and meaning.
-CODE_MARKS = {"current": "", "changed": "†", "uncommitted": "‡", "unknown": "?"}
+CODE_MARKS = {"current": "", "equivalent": "", "changed": "†", "uncommitted": "‡", "unknown": "?"}
 
 CODE_MEANING = {
+    "equivalent": "trained at an earlier commit whose result-affecting code differs from this render's but was shown "
+                  "to train bit-identically to it (`results/code-equivalence.json`: the same weights and metrics from "
+                  "short runs of every task at both commits)",
     "changed": "trained at an earlier commit whose result-affecting code (the operator, the shared and the task's code, "
                "the configs, the pinned environment) differs from this render's commit",
     "uncommitted": "trained from a tree with uncommitted changes (`+dirty`): the code that produced it cannot be "
@@ -121,10 +124,11 @@ def code_provenance(spec: TableSpec) -> dict[str, str]:
                       for c, n in sorted(commits.items(), key=lambda item: (-item[1], item[0])))
     lines = {"runs' commits": f"{len(finished)} runs from {len(commits)} commits: {shown}"}
     marked = []
-    for code in ("changed", "uncommitted", "unknown"):
+    for code in ("equivalent", "changed", "uncommitted", "unknown"):
         count = sum(run.code == code for run in finished)
         if count:
-            marked.append(f"{count} of {len(finished)} runs {CODE_MARKS[code]} {CODE_MEANING[code]}")
+            mark = f" {CODE_MARKS[code]}" if CODE_MARKS[code] else ""
+            marked.append(f"{count} of {len(finished)} runs{mark} {CODE_MEANING[code]}")
     lines["runs' code"] = "; ".join(marked) if marked else \
         f"all {len(finished)} runs were trained at this render's result-affecting code"
     return lines

@@ -184,7 +184,7 @@ def reproduce(args: argparse.Namespace, argv: list[str]) -> int:
         mark_code(spec, head)
         for row in spec.rows:
             for run in row.runs:
-                if run.record is not None and run.code != "current":
+                if run.record is not None and run.code not in ("current", "equivalent"):
                     print(f"[{spec.name}] {row.label}, seed {run.seed} ({run.config_hash}): trained at "
                           f"{run.record.get('commit', '?')[:12]} ({run.code}); training it again", file=sys.stderr)
                     run.record, run.run_dir = None, ""

@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from reproduction.equivalence import equivalence_chain, load_attestations
 from reproduction.records import RECORDS_DIR_NAME, RecordError, newer, record_from_run
 from reproduction.spec import SeedRun, TableSpec, TableSpecError
 from tasks.common.experiment import CONFIG_NAME, METRICS_NAME, read_record
@@ -38,11 +39,13 @@ def result_code_paths(task: str, on_gpu: bool) -> list[str]:
 
 def code_status(run_commit: str, task: str, on_gpu: bool, against: str, cache: dict | None = None) -> str:
     """How the code a run was trained at relates to commit ``against`` (the commit a table is rendered at):
-    ``current`` (no result-affecting file differs), ``changed`` (some did), ``uncommitted`` (the run was trained
-    from a tree with uncommitted changes: its code cannot be recovered), or ``unknown`` (a commit this clone does not
-    have)."""
+    ``current`` (no result-affecting file differs), ``equivalent`` (some did, but a chain of attestations of
+    ``results/code-equivalence.json`` shows the two train bit-identically: ``reproduction.equivalence``),
+    ``changed`` (they differ otherwise), ``uncommitted`` (the run was trained from a tree with uncommitted changes:
+    its code cannot be recovered), or ``unknown`` (a commit this clone does not have)."""
     key = (run_commit, task, on_gpu, against)
-    if cache is not None and key in cache:
+    cache = {} if cache is None else cache
+    if key in cache:
         return cache[key]
     if run_commit.endswith("+dirty"):
         status = "uncommitted"
@@ -52,14 +55,37 @@ def code_status(run_commit: str, task: str, on_gpu: bool, against: str, cache: d
         try:
             git_output("cat-file", "-e", f"{run_commit}^{{commit}}")
             git_output("cat-file", "-e", f"{against}^{{commit}}")
-            changed = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "--quiet", run_commit, against, "--",
-                                      *result_code_paths(task, on_gpu)], capture_output=True).returncode
-            status = {0: "current", 1: "changed"}.get(changed, "unknown")
-        except (OSError, subprocess.CalledProcessError):
+            same = _same_result_code(run_commit, against, task, on_gpu, cache)
+            status = "current" if same else "changed"
+            if not same:
+                if "attestations" not in cache:
+                    cache["attestations"] = load_attestations()
+                chain = equivalence_chain(run_commit, against, task, on_gpu, cache["attestations"],
+                                          lambda a, b: _same_result_code(a, b, task, on_gpu, cache, False))
+                status = "changed" if chain is None else "equivalent"
+        except (OSError, subprocess.CalledProcessError, _UnknownCommit):
             status = "unknown"
-    if cache is not None:
-        cache[key] = status
+    cache[key] = status
     return status
+
+
+class _UnknownCommit(Exception):
+    pass
+
+
+def _same_result_code(a: str, b: str, task: str, on_gpu: bool, cache: dict, strict: bool = True) -> bool:
+    """Whether the task's result-affecting code is the same at commits ``a`` and ``b``. A commit this clone lacks
+    raises ``_UnknownCommit`` when ``strict``, else counts as different (an attestation naming it leads nowhere)."""
+    key = ("same", a, b, task, on_gpu)
+    if key not in cache:
+        changed = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "--quiet", a, b, "--",
+                                  *result_code_paths(task, on_gpu)], capture_output=True, check=False).returncode
+        if changed not in (0, 1):
+            if strict:
+                raise _UnknownCommit(a if changed else b)
+            return False
+        cache[key] = cache[("same", b, a, task, on_gpu)] = changed == 0
+    return cache[key]
 
 
 @dataclass
