@@ -12,10 +12,11 @@ from carafe.costs import flops_per_pixel, num_params
 from reproduction.seeds import row_problem
 from reproduction.spec import TableSpec
 from tasks.common.distributed import init_world
-from tasks.common.engine import CHECKPOINT_NAME, load_weights
+from tasks.common.engine import load_weights
 from tasks.common.experiment import task_class
 from tasks.common.factories import build_operator
 from tasks.common.provenance import device_name
+from tasks.common.run_folder import CHECKPOINT_NAME
 from tasks.common.speed import measure_speeds
 
 

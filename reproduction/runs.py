@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from reproduction.equivalence import equivalence_chain, load_attestations
 from reproduction.records import RECORDS_DIR_NAME, RecordError, newer, record_from_run
 from reproduction.spec import SeedRun, TableSpec, TableSpecError
-from tasks.common.experiment import CONFIG_NAME, METRICS_NAME, read_record
 from tasks.common.provenance import REPO_ROOT, git_output
+from tasks.common.run_folder import METRICS_NAME, finished_record, read_config
 
 #: The code a trained result depends on, per task: the operator package, the shared task code, the task's own code,
 #: the configs (not the table specs), the training entry point and the pinned environment (``requirements.lock``;
@@ -107,13 +107,13 @@ def record_of_run_folder(run_dir: Path) -> dict[str, Any] | None:
     """The record of the finished run in ``run_dir`` (its ``metrics.json`` and resolved ``config.yaml``), None if it
     has not finished; ``RecordError`` if what it holds is malformed."""
     try:
-        metrics = read_record(run_dir)
+        metrics = finished_record(run_dir)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RecordError(f"{run_dir / METRICS_NAME}: not readable ({error})") from None
     if metrics is None:
         return None
-    config_file = run_dir / CONFIG_NAME
-    config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
+    cfg = read_config(run_dir)
+    config = None if cfg is None else OmegaConf.to_container(cfg)
     return record_from_run(metrics, config)
 
 def index_runs(*sources: str | Path) -> dict[str, FinishedRun]:

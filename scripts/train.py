@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from tasks.common.experiment import ConfigError, hold_named_run_folder, run_experiment
-from tasks.common.io import LOCK_NAME, RunFolderLocked
+from tasks.common.run_folder import LOCK_NAME, RunFolderLocked
 
 log = logging.getLogger("train")
 

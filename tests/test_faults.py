@@ -20,8 +20,8 @@ from experiment_helpers import detection_smoke, smoke_overrides
 from tasks.common.data import CorruptImageError, read_rgb
 from tasks.common.engine import MetricError, check_metrics
 from tasks.common.experiment import ConfigError, compose, run_experiment, validate
-from tasks.common.io import (CheckpointError, RunFolderLocked, load_checkpoint, remove_stale_temporaries,
-                             run_folder_lock, save_checkpoint, write_text_atomic)
+from tasks.common.io import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint, write_text_atomic
+from tasks.common.run_folder import RunFolderLocked, run_folder_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def test_atomic_writes_keep_a_new_files_usual_mode(tmp_path: Path) -> None:
 
 def test_a_locked_run_folder_is_refused_with_the_holders_pid(data_dir: Path, tmp_path: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from tasks.common.io import run_folder_lock\n"
+        [sys.executable, "-c", "import sys, time; from tasks.common.run_folder import run_folder_lock\n"
          f"with run_folder_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:

@@ -43,8 +43,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.common.engine import CHECKPOINT_NAME
-from tasks.common.experiment import CONF_DIR, compose, config_hash, read_record
+from tasks.common.experiment import CONF_DIR, compose, config_hash
+from tasks.common.run_folder import CHECKPOINT_NAME, finished_record
 from tasks.common.provenance import REPO_ROOT
 
 BACKBONE_KEY = "model.backbone_weights"
@@ -129,7 +129,7 @@ class PretrainingRun:
         return self.run_dir / CHECKPOINT_NAME
 
     def finished(self) -> bool:
-        return read_record(self.run_dir) is not None and self.checkpoint.is_file()
+        return finished_record(self.run_dir) is not None and self.checkpoint.is_file()
 
     def command(self, python: str = sys.executable) -> list[str]:
         return [python, str(REPO_ROOT / "scripts" / "train.py"), *self.overrides, f"hydra.run.dir={self.run_dir}"]

@@ -26,11 +26,11 @@ from tasks.common.data import build_loader, reseed_loader, verify_images
 from tasks.common.distributed import World, all_reduce_sum, average_gradients, barrier, broadcast_module
 from tasks.common.io import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from tasks.common.progress import Progress
+from tasks.common.run_folder import CHECKPOINT_NAME, TENSORBOARD_NAME
 from tasks.common.reproducibility import derive_seed, seed_everything, set_deterministic
 from tasks.common.schedule import build_lr_scheduler, build_optimizer, scaled_lr, weight_decay_groups
 from tasks.common.task import Task
 
-CHECKPOINT_NAME = "checkpoint.pt"
 SINGLE_PART = ""  # the one optimizer of a task without ``optimizer_parts``
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def _tensorboard(task: Task, run_dir: Path, world: World, fresh: bool) -> Any:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    writer = SummaryWriter(str(run_dir / TENSORBOARD_NAME))
     if fresh:
         writer.add_text("hyper-parameters", hyperparameters_markdown(task.cfg), 0)
     return writer

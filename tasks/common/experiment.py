@@ -1,7 +1,6 @@
 """From a composed Hydra config to a finished run folder: validate, build the task, ``fit``, write the record.
 
-A run folder holds ``config.yaml`` (the resolved config), ``checkpoint.pt`` (after every epoch; a rerun in the same
-folder resumes from it), ``tensorboard/`` and, once finished, ``metrics.json``. Two runs are the same experiment
+What a run folder holds is ``tasks.common.run_folder``. Two runs are the same experiment
 when their ``config_hash`` is: the resolved config without the settings that only say how to run (device, worker
 count, logging) and without where the embedded data happens to be cached.
 """
@@ -25,8 +24,8 @@ import carafe.backends
 from tasks.common.distributed import World, close_world, init_world
 from tasks.common.engine import RunSettings, Schedule, fit
 from tasks.common.factories import UntrustedConfigError, build_operator, import_task_class
-from tasks.common.io import run_folder_lock, write_json_atomic, write_text_atomic
 from tasks.common.provenance import REPO_ROOT, device_name, git_state, utc_now
+from tasks.common.run_folder import run_folder_lock, write_config, write_metrics
 from tasks.common.schedule import OPTIMIZERS, POLICIES, WEIGHT_DECAY_SCOPES
 from tasks.common.task import Task
 
@@ -43,8 +42,6 @@ NOT_HASHED = ("run.device", "run.amp", "run.num_workers", "run.eval_every", "run
 #: so that a new option does not rename every finished experiment (and the committed tables' rows).
 HASHED_ONLY_IF_NOT_DEFAULT = {"model.dcn_stages": [], "schedule.weight_decay_on": "all"}
 CONF_DIR = REPO_ROOT / "conf"
-METRICS_NAME = "metrics.json"
-CONFIG_NAME = "config.yaml"
 
 
 class ConfigError(ValueError):
@@ -193,15 +190,6 @@ def settings_from(cfg: DictConfig) -> RunSettings:
     return RunSettings(**resolved(cfg.run))
 
 
-def read_record(run_dir: str | Path) -> dict[str, Any] | None:
-    """A run folder's ``metrics.json`` if the run finished, else None."""
-    path = Path(run_dir) / METRICS_NAME
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    return record if record.get("status") == "finished" else None
-
-
 def named_run_folder(argv: list[str]) -> Path | None:
     """The run folder a ``scripts/train.py`` command line fixes before Hydra composes anything: the last
     ``hydra.run.dir=<folder>`` override, if it is a plain path (no ``${...}`` interpolation) and the command is not a
@@ -243,7 +231,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | Non
 def _run_locked(cfg: DictConfig, run_dir: Path, world: World, started: float) -> dict[str, Any] | None:
     chash = config_hash(cfg)
     if world.is_main:
-        write_text_atomic(run_dir / CONFIG_NAME, OmegaConf.to_yaml(cfg, resolve=True))
+        write_config(run_dir, cfg)
         log.info("run %s (%s, scale=%s) on %s x%d -> %s", chash, cfg.task.name, cfg.scale.name,
                  device_name(world.device), world.world_size, run_dir)
     task = task_class(cfg)(cfg, world)
@@ -264,6 +252,6 @@ def _run_locked(cfg: DictConfig, run_dir: Path, world: World, started: float) ->
         "carafe_backends": carafe.backends.usage(),
     }
     if world.is_main:
-        write_json_atomic(run_dir / METRICS_NAME, record)
+        write_metrics(run_dir, record)
         log.info("finished %s: %s", run_dir, ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()))
     return record

@@ -1,11 +1,10 @@
 """Files a run writes and reads: atomic writes (a crash leaves the old file or the new one, never half of one),
-checkpoints that load without running code, and the lock that keeps two runs out of one folder."""
+checkpoints that load without running code, and generated data folders. The run folder itself (its file names,
+its lock) is ``tasks.common.run_folder``."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -13,7 +12,7 @@ import pickle
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -301,54 +300,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                                   "so some of its data changed after it was saved; delete it or point at another "
                                   "file")
     return state
-
-
-class RunFolderLocked(RuntimeError):
-    """Another process holds the run folder."""
-
-
-LOCK_NAME = ".lock"
-_HELD: dict[str, int] = {}  # run folders this process holds (real path -> nesting depth)
-
-
-@contextlib.contextmanager
-def run_folder_lock(run_dir: str | Path) -> Iterator[Path]:
-    """Hold an exclusive lock on ``run_dir`` (``flock`` on ``run_dir/.lock``) for the duration of the block.
-
-    A second process asking for the same folder gets ``RunFolderLocked`` naming the holder's PID at once, instead
-    of training the same run in the same folder a second time. The lock dies with its process, so a killed run
-    never leaves a folder locked. Within one process the lock is re-entrant: ``scripts/train.py`` takes it before
-    Hydra writes anything into the folder, and ``run_experiment`` takes it again inside.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = run_dir / LOCK_NAME
-    key = os.path.realpath(run_dir)
-    if _HELD.get(key):
-        _HELD[key] += 1
-        try:
-            yield lock_path
-        finally:
-            _HELD[key] -= 1
-        return
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise RunFolderLocked(f"{run_dir} is in use by another run (process {holder}); wait for it to finish, "
-                                  "stop it, or use another run folder") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        _HELD[key] = 1
-        try:
-            yield lock_path
-        finally:
-            _HELD.pop(key, None)
-            handle.seek(0)
-            handle.truncate()

@@ -25,14 +25,14 @@ from PIL import Image
 from torch import nn
 
 from tasks.common.distributed import World
-from tasks.common.engine import CHECKPOINT_NAME, load_weights, prepared_datasets
-from tasks.common.experiment import CONFIG_NAME, METRICS_NAME, task_class
+from tasks.common.engine import load_weights, prepared_datasets
+from tasks.common.experiment import task_class
 from tasks.common.io import write_bytes_atomic, write_text_atomic
 from tasks.common.provenance import REPO_ROOT, git_commit, utc_now
+from tasks.common.run_folder import CHECKPOINT_NAME, CONFIG_NAME, read_config, read_metrics
 from tasks.common.task import Task
 
 GAP = 2  # px of white between cells (before any zoom)
-CHECKPOINT = "checkpoint.pt"
 
 
 class FigureError(ValueError):
@@ -125,10 +125,10 @@ def figure_main(description: str, default_rows: Sequence[str], default_out: str,
 def load_finished_run(run_dir: Path, task_name: str, world: World) -> tuple[Any, Task, nn.Module]:
     """(config, task, model with the run's final weights in eval mode on ``world.device``) of a finished run folder;
     ``FileNotFoundError`` without ``config.yaml`` and ``checkpoint.pt``, ``ValueError`` for another task's run."""
-    config, checkpoint = run_dir / CONFIG_NAME, run_dir / CHECKPOINT
-    if not config.is_file() or not checkpoint.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no {CONFIG_NAME} and {CHECKPOINT}; name a finished run folder")
-    cfg = OmegaConf.load(config)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    cfg = read_config(run_dir)
+    if cfg is None or not checkpoint.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no {CONFIG_NAME} and {CHECKPOINT_NAME}; name a finished run folder")
     if cfg.task.name != task_name:
         raise ValueError(f"{run_dir} is a {cfg.task.name} run, not a {task_name} one")
     task = task_class(cfg)(cfg, world)
@@ -217,7 +217,7 @@ def provenance(out: Path, summary: str, labels: Sequence[str], run_dirs: Sequenc
     is at tiny scale, ``tiny_note`` (why these pictures are not the paper's)."""
     lines = [f"# {out.name}", "", summary, "", "| column | run | config hash | commit | scale | finished |",
              "|---|---|---|---|---|---|"]
-    records = [json.loads((r / METRICS_NAME).read_text()) if (r / METRICS_NAME).is_file() else {} for r in run_dirs]
+    records = [read_metrics(r) or {} for r in run_dirs]
     for label, run_dir, record in zip(labels, run_dirs, records):
         shown = run_dir.relative_to(REPO_ROOT) if run_dir.absolute().is_relative_to(REPO_ROOT) else run_dir.name
         lines.append(f"| {label} | {shown} | {record.get('config_hash', '?')} | {record.get('commit', '?')[:12]} | "

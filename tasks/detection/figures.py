@@ -13,7 +13,6 @@ level's largest, with l' in green, as the paper's figure.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,9 +29,9 @@ from carafe import CARAFEPack
 from carafe.analysis import chained_reassembly_adjoint, reassembly_kernels
 from tasks.common.distributed import World
 from tasks.common.engine import prepared_datasets
-from tasks.common.experiment import METRICS_NAME
 from tasks.common.provenance import REPO_ROOT
 from tasks.common.qualitative import FigureError, load_finished_run
+from tasks.common.run_folder import read_metrics
 from tasks.detection.data import CocoDetection
 
 GAP = 4  # px of white between cells
@@ -74,7 +73,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> DetectionRun:
     except (FileNotFoundError, ValueError) as error:
         raise FigureError(str(error)) from error
     _, val_set = prepared_datasets(task, world)
-    record = json.loads((run_dir / METRICS_NAME).read_text()) if (run_dir / METRICS_NAME).is_file() else {}
+    record = read_metrics(run_dir) or {}
     return DetectionRun(run_dir, cfg, model, val_set, record)
 
 
