@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 NOT_HASHED = ("run.device", "run.amp", "run.num_workers", "run.eval_every", "run.log_every", "run.progress",
               "run.find_unused_parameters", "run.stop_after_epochs", "data.embedded.dir", "data.verify",
               "task.speed_image_size", "task.tensorboard_images", "task._target_")
-#: Keys added after runs were recorded, hashed only when they differ from the default that reproduces those runs,
-#: so that a new option does not rename every finished experiment (and the committed tables' rows).
-HASHED_ONLY_IF_NOT_DEFAULT = {"model.dcn_stages": [], "schedule.weight_decay_on": "all"}
+#: Shared keys added after runs were recorded, hashed only when they differ from the default that reproduces those
+#: runs, so that a new option does not rename every finished experiment (and the committed tables' rows). A task's
+#: own such keys are its ``Task.hash_defaults``.
+HASHED_ONLY_IF_NOT_DEFAULT = {"schedule.weight_decay_on": "all"}
 CONF_DIR = REPO_ROOT / "conf"
 
 
@@ -74,11 +75,11 @@ def compose(overrides: list[str]) -> DictConfig:
 
 
 def config_hash(cfg: DictConfig | dict) -> str:
-    """12 hex digits identifying the experiment a config describes (see ``NOT_HASHED`` and
-    ``HASHED_ONLY_IF_NOT_DEFAULT``)."""
+    """12 hex digits identifying the experiment a config describes (see ``NOT_HASHED``,
+    ``HASHED_ONLY_IF_NOT_DEFAULT`` and the task's ``Task.hash_defaults``)."""
     data = resolved(cfg) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
-    left_out = [(dotted, None) for dotted in NOT_HASHED] + [(dotted, [default])
-                                                            for dotted, default in HASHED_ONLY_IF_NOT_DEFAULT.items()]
+    defaults = {**HASHED_ONLY_IF_NOT_DEFAULT, **_task_hash_defaults(data)}
+    left_out = [(dotted, None) for dotted in NOT_HASHED] + [(dotted, [default]) for dotted, default in defaults.items()]
     for dotted, only_if in left_out:
         *parents, leaf = dotted.split(".")
         node = data
@@ -87,6 +88,17 @@ def config_hash(cfg: DictConfig | dict) -> str:
         if isinstance(node, dict) and leaf in node and (only_if is None or node[leaf] in only_if):
             node.pop(leaf)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _task_hash_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``hash_defaults`` of the task class a resolved config names; none for a config without a known task (its
+    hash then keeps every key)."""
+    target = (data.get("task") or {}).get("_target_") if isinstance(data.get("task"), dict) else None
+    try:
+        cls = import_task_class(target)
+    except (UntrustedConfigError, ImportError, AttributeError):
+        return {}
+    return dict(getattr(cls, "hash_defaults", {}) or {})
 
 
 def task_class(cfg: DictConfig) -> type[Task]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +26,10 @@ class Task:
 
     #: the metric a table row reports first and the progress bar shows, e.g. ``"top1"``
     primary_metric: str = ""
+    #: config keys (dotted) this task added after runs were recorded, with the value that reproduces those runs:
+    #: the config hash keeps such a key only when a config sets another value, so that a new option does not rename
+    #: every finished experiment (``tasks.common.experiment.config_hash``)
+    hash_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: Any, world: World) -> None:
         self.cfg = cfg

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from tasks.detection.synthetic import CATEGORIES, ensure_synthetic_coco
 
 class DetectionTask(Task):
     primary_metric = "bbox_AP"
+    hash_defaults: ClassVar[dict[str, Any]] = {"model.dcn_stages": []}   # added with CARAFE++ Table I's DCNv2 backbones
     dataset_name = "COCO 2017"
 
     @classmethod
