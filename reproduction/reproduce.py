@@ -41,6 +41,7 @@ from reproduction.spec import (TableSpec, TableSpecError, compose_rows, load_tab
                                table_names)
 from tasks.common.io import write_json_atomic, write_text_atomic
 from tasks.common.provenance import REPO_ROOT, git_commit, uncommitted_changes, utc_now
+from tasks.common.run_folder import CHECKPOINT_NAME
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -181,23 +182,48 @@ def reproduce(args: argparse.Namespace, argv: list[str]) -> int:
         write_record(record, records_dir)
     head = git_commit()
     if args.retrain_stale:
-        mark_code(spec, head)
-        for row in spec.rows:
-            for run in row.runs:
-                if run.record is not None and run.code not in ("current", "equivalent"):
-                    print(f"[{spec.name}] {row.label}, seed {run.seed} ({run.config_hash}): trained at "
-                          f"{run.record.get('commit', '?')[:12]} ({run.code}); training it again", file=sys.stderr)
-                    run.record, run.run_dir = None, ""
+        _forget_stale_runs(spec, head)
+    if not args.render_only and not args.allow_dirty and not _may_train_here(spec):
+        return 2
+    failures = _train_missing_runs(spec, args, extra, records, records_dir)
+    speed_device = _measure(spec, args)
+    mark_code(spec, head)
+    provenance = _provenance(spec, args, argv, head, started, speed_device)
+    written = write_table(spec, provenance, args.out)
+    written.append(write_summary(args.out))
+    print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _forget_stale_runs(spec: TableSpec, head: str) -> None:
+    """``--retrain-stale``: drop the record of every seed trained at other result-affecting code than ``head``'s
+    (neither the same nor attested equivalent), so that it is trained again."""
+    mark_code(spec, head)
+    for row in spec.rows:
+        for run in row.runs:
+            if run.record is not None and run.code not in ("current", "equivalent"):
+                print(f"[{spec.name}] {row.label}, seed {run.seed} ({run.config_hash}): trained at "
+                      f"{run.record.get('commit', '?')[:12]} ({run.code}); training it again", file=sys.stderr)
+                run.record, run.run_dir = None, ""
+
+
+def _may_train_here(spec: TableSpec) -> bool:
+    """False (and why, on stderr) when some seed needs training and the tree has uncommitted changes."""
+    to_train = [run for row in spec.rows for run in row.runs if run.record is None]
+    changed = uncommitted_changes() if to_train else []
+    if changed:
+        print(f"reproduce: {len(to_train)} run(s) of table {spec.name} would be trained from a tree with "
+              f"uncommitted changes ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}), so their "
+              "records could not name the code that produced them. Commit first, or pass --allow-dirty (the "
+              "records then keep a hash of the change and the table marks the runs).", file=sys.stderr)
+    return not changed
+
+
+def _train_missing_runs(spec: TableSpec, args: argparse.Namespace, extra: list[str],
+                        records: dict[str, dict[str, Any]], records_dir: Path) -> int:
+    """Train every seed without a record, one at a time in a child process, and record each that finishes
+    (``--render-only``: mark them "not run yet" instead); the number that failed."""
     runs = [(row, run) for row in spec.rows for run in row.runs]
-    to_train = [(row, run) for row, run in runs if run.record is None]
-    if to_train and not args.render_only and not args.allow_dirty:
-        changed = uncommitted_changes()
-        if changed:
-            print(f"reproduce: {len(to_train)} run(s) of table {spec.name} would be trained from a tree with "
-                  f"uncommitted changes ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}), so their "
-                  "records could not name the code that produced them. Commit first, or pass --allow-dirty (the "
-                  "records then keep a hash of the change and the table marks the runs).", file=sys.stderr)
-            return 2
     failures = 0
     for index, (row, run) in enumerate(runs, 1):
         run_dir = args.runs / run.config.task.name / run.config_hash
@@ -226,12 +252,18 @@ def reproduce(args: argparse.Namespace, argv: list[str]) -> int:
         else:
             records[run.config_hash] = run.record
             write_record(run.record, records_dir)
+    return failures
+
+
+def _measure(spec: TableSpec, args: argparse.Namespace) -> str | None:
+    """The render-time columns: costs, and speed when the trained models are here (else the previous rendering's
+    speeds for unchanged rows); the device the speeds were timed on, None without speed columns."""
     if spec.costs:
         measure_costs(spec)
     speed_device = None
     finished = [run for row in spec.rows for run in row.finished_runs()]
     if spec.speed and finished:
-        timed = all(any(r.run_dir and (Path(r.run_dir) / "checkpoint.pt").is_file() for r in row.finished_runs())
+        timed = all(any(r.run_dir and (Path(r.run_dir) / CHECKPOINT_NAME).is_file() for r in row.finished_runs())
                     for row in spec.rows if row.finished_runs())
         if timed or not args.render_only:
             print(f"[{spec.name}] timing the trained models of the rows together", file=sys.stderr, flush=True)
@@ -239,7 +271,12 @@ def reproduce(args: argparse.Namespace, argv: list[str]) -> int:
         carried = carry_speed(spec, args.out / f"table-{spec.name}.json")
         if carried is not None:
             speed_device = carried
-    mark_code(spec, head)
+    return speed_device
+
+
+def _provenance(spec: TableSpec, args: argparse.Namespace, argv: list[str], head: str, started: float,
+                speed_device: str | None) -> dict[str, str]:
+    finished = [run for row in spec.rows for run in row.finished_runs()]
     datasets = sorted({str(run.record["dataset"]) for run in finished})
     devices = sorted({f"{run.record['device']} x{run.record.get('world_size', 1)}" for run in finished})
     train_seconds = sum(float(run.record.get("train_seconds") or 0) for run in finished)
@@ -253,10 +290,7 @@ def reproduce(args: argparse.Namespace, argv: list[str]) -> int:
     }
     if speed_device is not None:
         provenance["speed measured on"] = speed_device
-    written = write_table(spec, provenance, args.out)
-    written.append(write_summary(args.out))
-    print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
-    return 1 if failures else 0
+    return provenance
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
