@@ -126,6 +126,22 @@ def test_every_task_names_its_class_and_a_wrong_target_is_a_config_error() -> No
         validate(compose(["task._target_=torch.nn.Linear"]))
 
 
+def test_every_task_has_the_shared_data_fields_and_a_config_without_one_is_refused() -> None:
+    from omegaconf import OmegaConf, open_dict
+
+    from tasks.common.task import DATA_FIELDS
+
+    for option in options("task"):
+        cfg = compose([f"task={option}"])
+        assert all(OmegaConf.select(cfg, f"data.{field}", default="absent") != "absent" for field in DATA_FIELDS)
+    cfg = compose(["task=inpainting"])
+    with open_dict(cfg):
+        del cfg.data.verify
+        del cfg.data.embedded.dir
+    with pytest.raises(ConfigError, match=r"lacks data\.verify, data\.embedded\.dir"):
+        validate(cfg)
+
+
 def test_missing_imagenet_layout_says_what_is_expected(tmp_path: Path) -> None:
     from tasks.classification.data import check_imagenet_layout
 

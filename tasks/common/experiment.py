@@ -27,9 +27,10 @@ from tasks.common.factories import UntrustedConfigError, build_operator, import_
 from tasks.common.provenance import REPO_ROOT, device_name, git_state, utc_now
 from tasks.common.run_folder import run_folder_lock, write_config, write_metrics
 from tasks.common.schedule import OPTIMIZERS, POLICIES, WEIGHT_DECAY_SCOPES
-from tasks.common.task import Task
+from tasks.common.task import DATA_FIELDS, Task
 
 SCALES = ("tiny", "paper")
+_ABSENT = object()
 log = logging.getLogger(__name__)
 #: Keys left out of the config hash: how to run, not what (every other ``run`` key, ``seed`` and ``deterministic``
 #: among them, is hashed), where the embedded data is cached, which image size speed columns time, how many images
@@ -147,6 +148,10 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     _require(cfg.scale.name in SCALES, f"scale={cfg.scale.name!r} is not one of {', '.join(SCALES)}")
+    missing = [f"data.{field}" for field in DATA_FIELDS
+               if OmegaConf.select(cfg, f"data.{field}", default=_ABSENT) is _ABSENT]
+    _require(not missing, f"the data config lacks {', '.join(missing)}, which every task's data config has "
+                          "(tasks.common.task.DATA_FIELDS)")
     root = cfg.data.get("root")
     if cfg.scale.name == "paper" and root is None:
         raise ConfigError(f"scale=paper trains on the real {cfg.data.name} dataset: set data.root=/path/to/it "

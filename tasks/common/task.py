@@ -20,6 +20,12 @@ from tasks.common.io import generated_folder_digest
 from tasks.common.speed import noise_image
 
 
+#: The fields every task's data config (``conf/data/<dataset>.yaml``) has, because the shared code reads them: the
+#: real dataset's name and folder (null: the embedded default), whether to decode every file before training, and
+#: the folder the embedded default is written to. Anything else under ``data`` is the task's own.
+DATA_FIELDS = ("name", "root", "verify", "embedded.dir")
+
+
 class Task:
     """Base class; subclasses implement the methods that raise ``NotImplementedError`` below.
     ``tasks.classification.task.ClassificationTask`` is the template a new task copies."""
