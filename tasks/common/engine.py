@@ -126,7 +126,7 @@ def train_one_epoch(task: Task, model: nn.Module, loader: DataLoader, optimizers
         batch = task.to_device(batch)
         carry: dict[str, Any] = {}  # what one part's step hands to the next within the iteration
         logged: dict[str, torch.Tensor] = {}
-        grad_norms: dict[str, float] = {}  # before clipping, TensorBoard only (``train/grad_norm``)
+        grad_norms: dict[str, torch.Tensor] = {}  # before clipping, TensorBoard only (``train/grad_norm``)
         for part, optimizer in optimizers.items():
             with torch.autocast(device_type=world.device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
                 losses = (task.train_step(model, batch) if part == SINGLE_PART
@@ -142,7 +142,7 @@ def train_one_epoch(task: Task, model: nn.Module, loader: DataLoader, optimizers
             if clip_grad_norm:
                 scaler.unscale_(optimizer)
                 norm = nn.utils.clip_grad_norm_(optimized_parameters(model, optimizer), clip_grad_norm)
-                grad_norms["grad_norm" if part == SINGLE_PART else f"{part}/grad_norm"] = float(norm)
+                grad_norms["grad_norm" if part == SINGLE_PART else f"{part}/grad_norm"] = norm.detach()
             scaler.step(optimizer)
             logged.update(losses if part == SINGLE_PART else {f"{part}/{k}": v for k, v in losses.items()})
         scaler.update()
@@ -157,8 +157,8 @@ def train_one_epoch(task: Task, model: nn.Module, loader: DataLoader, optimizers
         if writer is not None and (iteration % settings.log_every == 0 or iteration + 1 == total):
             for name, value in logged.items():
                 writer.add_scalar(f"train/{name}", float(value.detach()), step)
-            for name, value in grad_norms.items():
-                writer.add_scalar(f"train/{name}", value, step)
+            for name, value in grad_norms.items():  # read from the device only when written
+                writer.add_scalar(f"train/{name}", float(value), step)
             writer.add_scalar("train/lr", lr, step)
         shown = " ".join(f"{name} {sums[name] / (iteration + 1):.4f}" for name in sums if name.endswith("loss"))
         progress.update(iteration + 1, f"{shown} lr {lr:.4g}")
