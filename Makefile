@@ -11,7 +11,7 @@ LOCK   := requirements.lock
 # reproduce-table-*: SCALE=tiny (embedded data) or paper (DATA_ROOT=/path/to/dataset); NPROC processes per run;
 # OVERRIDES="key=value ..." Hydra overrides for every row (e.g. model.backbone_weights=... for detection);
 # SEEDS=N runs seeds 0..N-1 of every row (default: the table spec's `seeds`); BACKBONES=DIR gives each detection /
-# segmentation row the ImageNet weights of its own backbone, DIR/<name>.pt (tasks/common/backbones.py).
+# segmentation row the ImageNet weights of its own backbone, DIR/<name>.pt (tasks/classification/backbones.py).
 comma := ,
 SCALE     ?= tiny
 DATA_ROOT ?=

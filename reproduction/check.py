@@ -36,7 +36,7 @@ from reproduction.render import (
     render_summary,
     table_json,
 )
-from reproduction.runs import code_status, on_gpu
+from reproduction.runs import code_status, code_tasks, on_gpu
 from reproduction.spec import SeedRun, TableSpec, load_table_spec
 from tasks.common.provenance import REPO_ROOT
 
@@ -141,7 +141,7 @@ def check(results_dir: Path) -> tuple[list[str], list[str]]:
                 if record is None:
                     continue
                 used.add(seed["config_hash"])
-                status = code_status(str(record["commit"]), str(record["task"]), on_gpu(record), against, cache)
+                status = code_status(str(record["commit"]), code_tasks(record), on_gpu(record), against, cache)
                 if status == "unknown":
                     notes.append(f"{path.name}: the code mark of run {seed['config_hash']} is not verified (commit "
                                  f"{str(record['commit'])[:12]} or {against[:12]} is not in this clone)")

@@ -116,8 +116,10 @@ class Attestation:
     tasks: tuple[str, ...]
     device: str
 
-    def covers(self, task: str, on_gpu: bool) -> bool:
-        return task in self.tasks and (self.device == "cuda" or not on_gpu)
+    def covers(self, task: str | tuple[str, ...], on_gpu: bool) -> bool:
+        """Whether it holds for a run of ``task`` (or of every task of a tuple: its own and those it depends on)."""
+        tasks = (task,) if isinstance(task, str) else task
+        return all(t in self.tasks for t in tasks) and (self.device == "cuda" or not on_gpu)
 
 
 def _check_entry(entry: Any, where: str) -> Attestation:
@@ -163,7 +165,8 @@ def load_attestations(path: str | Path = EQUIVALENCE_PATH) -> list[Attestation]:
     return [_check_entry(entry, f"{path} attestation {i}") for i, entry in enumerate(entries)]
 
 
-def equivalence_chain(run_commit: str, against: str, task: str, on_gpu: bool, attestations: Sequence[Attestation],
+def equivalence_chain(run_commit: str, against: str, task: str | tuple[str, ...], on_gpu: bool,
+                      attestations: Sequence[Attestation],
                       same_code: Callable[[str, str], bool]) -> list[Attestation] | None:
     """The attestations leading from ``run_commit``'s result code to ``against``'s, None when none do.
     ``same_code(a, b)`` says whether the task's result-affecting code is the same at commits ``a`` and ``b``. An

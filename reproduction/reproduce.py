@@ -316,7 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbones", type=Path, default=os.environ.get("BACKBONES") or None,
                         help="a folder of ImageNet backbone weights, <name>.pt per backbone (resnet50, "
                              "resnet50-carafe, ...): each detection / segmentation row loads its own "
-                             "(tasks/common/backbones.py)")
+                             "(tasks/classification/backbones.py)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results", help="where the table is written")
     parser.add_argument("--render-only", action="store_true", help="run nothing; render what is finished")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) for GPUs")

@@ -30,19 +30,37 @@ NOT_RESULT_CODE = ("conf/table", "tasks/common/results.py", "tasks/common/figure
                    "tasks/common/stats.py", "tasks/common/qualitative.py")
 
 CUDA_CODE = ("cuda", "carafe/backends/cuda.py")
+#: The task whose runs provide pretrained backbones (``runs/<it>/<hash>/checkpoint.pt``)
+PRETRAINING_TASK = "classification"
 
 
-def result_code_paths(task: str, on_gpu: bool) -> list[str]:
-    paths = [p.format(task=task) for p in RESULT_CODE]
+def result_code_paths(tasks: str | tuple[str, ...], on_gpu: bool) -> list[str]:
+    """The pathspecs of the code a run of ``tasks`` (its own task, then any task it depends on) depends on."""
+    tasks = (tasks,) if isinstance(tasks, str) else tasks
+    paths = list(dict.fromkeys(p.format(task=task) for p in RESULT_CODE for task in tasks))
     excluded = list(NOT_RESULT_CODE) + ([] if on_gpu else list(CUDA_CODE))
     return paths + (["cuda"] if on_gpu else []) + [f":(exclude){p}" for p in excluded]
 
-def code_status(run_commit: str, task: str, on_gpu: bool, against: str, cache: dict | None = None) -> str:
+def code_tasks(record: dict[str, Any]) -> tuple[str, ...]:
+    """The tasks whose code a run's result depends on: its own, and the classification task's when it started
+    from a pretraining run of this repository (``model.backbone_weights`` under ``runs/classification/``: the
+    backbone that run trained is part of the result)."""
+    model = (record.get("config") or {}).get("model") or {}
+    weights = model.get("backbone_weights") if isinstance(model, dict) else None
+    task = str(record.get("task", ""))
+    pretrained = isinstance(weights, str) and weights.startswith(f"runs/{PRETRAINING_TASK}/")
+    return (task, PRETRAINING_TASK) if pretrained and task != PRETRAINING_TASK else (task,)
+
+
+def code_status(run_commit: str, task: str | tuple[str, ...], on_gpu: bool, against: str,
+                cache: dict | None = None) -> str:
     """How the code a run was trained at relates to commit ``against`` (the commit a table is rendered at):
     ``current`` (no result-affecting file differs), ``equivalent`` (some did, but a chain of attestations of
     ``results/code-equivalence.json`` shows the two train bit-identically: ``reproduction.equivalence``),
     ``changed`` (they differ otherwise), ``uncommitted`` (the run was trained from a tree with uncommitted changes:
-    its code cannot be recovered), or ``unknown`` (a commit this clone does not have)."""
+    its code cannot be recovered), or ``unknown`` (a commit this clone does not have). ``task`` is the run's task
+    or the tuple ``code_tasks`` gives (its own and those it depends on)."""
+    task = (task,) if isinstance(task, str) else tuple(task)
     key = (run_commit, task, on_gpu, against)
     cache = {} if cache is None else cache
     if key in cache:
@@ -73,7 +91,7 @@ class _UnknownCommit(Exception):
     pass
 
 
-def _same_result_code(a: str, b: str, task: str, on_gpu: bool, cache: dict, strict: bool = True) -> bool:
+def _same_result_code(a: str, b: str, task: tuple[str, ...], on_gpu: bool, cache: dict, strict: bool = True) -> bool:
     """Whether the task's result-affecting code is the same at commits ``a`` and ``b``. A commit this clone lacks
     raises ``_UnknownCommit`` when ``strict``, else counts as different (an attestation naming it leads nowhere)."""
     key = ("same", a, b, task, on_gpu)
@@ -176,5 +194,4 @@ def mark_code(spec: TableSpec, against: str, cache: dict | None = None) -> None:
     for row in spec.rows:
         for run in row.runs:
             run.code = "" if run.record is None else code_status(
-                str(run.record.get("commit", "unknown")), str(run.record.get("task", "")), on_gpu(run.record),
-                against, cache)
+                str(run.record.get("commit", "unknown")), code_tasks(run.record), on_gpu(run.record), against, cache)

@@ -62,7 +62,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.common.backbones import (BACKBONE_KEY, backbone_name, missing_backbones, pretraining_overrides,
+from tasks.classification.backbones import (BACKBONE_KEY, backbone_name, missing_backbones, pretraining_overrides,
                                     takes_backbone_weights, tiny_fine_tuning)
 from tasks.common.experiment import CONF_DIR, compose, config_hash, validate
 from tasks.common.provenance import REPO_ROOT
@@ -76,7 +76,7 @@ COLUMN_GROUPS_DIR = TABLE_DIR / "columns"
 
 SEED_KEY = "run.seed"
 #: The tasks whose tiny rows start from a backbone pretrained by the classification task (the papers' protocol in
-#: miniature: tasks/common/backbones.py, docs/detection-tiny.md).
+#: miniature: tasks/classification/backbones.py, docs/detection-tiny.md).
 TINY_PRETRAINED_TASKS = ("detection",)
 
 
@@ -407,7 +407,7 @@ def compose_rows(spec: TableSpec, scale: str, extra: list[str] = (), seeds: int 
     """Compose and validate every row and seed (so a bad row fails before any training) and fill in their config
     hashes. ``seeds`` (default: the spec's for ``scale``) seeds per row: 0 .. seeds-1. With ``backbones`` (a
     folder), every row that takes backbone weights gets ``model.backbone_weights=<backbones>/<name>.pt`` for the
-    backbone it has (``tasks.common.backbones``); a missing file fails here, naming the run that makes it. Without
+    backbone it has (``tasks.classification.backbones``); a missing file fails here, naming the run that makes it. Without
     it, a tiny detection row fine-tunes the backbone its classification pretraining run trained
     (``backbones.tiny_fine_tuning``, in ``runs``): ``pretrain(command, cwd) -> exit status`` trains a missing one
     first; with ``pretrain=None`` (listing, rendering) the rows name its checkpoint whether or not it exists yet."""

@@ -138,10 +138,10 @@ def test_mask_upsampler_overrides_reach_the_model() -> None:
     assert instantiate(cfg.fpn_upsampler).func.__name__ == "InterpolateUpsample"
 
 
-# ---- the tiny scale's pretrained backbone (tasks/common/backbones.py) ------------------------------------------
+# ---- the tiny scale's pretrained backbone (tasks/classification/backbones.py) ------------------------------------------
 
 def test_pretraining_run_names_the_classification_run_of_the_same_backbone() -> None:
-    from tasks.common import backbones
+    from tasks.classification import backbones
 
     plain = backbones.pretraining_run(compose(["task=detection", "scale=tiny"]))
     # the plain ResNet-50's pretraining is CARAFE++ Table II's ResNet-50 row: the hash its committed JSON holds
@@ -168,7 +168,7 @@ def test_a_detector_fine_tunes_the_backbone_its_pretraining_run_trained(tmp_path
     from dataclasses import replace
 
     from experiment_helpers import smoke_overrides
-    from tasks.common import backbones
+    from tasks.classification import backbones
     from tasks.common.distributed import World
     from tasks.common.io import load_checkpoint
     from tasks.detection.task import DetectionTask

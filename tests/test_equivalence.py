@@ -164,3 +164,18 @@ def test_attest_trains_both_commits_and_finds_a_refactor_equal_and_a_change_not(
     assert attestation is None
     assert any(d.startswith("toy: state_sha256") for d in differences)
     assert any(d.startswith("toy: results_sha256") for d in differences)
+
+
+def test_a_run_from_a_pretrained_backbone_depends_on_the_classification_code_too() -> None:
+    from reproduction.runs import code_tasks, result_code_paths
+
+    pretrained = {"task": "detection", "config": {"model": {"backbone_weights": "runs/classification/ab/checkpoint.pt"}}}
+    assert code_tasks(pretrained) == ("detection", "classification")
+    assert code_tasks({"task": "detection", "config": {"model": {"backbone_weights": None}}}) == ("detection",)
+    assert code_tasks({"task": "segmentation"}) == ("segmentation",)    # a recovered record without its config
+    paths = result_code_paths(code_tasks(pretrained), False)
+    assert "tasks/detection" in paths and "tasks/classification" in paths
+    assert "tasks/classification" not in result_code_paths("detection", False)
+    # an attestation must cover every task the run depends on
+    assert not Attestation("a", "b", ("detection",), "cpu").covers(("detection", "classification"), False)
+    assert Attestation("a", "b", ("classification", "detection"), "cpu").covers(("detection", "classification"), False)

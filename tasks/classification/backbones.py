@@ -1,5 +1,7 @@
 """Per-row ImageNet backbone weights for the detection and segmentation tables: files in a folder at paper scale,
-pretraining runs found (or trained) by config hash at tiny scale.
+pretraining runs found (or trained) by config hash at tiny scale. Every backbone is a run of this (the
+classification) task, so the module lives here; the detection and segmentation tasks only load the file a row
+names (``model.backbone_weights``), and the reproduction (``reproduction.spec``) composes the rows with it.
 
 The papers fine-tune each detector / segmenter from an ImageNet-trained ResNet *with the same backbone*: a row with
 CARAFE++ (or max pooling, DPP, ...) at the ResNet's downsampling places starts from an ImageNet run of the
@@ -24,8 +26,8 @@ backbone for every table; ``fine_tuning_overrides`` are what a detection row the
 weights, frozen BatchNorm, and the stem and first stage frozen; ``tiny_fine_tuning`` does all three for a row (the
 hook for ``scripts/reproduce.py``). From the command line::
 
-    python -m tasks.common.backbones task=detection model=mask_rcnn_r50 scale=tiny   # prints the overrides
-    python scripts/train.py task=detection model=mask_rcnn_r50 scale=tiny $(python -m tasks.common.backbones \
+    python -m tasks.classification.backbones task=detection model=mask_rcnn_r50 scale=tiny   # prints the overrides
+    python scripts/train.py task=detection model=mask_rcnn_r50 scale=tiny $(python -m tasks.classification.backbones \
         task=detection model=mask_rcnn_r50 scale=tiny)
 """
 
@@ -44,8 +46,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tasks.common.experiment import CONF_DIR, compose, config_hash
-from tasks.common.run_folder import CHECKPOINT_NAME, finished_record
 from tasks.common.provenance import REPO_ROOT
+from tasks.common.run_folder import CHECKPOINT_NAME, finished_record
 
 BACKBONE_KEY = "model.backbone_weights"
 #: the experiment file of every tiny pretraining run (image size, classes, schedule)
