@@ -127,15 +127,22 @@ def _variants(k: int, cg: int) -> list[tuple[str, int, int]]:
     return variants
 
 
-@pytest.mark.parametrize("up", [True, False], ids=["up", "down"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}c{}h{}w{}k{}g{}s{}".format(*c))
-def test_host_kernels_match_reference(harness, case, up):
-    n, c, h, w, k, groups, sigma = case
-    x, m, grad = reassembly_inputs(*case, up, seed=sum(case) * 7 + up)
+def _oracle(case: tuple[int, ...], up: bool, seed: int) -> tuple[torch.Tensor, ...]:
+    """Features, masks and an output gradient for ``case``, and the float64 reference's output and both gradients."""
+    _, _, _, _, k, groups, sigma = case
+    x, m, grad = reassembly_inputs(*case, up, seed=seed)
     x.requires_grad_(True)
     m.requires_grad_(True)
     ref = reassemble(x, m, k, groups, sigma, up)
     ref_gx, ref_gm = torch.autograd.grad(ref, (x, m), grad)
+    return x, m, grad, ref, ref_gx, ref_gm
+
+
+@pytest.mark.parametrize("up", [True, False], ids=["up", "down"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}c{}h{}w{}k{}g{}s{}".format(*c))
+def test_host_kernels_match_reference(harness, case, up):
+    n, c, h, w, k, groups, sigma = case
+    x, m, grad, ref, ref_gx, ref_gm = _oracle(case, up, seed=sum(case) * 7 + up)
     nan = float("nan")  # every output buffer starts as NaN, so an element left unwritten fails the comparison
     for variant, bits, slices in _variants(k, c // groups):
         geometry = (n, c, h, w, *ref.shape[2:], k, groups, sigma, int(up), slices)
@@ -188,11 +195,7 @@ def test_host_nhwc_kernels_match_reference(harness, case, up):
     gradient channels_last or NCHW) against the float64 reference: the loader's variant for k and the run-time-k
     one, both index widths, forward slices 1 and 3, every dtype."""
     n, c, h, w, k, groups, sigma = case
-    x, m, grad = reassembly_inputs(*case, up, seed=sum(case) * 5 + up)
-    x.requires_grad_(True)
-    m.requires_grad_(True)
-    ref = reassemble(x, m, k, groups, sigma, up)
-    ref_gx, ref_gm = torch.autograd.grad(ref, (x, m), grad)
+    x, m, grad, ref, ref_gx, ref_gm = _oracle(case, up, seed=sum(case) * 5 + up)
     nan = float("nan")
     runs = [(variant, bits, slices, masks_nhwc)
             for variant in dict.fromkeys([cuda_backend.kernel_variant(k), "kx"]) for bits in cuda_backend.INDEX_BITS
