@@ -41,6 +41,7 @@ def result_code_paths(tasks: str | tuple[str, ...], on_gpu: bool) -> list[str]:
     excluded = list(NOT_RESULT_CODE) + ([] if on_gpu else list(CUDA_CODE))
     return paths + (["cuda"] if on_gpu else []) + [f":(exclude){p}" for p in excluded]
 
+
 def code_tasks(record: dict[str, Any]) -> tuple[str, ...]:
     """The tasks whose code a run's result depends on: its own, and the classification task's when it started
     from a pretraining run of this repository (``model.backbone_weights`` under ``runs/classification/``: the

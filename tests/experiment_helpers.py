@@ -1,19 +1,9 @@
 """Shared by the experiment tests: overrides that shrink any classification, detection, segmentation or inpainting
-run to seconds, and the entry-point scripts as modules (calling them in-process costs no interpreter start)."""
+run to seconds."""
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str) -> ModuleType:
-    """``scripts/<name>.py`` as a module, without running its ``__main__`` block."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def smoke_overrides(data_dir: Path, epochs: int = 1, iters: int = 1) -> list[str]:

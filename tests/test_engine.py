@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiment_helpers import load_script, smoke_overrides
+from experiment_helpers import smoke_overrides
 from tasks.common.data import ShardedSampler
 from tasks.common.distributed import World
 from tasks.common.experiment import compose, config_hash, run_experiment
 from tasks.common.io import load_checkpoint, write_json_atomic
 from tasks.common.schedule import build_optimizer, lr_factor, weight_decay_groups
+from tasks.common.train_job import check_shared_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(str(p.relative_to(REPO / "conf/experiment").with_suffix(""))
@@ -126,13 +127,12 @@ def test_two_part_ddp_by_hand_trains_what_one_process_trains_on_the_whole_batch(
 
 
 def test_torchrun_without_a_shared_run_dir_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    train = load_script("train")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(sys, "argv", ["scripts/train.py", "downsampler=carafe"])
     with pytest.raises(SystemExit, match="hydra.run.dir"):
-        train._check_shared_run_dir()
-    monkeypatch.setattr(sys, "argv", ["scripts/train.py", "hydra.run.dir=runs/x"])
-    train._check_shared_run_dir()  # every rank names the same folder: accepted
+        check_shared_run_dir(["downsampler=carafe"])
+    check_shared_run_dir(["hydra.run.dir=runs/x"])  # every rank names the same folder: accepted
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_shared_run_dir(["downsampler=carafe"])  # one process: its folder is its own
 
 
 @pytest.mark.parametrize("length, world_size", [(10, 1), (10, 3), (7, 2), (2, 4)])

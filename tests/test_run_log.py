@@ -20,12 +20,12 @@ import json, runpy, sys, warnings
 from pathlib import Path
 from hydra.core.global_hydra import GlobalHydra
 sys.path.insert(0, {repo!r})
-import tasks.common.experiment as experiment
-real_run = experiment.run_experiment
+import tasks.common.train_job as train_job
+real_run = train_job.run_experiment
 
 def run(run_dir, *overrides, replace=None):
     GlobalHydra.instance().clear()
-    experiment.run_experiment = replace or real_run  # what the script imports
+    train_job.run_experiment = replace or real_run  # what the script's job calls
     sys.argv = ["scripts/train.py", *overrides, f"hydra.run.dir={{run_dir}}"]
     try:
         runpy.run_path("scripts/train.py", run_name="__main__")
