@@ -15,9 +15,12 @@ One module per job, each importing only those before it:
 - ``reproduce``: the loop that trains what is missing and writes the table;
 - ``figure_detections``, ``figure_reassembly``, ``figure_segmentation``, ``figure_inpainting``: the papers'
   qualitative figures (ICCV 2019 Figures 4, 5, 8 and 9) drawn from a table's finished runs;
-- ``op_benchmark``: the operators' speed and memory on this machine (``results/bench/op-<device>.md``).
+- ``op_benchmark``: the operators' speed and memory on this machine (``results/bench/op-<device>.md``);
+- ``op_costs``: every operator's FLOPs and parameters, with the papers' figures (``results/op-costs.md``);
+- ``onnx_benchmark``: the exported modules in onnxruntime against eager PyTorch (``results/bench/onnx-cpu.md``);
+- ``cuda_static``: the CUDA kernels' static performance report (``results/bench/cuda-static.md``).
 
 ``scripts/reproduce.py``, ``scripts/check_results.py``, ``scripts/recover_records.py``, ``scripts/detection_figure.py``,
-``scripts/figure5.py``, ``scripts/segmentation_figure.py``, ``scripts/inpainting_figure.py`` and ``scripts/bench_op.py``
-are their command lines.
+``scripts/figure5.py``, ``scripts/segmentation_figure.py``, ``scripts/inpainting_figure.py``, ``scripts/bench_op.py``,
+``scripts/op_costs.py``, ``scripts/bench_onnx.py`` and ``scripts/bench_cuda_static.py`` are their command lines.
 """

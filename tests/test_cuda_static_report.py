@@ -1,17 +1,15 @@
-"""The pieces of the CUDA static report (scripts/bench_cuda_static.py) and of the GPU benchmark's plan that run
+"""The pieces of the CUDA static report (reproduction/cuda_static.py) and of the GPU benchmark's plan that run
 without a GPU or a compiler: occupancy from the per-SM limits, the SASS loop finder, and bench_op's --dry-run."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+import reproduction.cuda_static as static
 
-import bench_cuda_static as static  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 # Occupancy of 256-thread blocks by registers per thread, as the CUDA occupancy calculator gives it for compute
