@@ -331,13 +331,36 @@ CARAFE_HD void gather_channels(Acc* acc, Acc weight, const T* __restrict__ chann
   }
 }
 
-// The taps of backward_features_item: input (iy, ix) is tap (ky, kx) of every output whose centre is
-// (iy - ky + r, ix - kx + r). The tap loops stay rolled (unrolled, their sigma^2-output bodies make very long code
-// for little gain).
-template <int K, int J, bool kPartial, typename T, typename I, typename Acc>
+// Where the k*k masks of (n, grp, p, q) start, and the distance between consecutive taps, in either mask layout.
+template <typename I>
+CARAFE_HD I mask_offset(const Geometry<I>& g, I n, I grp, I p, I q) {
+  return g.masks_nhwc ? ((n * g.out_h + p) * g.out_w + q) * g.mask_channels() + grp * g.taps()
+                      : (((n * g.groups + grp) * g.taps()) * g.out_h + p) * g.out_w + q;
+}
+template <typename I>
+CARAFE_HD I mask_tap_stride(const Geometry<I>& g) {
+  return g.masks_nhwc ? I(1) : g.out_h * g.out_w;
+}
+// The distance between the masks of horizontally adjacent output pixels.
+template <typename I>
+CARAFE_HD I mask_column_stride(const Geometry<I>& g) {
+  return g.masks_nhwc ? g.mask_channels() : I(1);
+}
+
+// The taps of a feature-gradient thread (both layouts): input (iy, ix) is tap (ky, kx) of every output whose centre
+// is (iy - ky + r, ix - kx + r), and acc[j] gathers the thread's channel j of each such output, j < channels. NCHW
+// (kNhwc false): the mask of tap t at masks + t * out_plane + p * out_w + q, channel j at go + j * out_plane +
+// p * out_w + q. NHWC: the masks as mask_offset lays them out, channel j at go + (p * out_w + q) * c + j * L. The
+// layout is a template parameter, so the NCHW strides are constants (1) where they were before. The tap loops stay
+// rolled (unrolled, their sigma^2-output bodies make very long code for little gain).
+template <int K, int J, int L, bool kNhwc, bool kPartial, typename T, typename I, typename Acc>
 CARAFE_HD void backward_features_taps(const Geometry<I>& g, I iy, I ix, const T* __restrict__ masks,
                                       const T* __restrict__ go, I channels, Acc* acc) {
   const I k = K > 0 ? I(K) : g.k, r = k / 2, out_plane = g.out_h * g.out_w;
+  const I tap_stride = kNhwc ? mask_tap_stride(g) : out_plane;
+  const I mask_col = kNhwc ? mask_column_stride(g) : I(1), mask_row = mask_col * g.out_w;
+  const I go_col = g.c, go_row = go_col * g.out_w;  // NHWC only
+  const I channel_stride = kNhwc ? I(L) : out_plane;
 #pragma unroll 1
   for (I ky = 0; ky < k; ++ky) {
     const I cy = iy - ky + r;
@@ -350,11 +373,12 @@ CARAFE_HD void backward_features_taps(const Geometry<I>& g, I iy, I ix, const T*
       if (cx < 0 || cx >= g.w) continue;
       I q0, q1;
       g.outputs_centred_at(cx, g.out_w, &q0, &q1);
-      const T* tap_masks = masks + (ky * k + kx) * out_plane;
+      const T* tap_masks = masks + (ky * k + kx) * tap_stride;
       for (I p = p0; p < p1; ++p) {
         for (I q = q0; q < q1; ++q) {
-          const I offset = p * g.out_w + q;
-          gather_channels<J, kPartial>(acc, to_acc(load(tap_masks + offset)), go + offset, out_plane, channels);
+          const I mask_at = p * mask_row + q * mask_col;
+          const I go_at = kNhwc ? p * go_row + q * go_col : mask_at;  // NCHW: one offset for both
+          gather_channels<J, kPartial>(acc, to_acc(load(tap_masks + mask_at)), go + go_at, channel_stride, channels);
         }
       }
     }
@@ -382,9 +406,9 @@ CARAFE_HD void backward_features_item(const Geometry<I>& g, I item, const T* __r
 #pragma unroll
   for (int j = 0; j < J; ++j) acc[j] = Acc(0);
   if (channels == J) {
-    backward_features_taps<K, J, false>(g, iy, ix, masks, go, channels, acc);
+    backward_features_taps<K, J, 1, false, false>(g, iy, ix, masks, go, channels, acc);
   } else {
-    backward_features_taps<K, J, true>(g, iy, ix, masks, go, channels, acc);
+    backward_features_taps<K, J, 1, false, true>(g, iy, ix, masks, go, channels, acc);
   }
   T* dst = grad_x + first_channel * in_plane + iy * g.w + ix;
 #pragma unroll
@@ -540,21 +564,6 @@ CARAFE_HD constexpr int nhwc_mask_taps() {
   return K > 0 ? K * K : kTapsPerThread;
 }
 
-// Where the k*k masks of (n, grp, p, q) start, and the distance between consecutive taps, in either mask layout.
-template <typename I>
-CARAFE_HD I mask_offset(const Geometry<I>& g, I n, I grp, I p, I q) {
-  return g.masks_nhwc ? ((n * g.out_h + p) * g.out_w + q) * g.mask_channels() + grp * g.taps()
-                      : (((n * g.groups + grp) * g.taps()) * g.out_h + p) * g.out_w + q;
-}
-template <typename I>
-CARAFE_HD I mask_tap_stride(const Geometry<I>& g) {
-  return g.masks_nhwc ? I(1) : g.out_h * g.out_w;
-}
-// The distance between the masks of horizontally adjacent output pixels.
-template <typename I>
-CARAFE_HD I mask_column_stride(const Geometry<I>& g) {
-  return g.masks_nhwc ? g.mask_channels() : I(1);
-}
 
 // Work item counts of the channels_last passes (the loader's work_items() mirrors them).
 template <int K, typename T, typename I>
@@ -720,38 +729,6 @@ CARAFE_HD void forward_nhwc_item(const Geometry<I>& g, I item, const T* __restri
   }
 }
 
-// The taps of backward_features_nhwc_item (as backward_features_taps): acc[j] gathers channel + j * L.
-template <int K, int J, int L, bool kPartial, typename T, typename I, typename Acc>
-CARAFE_HD void backward_features_nhwc_taps(const Geometry<I>& g, I iy, I ix, const T* __restrict__ masks,
-                                           const T* __restrict__ go, I remaining, Acc* acc) {
-  const I k = K > 0 ? I(K) : g.k, r = k / 2;
-  const I tap_stride = mask_tap_stride(g), mask_col = mask_column_stride(g), mask_row = mask_col * g.out_w;
-#pragma unroll 1
-  for (I ky = 0; ky < k; ++ky) {
-    const I cy = iy - ky + r;
-    if (cy < 0 || cy >= g.h) continue;
-    I p0, p1;
-    g.outputs_centred_at(cy, g.out_h, &p0, &p1);
-#pragma unroll 1
-    for (I kx = 0; kx < k; ++kx) {
-      const I cx = ix - kx + r;
-      if (cx < 0 || cx >= g.w) continue;
-      I q0, q1;
-      g.outputs_centred_at(cx, g.out_w, &q0, &q1);
-      const T* tap_masks = masks + (ky * k + kx) * tap_stride;
-      for (I p = p0; p < p1; ++p) {
-        for (I q = q0; q < q1; ++q) {
-          const Acc weight = to_acc(load(tap_masks + p * mask_row + q * mask_col));
-          const T* channels = go + (p * g.out_w + q) * g.c;
-#pragma unroll
-          for (int j = 0; j < J; ++j) {
-            if (!kPartial || j * L < remaining) acc[j] += weight * to_acc(load(channels + j * L));
-          }
-        }
-      }
-    }
-  }
-}
 
 // grad_x[n, iy, ix, c] for the kNhwcGradChannels channels chunk * L * J + j * L + lane of a group (a gather, as
 // backward_features_item; a thread whose channels fill its chunk runs without per-channel tests).
@@ -764,15 +741,16 @@ CARAFE_HD void backward_features_nhwc_item(const Geometry<I>& g, I item, const T
   const I cg = g.group_channels();
   const I first = it.chunk * (L * J) + it.lane, channel = it.grp * cg + first;
   const I remaining = cg - first;  // channel + j * L is the thread's for j * L < remaining
+  const I channels = remaining > 0 ? (remaining + L - 1) / L : I(0);  // the j with j * L < remaining
   const T* masks = m + mask_offset(g, it.n, it.grp, I(0), I(0));
   const T* go = grad_out + it.n * g.out_h * g.out_w * g.c + channel;
   Acc acc[J];
 #pragma unroll
   for (int j = 0; j < J; ++j) acc[j] = Acc(0);
   if (remaining > (J - 1) * L) {
-    backward_features_nhwc_taps<K, J, L, false>(g, it.row, it.col, masks, go, remaining, acc);
+    backward_features_taps<K, J, L, true, false>(g, it.row, it.col, masks, go, channels, acc);
   } else {
-    backward_features_nhwc_taps<K, J, L, true>(g, it.row, it.col, masks, go, remaining, acc);
+    backward_features_taps<K, J, L, true, true>(g, it.row, it.col, masks, go, channels, acc);
   }
   T* dst = grad_x + it.pixel * g.c + channel;
 #pragma unroll
