@@ -251,6 +251,19 @@ CARAFE_HD void forward_item_runtime(const Geometry<I>& g, I item, const T* __res
   }
 }
 
+// Window rows / columns inside the map: bit d set when row / column d of the K x K window centred at (cy, cx) is.
+template <int K, typename I>
+CARAFE_HD void window_bits(const Geometry<I>& g, I cy, I cx, unsigned* rows, unsigned* cols) {
+  constexpr int R = K / 2;
+  *rows = 0;
+  *cols = 0;
+#pragma unroll
+  for (int d = 0; d < K; ++d) {
+    *rows |= (cy + d - R >= 0 && cy + d - R < g.h) ? 1u << d : 0u;
+    *cols |= (cx + d - R >= 0 && cx + d - R < g.w) ? 1u << d : 0u;
+  }
+}
+
 // k = K: out[n, c, p, q] for every channel of one slice of a group, the pixel's K*K weights held in registers.
 template <int K, typename T, typename I>
 CARAFE_HD void forward_item_fixed(const Geometry<I>& g, I item, const T* __restrict__ x, const T* __restrict__ m,
@@ -284,12 +297,8 @@ CARAFE_HD void forward_item_fixed(const Geometry<I>& g, I item, const T* __restr
       dst += out_plane;
     }
   } else {
-    unsigned rows = 0, cols = 0;  // bit ky / kx set when that row / column of the window is inside the map
-#pragma unroll
-    for (int d = 0; d < K; ++d) {
-      rows |= (cy + d - R >= 0 && cy + d - R < g.h) ? 1u << d : 0u;
-      cols |= (cx + d - R >= 0 && cx + d - R < g.w) ? 1u << d : 0u;
-    }
+    unsigned rows, cols;
+    window_bits<K>(g, cy, cx, &rows, &cols);
     for (I c = 0; c < count; ++c) {
       Acc acc = Acc(0);
 #pragma unroll
@@ -488,12 +497,8 @@ CARAFE_HD void backward_masks_item_fixed(const Geometry<I>& g, I item, const T* 
       xs += in_plane;
     }
   } else {
-    unsigned rows = 0, cols = 0;  // bit ky / kx set when that row / column of the window is inside the map
-#pragma unroll
-    for (int d = 0; d < K; ++d) {
-      rows |= (cy + d - R >= 0 && cy + d - R < g.h) ? 1u << d : 0u;
-      cols |= (cx + d - R >= 0 && cx + d - R < g.w) ? 1u << d : 0u;
-    }
+    unsigned rows, cols;
+    window_bits<K>(g, cy, cx, &rows, &cols);
     for (I c = 0; c < cg; ++c) {
       const Acc grad = to_acc(load(go));
 #pragma unroll
@@ -603,19 +608,6 @@ CARAFE_HD NhwcItem<I> nhwc_item(const Geometry<I>& g, I item, I chunks, I height
   it.n = divide(rest, height);
   it.row = rest - it.n * height;
   return it;
-}
-
-// Window rows / columns inside the map: bit d set when row / column d of the K x K window centred at (cy, cx) is.
-template <int K, typename I>
-CARAFE_HD void window_bits(const Geometry<I>& g, I cy, I cx, unsigned* rows, unsigned* cols) {
-  constexpr int R = K / 2;
-  *rows = 0;
-  *cols = 0;
-#pragma unroll
-  for (int d = 0; d < K; ++d) {
-    *rows |= (cy + d - R >= 0 && cy + d - R < g.h) ? 1u << d : 0u;
-    *cols |= (cx + d - R >= 0 && cx + d - R < g.w) ? 1u << d : 0u;
-  }
 }
 
 // One forward block: J channels (at xs + j * L) of the K x K window whose tap (ky, kx) is at xs + ky * row_step +
