@@ -610,6 +610,30 @@ CARAFE_HD NhwcItem<I> nhwc_item(const Geometry<I>& g, I item, I chunks, I height
   return it;
 }
 
+// The forward's output pixels in tiles of kTileRows x kTileCols (row-major inside a tile, tiles row-major; the
+// tiles of the last band of rows and of its last column are cut to the map): a block of consecutive work items then
+// covers a 2-D patch of outputs, whose input windows overlap in both directions, instead of a strip of one row
+// (about a third less input traffic at k = 5, sigma = 2 by the static report's model). A bijection on the pixels
+// of each image, so every output is still written by exactly one thread.
+inline constexpr int kTileRows = 4;
+inline constexpr int kTileCols = 8;
+template <int L, typename I>
+CARAFE_HD NhwcItem<I> nhwc_tiled_item(const Geometry<I>& g, I item, I chunks, I height, I width) {
+  NhwcItem<I> it = nhwc_item<L>(g, item, chunks, height, width);
+  const I in_image = it.row * width + it.col;  // the item's rank among the image's pixels
+  const I band = divide(in_image, I(kTileRows) * width);
+  const I band_rows = min_index(I(kTileRows), height - band * kTileRows);
+  const I in_band = in_image - band * (I(kTileRows) * width);
+  const I tile = divide(in_band, band_rows * kTileCols);
+  const I tile_cols = min_index(I(kTileCols), width - tile * kTileCols);
+  const I in_tile = in_band - tile * (band_rows * kTileCols);
+  const I tile_row = divide(in_tile, tile_cols);
+  it.row = band * kTileRows + tile_row;
+  it.col = tile * kTileCols + (in_tile - tile_row * tile_cols);
+  it.pixel = (it.n * height + it.row) * width + it.col;
+  return it;
+}
+
 // One forward block: J channels (at xs + j * L) of the K x K window whose tap (ky, kx) is at xs + ky * row_step +
 // kx * col_step, written at dst + j * L. kBorder: only the window rows / columns whose bit is set; kPartial: only
 // the channels j with j * L < remaining.
@@ -646,7 +670,7 @@ CARAFE_HD void forward_nhwc_item_fixed(const Geometry<I>& g, I item, const T* __
                                        const T* __restrict__ m, T* __restrict__ out) {
   typedef typename Accumulator<T>::type Acc;
   constexpr int L = nhwc_lanes<T>(), J = kNhwcForwardChannels, R = K / 2;
-  const NhwcItem<I> it = nhwc_item<L>(g, item, g.slices, g.out_h, g.out_w);
+  const NhwcItem<I> it = nhwc_tiled_item<L>(g, item, g.slices, g.out_h, g.out_w);
   const I cg = g.group_channels(), cy = g.centre(it.row), cx = g.centre(it.col);
   const T* mask = m + mask_offset(g, it.n, it.grp, it.row, it.col);
   const I tap_stride = mask_tap_stride(g);
@@ -679,7 +703,7 @@ CARAFE_HD void forward_nhwc_item_runtime(const Geometry<I>& g, I item, const T* 
                                          const T* __restrict__ m, T* __restrict__ out) {
   typedef typename Accumulator<T>::type Acc;
   constexpr int L = nhwc_lanes<T>(), J = kNhwcForwardChannels;
-  const NhwcItem<I> it = nhwc_item<L>(g, item, g.slices, g.out_h, g.out_w);
+  const NhwcItem<I> it = nhwc_tiled_item<L>(g, item, g.slices, g.out_h, g.out_w);
   const I k = g.k, r = g.radius(), cg = g.group_channels(), cy = g.centre(it.row), cx = g.centre(it.col);
   const T* mask = m + mask_offset(g, it.n, it.grp, it.row, it.col);
   const I tap_stride = mask_tap_stride(g);
