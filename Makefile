@@ -8,6 +8,10 @@ EXTRAS ?= repro,onnx,cuda,dev
 # The lock file: exact versions and hashes for every platform, written by `make lock` (uv pip compile; it records no
 # index URLs, unlike uv.lock).
 LOCK   := requirements.lock
+# `make test` runs the suite in this many pytest-xdist processes (each test file or test class stays in one process,
+# so a module's fixtures are built once). Most tests are single-threaded, so two keep both cores of a small machine
+# busy; TEST_WORKERS=1 runs it in one process.
+TEST_WORKERS ?= 2
 # reproduce-table-*: SCALE=tiny (embedded data) or paper (DATA_ROOT=/path/to/dataset); NPROC processes per run;
 # OVERRIDES="key=value ..." Hydra overrides for every row (e.g. model.backbone_weights=... for detection);
 # SEEDS=N runs seeds 0..N-1 of every row (default: the table spec's `seeds`); BACKBONES=DIR gives each detection /
@@ -44,7 +48,7 @@ lock:
 
 test: $(STAMP)
 	$(PY) scripts/check_results.py
-	$(PY) -m pytest --durations=25
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=25
 
 # Every committed table rendered again from conf/table/ and the run records in results/runs/, compared byte for byte;
 # fails on a hand-edited or stale table, a run without a record, or a SUMMARY.md that the tables do not render.
@@ -52,7 +56,7 @@ check-results: $(STAMP)
 	$(PY) scripts/check_results.py
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow"
 
 # The operator tests in a fresh environment with the oldest torch that pyproject.toml allows (TORCH_FLOOR), from the
 # package index, and this checkout with the dependencies it declares, resolved anew (docs/packaging.md). .ci/run runs it after `make test`. The first
