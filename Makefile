@@ -12,6 +12,7 @@ LOCK   := requirements.lock
 # so a module's fixtures are built once). Most tests are single-threaded, so two keep both cores of a small machine
 # busy; TEST_WORKERS=1 runs it in one process.
 TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 # reproduce-table-*: SCALE=tiny (embedded data) or paper (DATA_ROOT=/path/to/dataset); NPROC processes per run;
 # OVERRIDES="key=value ..." Hydra overrides for every row (e.g. model.backbone_weights=... for detection);
 # SEEDS=N runs seeds 0..N-1 of every row (default: the table spec's `seeds`); BACKBONES=DIR gives each detection /
@@ -48,7 +49,7 @@ lock:
 
 test: $(STAMP)
 	$(PY) scripts/check_results.py
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=25
+	$(PYTEST) --durations=25
 
 # Every committed table rendered again from conf/table/ and the run records in results/runs/, compared byte for byte;
 # fails on a hand-edited or stale table, a run without a record, or a SUMMARY.md that the tables do not render.
@@ -56,7 +57,7 @@ check-results: $(STAMP)
 	$(PY) scripts/check_results.py
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The operator tests in a fresh environment with the oldest torch that pyproject.toml allows (TORCH_FLOOR), from the
 # package index, and this checkout with the dependencies it declares, resolved anew (docs/packaging.md). .ci/run runs it after `make test`. The first
