@@ -29,12 +29,14 @@ from reproduction.records import RECORDS_DIR_NAME, RecordError, load_records
 from reproduction.render import (
     SUMMARY_NAME,
     TABLE_FORMAT,
+    WEIGHTS_KEY,
     committed_tables,
     figure_path,
     json_text,
     render_markdown,
     render_summary,
     table_json,
+    weights_provenance,
 )
 from reproduction.runs import code_status, code_tasks, on_gpu
 from reproduction.spec import SeedRun, TableSpec, load_table_spec
@@ -86,7 +88,9 @@ def check_table(json_path: Path, records: dict[str, dict[str, Any]]) -> list[str
         spec = spec_from_table_json(data, records, where)
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         return [str(error)]
-    provenance = data.get("provenance") or {}
+    # The weights line is derived from the records, so it is derived again: a record replaced since shows
+    provenance = {key: value for key, value in (data.get("provenance") or {}).items() if key != WEIGHTS_KEY}
+    provenance.update(weights_provenance(spec, records))
     problems = []
     md_path = json_path.with_suffix(".md")
     expected = {md_path: render_markdown(spec, provenance), json_path: json_text(table_json(spec, provenance))}

@@ -17,6 +17,10 @@ A record is the run folder's ``metrics.json`` (written by ``tasks.common.experim
     commit         the commit the run was trained at; ``clean`` whether the tree had no uncommitted change, and if it
                    had, ``diff_sha256`` of that change (``git diff HEAD`` and the untracked files)
     finished_at, torch, config (the resolved config the run trained with)
+    weights_sha256 the content digest of the run's final weights (``tasks.common.io.content_digest``)
+    backbone_weights  for a run that started from pretrained weights: their ``path`` as configured and the ``sha256``
+                   of the weights it loaded, equal to the pretraining run's ``weights_sha256`` when it loaded that
+                   training's checkpoint (records written before these two existed have neither)
 
 Records recovered from tables rendered before records existed (``scripts/recover_records.py``) hold what those tables
 kept: the metrics they showed, the run's commit, device, times and dataset; ``recovered_from`` names the table file
@@ -88,6 +92,10 @@ def _check_metrics(node: Any, where: str, depth: int = 0) -> None:
             _check_number(value, f"{where}.{key}")
 
 
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
 def validate_record(record: Any, where: str) -> dict[str, Any]:
     """``record`` if it is a well-formed finished run's record, else ``RecordError`` naming ``where`` and the
     field."""
@@ -121,6 +129,14 @@ def validate_record(record: Any, where: str) -> dict[str, Any]:
         value = record.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise RecordError(f"{where}: {key} must be a whole number >= 1, got {value!r}")
+    if record.get("weights_sha256") is not None and not _is_sha256(record["weights_sha256"]):
+        raise RecordError(f"{where}: weights_sha256 {record['weights_sha256']!r} is not 64 hex digits")
+    loaded = record.get("backbone_weights")
+    if loaded is not None:
+        if not isinstance(loaded, dict) or set(loaded) != {"path", "sha256"} or not _is_sha256(loaded["sha256"]):
+            raise RecordError(f"{where}: backbone_weights must be {{'path': ..., 'sha256': <64 hex digits>}}, "
+                              f"got {loaded!r}"[:300])
+        _check_text(loaded["path"], f"{where}: backbone_weights.path")
     if record.get("clean") not in (True, False, None):
         raise RecordError(f"{where}: clean must be true, false or null, got {record.get('clean')!r}")
     for key in ("config", "history", "segments", "not_recorded"):

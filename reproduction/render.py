@@ -133,6 +133,40 @@ def code_provenance(spec: TableSpec) -> dict[str, str]:
         f"all {len(finished)} runs were trained at this render's result-affecting code"
     return lines
 
+WEIGHTS_KEY = "runs' backbone weights"
+
+
+def weights_provenance(spec: TableSpec, records: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The provenance line about the pretrained weights the runs started from (``model.backbone_weights``): per file,
+    how many runs loaded which weights (by the digest their record holds), and whether those are the weights of the
+    pretraining run whose record ``records`` holds. One config trained on two machines can give two sets of weights,
+    so runs naming one file need not have started from the same weights."""
+    loaded: dict[str, dict[str | None, int]] = {}
+    for row in spec.rows:
+        for run in row.finished_runs():
+            model = (run.record.get("config") or {}).get("model") or {}
+            path = model.get("backbone_weights") if isinstance(model, dict) else None
+            if not path:
+                continue
+            digest = (run.record.get("backbone_weights") or {}).get("sha256")
+            counts = loaded.setdefault(str(path), {})
+            counts[digest] = counts.get(digest, 0) + 1
+    parts = []
+    for path, counts in sorted(loaded.items()):
+        pretraining = records.get(Path(path).parent.name) if Path(path).name == "checkpoint.pt" else None
+        recorded = (pretraining or {}).get("weights_sha256")
+        groups = []
+        for digest, count in sorted(counts.items(), key=lambda item: (item[0] is None, -item[1], item[0] or "")):
+            if digest is None:
+                groups.append(f"{count} without a digest (trained before records held one)")
+                continue
+            same = "" if pretraining is None else \
+                ", the weights of its pretraining run's record" if digest == recorded else \
+                ", not the weights of its pretraining run's record" + ("" if recorded else " (which holds no digest)")
+            groups.append(f"{count} loaded weights sha256 {digest[:12]}{same}")
+        parts.append(f"`{md_text(path)}`: " + "; ".join(groups))
+    return {WEIGHTS_KEY: " · ".join(parts)} if parts else {}
+
 def _seconds(value: Any) -> str:
     return f"{value:.0f} s" if isinstance(value, (int, float)) else "? s"
 
@@ -184,7 +218,7 @@ def comparison_lines(spec: TableSpec, compared: dict[str, dict[str, dict[str, An
 
 
 PROVENANCE_ORDER = ("commit", "scale", "seeds", "dataset", "device", "date", "wall time", "command", "runs' commits",
-                    "runs' code", "speed measured on")
+                    "runs' code", WEIGHTS_KEY, "speed measured on")
 
 
 def provenance_order(provenance: dict[str, Any]) -> list[str]:

@@ -35,7 +35,7 @@ from typing import Any
 from reproduction.measure import carry_speed, measure_costs, measure_speed
 from reproduction.records import RECORDS_DIR_NAME, RecordError, load_records, write_record
 from reproduction.render import (SUMMARY_NAME, TABLE_FORMAT, code_provenance, committed_tables, figure_path,
-                                 render_markdown, render_summary, table_json)
+                                 render_markdown, render_summary, table_json, weights_provenance)
 from reproduction.runs import attach_records, index_runs, mark_code, record_of_run_folder, shown_path
 from reproduction.spec import (TableSpec, TableSpecError, compose_rows, load_table_spec, row_overrides, shared_runs,
                                table_names)
@@ -189,6 +189,7 @@ def reproduce(args: argparse.Namespace, argv: list[str]) -> int:
     speed_device = _measure(spec, args)
     mark_code(spec, head)
     provenance = _provenance(spec, args, argv, head, started, speed_device)
+    provenance.update(weights_provenance(spec, load_records(records_dir)))
     written = write_table(spec, provenance, args.out)
     written.append(write_summary(args.out))
     print("wrote " + ", ".join(map(str, written)), file=sys.stderr)

@@ -72,8 +72,15 @@ def test_backbone_weights_from_a_classification_checkpoint(tmp_path: Path) -> No
     classifier = build_classifier(50, 16, None)
     save_checkpoint(tmp_path / "cls.pt", {"model": classifier.state_dict()})
     backbone = build_backbone(50)
-    load_backbone_weights(backbone.body, tmp_path / "cls.pt")
+    digest = load_backbone_weights(backbone.body, tmp_path / "cls.pt")
     assert torch.equal(backbone.body.layer3[2].conv2.weight, classifier.layer3[2].conv2.weight)
+    # the digest is of the weights: the same whatever else the file holds, another when one weight changes
+    save_checkpoint(tmp_path / "other.pt", {"model": classifier.state_dict(), "epoch": 3, "history": [1.0]})
+    assert load_backbone_weights(backbone.body, tmp_path / "other.pt") == digest
+    with torch.no_grad():
+        classifier.layer3[2].conv2.weight[0, 0, 0, 0] += 2.0 ** -20
+    save_checkpoint(tmp_path / "changed.pt", {"model": classifier.state_dict()})
+    assert load_backbone_weights(backbone.body, tmp_path / "changed.pt") != digest
     with pytest.raises(ValueError, match="does not fit .* missing .*unexpected"):
         load_backbone_weights(build_backbone(101).body, tmp_path / "cls.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -191,8 +198,13 @@ def test_a_detector_fine_tunes_the_backbone_its_pretraining_run_trained(tmp_path
 
     cfg = compose([*detection, *backbones.fine_tuning_overrides(checkpoint)])
     validate(cfg)
-    body = DetectionTask(cfg, World(0, 1, 0, torch.device("cpu"))).build_model().backbone.body
+    task = DetectionTask(cfg, World(0, 1, 0, torch.device("cpu")))
+    body = task.build_model().backbone.body
     trained = load_checkpoint(checkpoint)["model"]
+    # the fine-tuning run records the digest the pretraining run recorded of its final weights
+    pretraining = json.loads((run.run_dir / "metrics.json").read_text())
+    assert task.loaded_weights["sha256"] == pretraining["weights_sha256"]
+    assert len(pretraining["weights_sha256"]) == 64
     for key, value in body.state_dict().items():
         torch.testing.assert_close(value, trained[key], rtol=0, atol=0, msg=key)
     assert isinstance(body["bn1"], FrozenBatchNorm2d) and isinstance(body["layer4"][0].downsample[1], FrozenBatchNorm2d)

@@ -12,7 +12,7 @@ from scipy import stats as scipy_stats
 
 from reproduction import stats
 from reproduction.records import RecordError, read_record_file, validate_record, write_record
-from reproduction.render import md_text, render_markdown
+from reproduction.render import WEIGHTS_KEY, md_text, render_markdown, weights_provenance
 from reproduction.seeds import comparisons
 from reproduction.spec import Column, Compare, Row, SeedRun, TableSpec
 
@@ -87,6 +87,9 @@ def test_a_table_states_what_the_seeds_say_against_its_baseline() -> None:
     ({"status": "running"}, "only finished runs"),
     ({"config_hash": "../../etc"}, "not 12 hex digits"),
     ({"format": 2}, "format is 2"),
+    ({"weights_sha256": "96ed529c"}, "weights_sha256 .* not 64 hex digits"),
+    ({"backbone_weights": {"path": "a.pt"}}, "backbone_weights must be"),
+    ({"backbone_weights": {"path": "a\n# b", "sha256": "0" * 64}}, "backbone_weights.path must be one line"),
 ])
 def test_a_malformed_record_is_refused_naming_the_field(change: dict, message: str) -> None:
     with pytest.raises(RecordError, match=message):
@@ -185,3 +188,26 @@ def test_retrain_stale_trains_the_marked_seeds_again_and_replaces_their_records(
     assert reproduce.main([*argv, "--retrain-stale"]) == 0
     assert sorted(trained) == sorted(row.config_hash for row in table.rows)
     assert {r["metrics"]["top1"] for r in load_records(out / "runs").values()} == {70.0}
+
+
+def test_the_weights_line_counts_which_training_of_a_pretraining_config_the_runs_loaded() -> None:
+    """Two runs loaded the weights the pretraining run's record names, one other weights under the same file name
+    (the config trained again elsewhere), one recorded no digest; a run from scratch is not counted."""
+    path = "runs/classification/8395c98c4033/checkpoint.pt"
+    pretrained, other = "a" * 64, "b" * 64
+
+    def run(seed: int, digest: str | None, weights: str | None = path) -> SeedRun:
+        loaded = {} if digest is None else {"backbone_weights": {"path": path, "sha256": digest}}
+        return SeedRun(seed, config_hash=f"{seed:012d}", record=record(
+            config={"model": {"backbone_weights": weights}}, **loaded))
+    spec = TableSpec("demo", "Demo", "paper", [], [Column("top1", "top-1", "top1")],
+                     [Row("A", [], {}, runs=[run(0, pretrained), run(1, other), run(2, pretrained)]),
+                      Row("B", [], {}, runs=[run(3, None), run(4, None, weights=None)])])
+    line = weights_provenance(spec, {"8395c98c4033": record(weights_sha256=pretrained)})[WEIGHTS_KEY]
+    assert line == (f"`{path}`: 2 loaded weights sha256 aaaaaaaaaaaa, the weights of its pretraining run's record; "
+                    "1 loaded weights sha256 bbbbbbbbbbbb, not the weights of its pretraining run's record; "
+                    "1 without a digest (trained before records held one)")
+    assert "(which holds no digest)" in weights_provenance(spec, {"8395c98c4033": record()})[WEIGHTS_KEY]
+    scratch = TableSpec("demo", "Demo", "paper", [], [Column("top1", "top-1", "top1")],
+                        [Row("B", [], {}, runs=[run(4, None, weights=None)])])
+    assert weights_provenance(scratch, {}) == {}

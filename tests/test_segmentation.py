@@ -361,7 +361,7 @@ def test_one_training_step_and_evaluation(overrides: list[str], data_dir: Path, 
 def test_backbone_weights_load_into_the_segmenter_body(model: str, tmp_path: Path) -> None:
     """A plain ResNet-50's weights land in UperNet's body and in PSPNet's dilated one (dilation adds no parameter)."""
     from tasks.common.distributed import World
-    from tasks.common.io import save_checkpoint
+    from tasks.common.io import content_digest, save_checkpoint
     from tasks.common.resnet import build_resnet
     from tasks.segmentation.task import SegmentationTask
 
@@ -369,7 +369,9 @@ def test_backbone_weights_load_into_the_segmenter_body(model: str, tmp_path: Pat
     save_checkpoint(tmp_path / "imagenet.pth", plain.state_dict())
     cfg = compose([*segmentation_smoke(tmp_path / "never-written"), f"model={model}",
                    f"model.backbone_weights={tmp_path / 'imagenet.pth'}"])
-    body = SegmentationTask(cfg, World(0, 1, 0, torch.device("cpu"))).build_model().body.state_dict()
+    task = SegmentationTask(cfg, World(0, 1, 0, torch.device("cpu")))
+    body = task.build_model().body.state_dict()
+    assert task.loaded_weights == {"path": str(tmp_path / "imagenet.pth"), "sha256": content_digest(plain.state_dict())}
     expected = {k: v for k, v in plain.state_dict().items() if not k.startswith("fc.")}
     assert body.keys() == expected.keys()
     assert all(torch.equal(body[k], v) for k, v in expected.items())

@@ -24,8 +24,9 @@ import carafe.backends
 from tasks.common.distributed import World, close_world, init_world
 from tasks.common.engine import RunSettings, Schedule, fit
 from tasks.common.factories import UntrustedConfigError, build_operator, import_task_class
+from tasks.common.io import content_digest, load_checkpoint
 from tasks.common.provenance import REPO_ROOT, device_name, git_state, utc_now
-from tasks.common.run_folder import run_folder_lock, write_config, write_metrics
+from tasks.common.run_folder import CHECKPOINT_NAME, run_folder_lock, write_config, write_metrics
 from tasks.common.schedule import OPTIMIZERS, POLICIES, WEIGHT_DECAY_SCOPES
 from tasks.common.task import DATA_FIELDS, Task
 
@@ -268,7 +269,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, world: World, started: float) ->
         **git_state(), "finished_at": utc_now(), "torch": torch.__version__,
         "carafe_backends": carafe.backends.usage(),
     }
+    if task.loaded_weights is not None:
+        record["backbone_weights"] = task.loaded_weights
     if world.is_main:
+        # The digest a fine-tuning run that loads this run's checkpoint records as its backbone_weights' sha256
+        record["weights_sha256"] = content_digest(load_checkpoint(run_dir / CHECKPOINT_NAME)["model"])
         write_metrics(run_dir, record)
         log.info("finished %s: %s", run_dir, ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()))
     return record

@@ -30,7 +30,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 from carafe import build_downsampler
 from tasks.common.deformable import ModulatedDeformConv2d
-from tasks.common.io import load_checkpoint
+from tasks.common.io import content_digest, load_checkpoint
 from tasks.common.provenance import REPO_ROOT
 
 RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -125,18 +125,24 @@ def check_backbone_weights(path: str | Path | None) -> None:
                          "(.pth) or a checkpoint of scripts/train.py task=classification")
 
 
-def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
+def load_backbone_weights(body: nn.Module, path: str | Path) -> str:
     """Load ImageNet weights into a task's ResNet body (detection's ``backbone.body``, segmentation's ``body``):
     torchvision's ``resnet50-*.pth`` state dict or a checkpoint of ``scripts/train.py task=classification`` (same
     depth and ``downsampler`` as the body). The classifier (``fc.*``) is dropped; the DCNv2 offset / modulation
     predictors, which an ImageNet ResNet has not, keep their zero initialisation (the DCNv2 paper's recipe); any
     other key that does not match is an error naming the keys. Dilation (PSPNet's layer3 / layer4) changes no
-    parameter, so a plain ResNet's weights load into a dilated one."""
+    parameter, so a plain ResNet's weights load into a dilated one.
+
+    Returns the SHA-256 of the file's weights by content (``content_digest`` of the state dict, classifier included),
+    which the run records (``Task.loaded_weights``); a run also records that digest of its own final weights
+    (``weights_sha256``), so a table can tell which training of a pretraining config its rows started from: two
+    machines can train one config to different weights."""
     path = backbone_weights_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.backbone_weights={path} does not exist")
     state = load_checkpoint(path)
     state = state.get("model", state)
+    digest = content_digest(state)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = body.load_state_dict(state, strict=False)
     predictors = {f"{name}.offset_mask.{param}" for name, module in body.named_modules()
@@ -146,3 +152,4 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path} does not fit the backbone (same depth and downsampler?): "
                          f"missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}")
+    return digest

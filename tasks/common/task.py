@@ -40,6 +40,9 @@ class Task:
     def __init__(self, cfg: Any, world: World) -> None:
         self.cfg = cfg
         self.world = world
+        #: the pretrained weights ``build_model`` loaded, for the run's record: ``{"path": <as configured>,
+        #: "sha256": <content digest of the file's weights>}`` (``tasks.common.resnet.load_backbone_weights``)
+        self.loaded_weights: dict[str, str] | None = None
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:

@@ -92,7 +92,8 @@ class DetectionTask(Task):
             trainable_backbone_layers=m.trainable_backbone_layers, norm=m.norm, dcn_stages=list(m.dcn_stages),
             **(m.options or {}))
         if m.backbone_weights:
-            load_backbone_weights(model.backbone.body, m.backbone_weights)
+            self.loaded_weights = {"path": str(m.backbone_weights),
+                                   "sha256": load_backbone_weights(model.backbone.body, m.backbone_weights)}
         return model
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:

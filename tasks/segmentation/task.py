@@ -114,7 +114,8 @@ class SegmentationTask(Task):
                                 ppm_placement=m.ppm_placement, aux_head=m.aux_weight > 0,
                                 **({k: m[k] for k in PSA_KEYS} if m.arch == "psanet" else {}))
         if m.backbone_weights:
-            load_backbone_weights(model.body, m.backbone_weights)
+            self.loaded_weights = {"path": str(m.backbone_weights),
+                                   "sha256": load_backbone_weights(model.body, m.backbone_weights)}
         return model
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
