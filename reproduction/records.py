@@ -17,6 +17,7 @@ A record is the run folder's ``metrics.json`` (written by ``tasks.common.experim
     commit         the commit the run was trained at; ``clean`` whether the tree had no uncommitted change, and if it
                    had, ``diff_sha256`` of that change (``git diff HEAD`` and the untracked files)
     finished_at, torch, config (the resolved config the run trained with)
+    cpu            the CPU's family / model and torch's CPU capability (``tasks.common.provenance.cpu_kernels``)
     weights_sha256 the content digest of the run's final weights (``tasks.common.io.content_digest``)
     backbone_weights  for a run that started from pretrained weights: their ``path`` as configured and the ``sha256``
                    of the weights it loaded, equal to the pretraining run's ``weights_sha256`` when it loaded that
@@ -120,7 +121,7 @@ def validate_record(record: Any, where: str) -> dict[str, Any]:
         raise RecordError(f"{where}: commit {record['commit']!r} is not a 40-digit commit (+dirty)")
     for key in ("dataset", "device", "finished_at"):
         _check_text(record[key], f"{where}: {key}")
-    for key in ("torch", "primary_metric", "recovered_from", "diff_sha256"):
+    for key in ("torch", "primary_metric", "recovered_from", "diff_sha256", "cpu"):
         _check_text(record.get(key), f"{where}: {key}", optional=True)
     for key in ("train_seconds", "wall_seconds"):
         if record.get(key) is not None:

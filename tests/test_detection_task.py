@@ -204,7 +204,7 @@ def test_a_detector_fine_tunes_the_backbone_its_pretraining_run_trained(tmp_path
     # the fine-tuning run records the digest the pretraining run recorded of its final weights
     pretraining = json.loads((run.run_dir / "metrics.json").read_text())
     assert task.loaded_weights["sha256"] == pretraining["weights_sha256"]
-    assert len(pretraining["weights_sha256"]) == 64
+    assert len(pretraining["weights_sha256"]) == 64 and "torch CPU capability" in pretraining["cpu"]
     for key, value in body.state_dict().items():
         torch.testing.assert_close(value, trained[key], rtol=0, atol=0, msg=key)
     assert isinstance(body["bn1"], FrozenBatchNorm2d) and isinstance(body["layer4"][0].downsample[1], FrozenBatchNorm2d)

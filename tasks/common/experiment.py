@@ -25,7 +25,7 @@ from tasks.common.distributed import World, close_world, init_world
 from tasks.common.engine import RunSettings, Schedule, fit
 from tasks.common.factories import UntrustedConfigError, build_operator, import_task_class
 from tasks.common.io import content_digest, load_checkpoint
-from tasks.common.provenance import REPO_ROOT, device_name, git_state, utc_now
+from tasks.common.provenance import REPO_ROOT, cpu_kernels, device_name, git_state, utc_now
 from tasks.common.run_folder import CHECKPOINT_NAME, run_folder_lock, write_config, write_metrics
 from tasks.common.schedule import OPTIMIZERS, POLICIES, WEIGHT_DECAY_SCOPES
 from tasks.common.task import DATA_FIELDS, Task
@@ -263,7 +263,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, world: World, started: float) ->
         "status": "finished", "task": cfg.task.name, "scale": cfg.scale.name, "config_hash": chash,
         "metrics": result.metrics, "primary_metric": task.primary_metric, "history": result.history,
         "dataset": task.dataset_description(), "device": device_name(world.device),
-        "world_size": world.world_size, "threads": torch.get_num_threads(),
+        "world_size": world.world_size, "threads": torch.get_num_threads(), "cpu": cpu_kernels(),
         "train_seconds": round(result.train_seconds, 1),
         "wall_seconds": round(sum(segment["wall_seconds"] for segment in segments), 1), "segments": segments,
         **git_state(), "finished_at": utc_now(), "torch": torch.__version__,

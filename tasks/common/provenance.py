@@ -41,6 +41,25 @@ def device_name(device: torch.device | str | None = None) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def cpu_kernels() -> str:
+    """What decides which CPU kernels torch runs, and so the rounding of a CPU run: the CPU's family / model / stepping
+    (``/proc/cpuinfo``) and the vector instruction set torch dispatches to (``AVX2``, ``AVX512`` ...). The same code
+    and seed can train to other weights where this differs."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "stepping") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break
+    except OSError:
+        pass
+    described = ", ".join(f"{key} {value}" for key, value in fields.items()) or platform.machine()
+    return f"{described}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
